@@ -1,0 +1,516 @@
+"""
+Checkpoints on disk in upstream nanochat's formats: discover, check, load, save.
+
+Layouts:
+- upstream: `model_{step:06d}.pt` + `meta_{step:06d}.json` + `optim_{step:06d}_rank{r}.pt` (classic:
+  `optim_{step:06d}.pt`), one step per checkpoint, in `<base>/{base,chatsft,chatrl}_checkpoints/<tag>/`;
+  our own training adds `trainstate_{step:06d}_rank{r}.pt` (RNG and data-loader state for exact resume)
+  and a few top-level meta keys (`world_size`, `num_iterations`, `resume_segment`, `train_state`).
+- single file: `checkpoint.pt` holding {"model", "metadata", "optimizers"}.
+
+Discovery and the quick checks read only names, sizes, zip directories and JSON, so the registry can
+call them without torch. Loading and saving import torch lazily; loading always uses
+`weights_only=True`, so a checkpoint from a stranger cannot run code. Saves are atomic (temporary
+name in the same directory, fsync, rename) and the meta file, written last, marks a step complete:
+a truncated or meta-less step is never "the last step".
+
+This module does not scan whole trees or keep history (see `registry/`), and knows nothing of
+sampling (see `engine.py`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanochat import torchfile
+
+PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl"}
+SINGLE_FILE = "checkpoint.pt"
+MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
+META_RE = re.compile(r"^meta_(\d+)\.json$")
+OPTIM_RE = re.compile(r"^optim_(\d+)(?:_rank(\d+))?\.pt$")
+TRAIN_STATE_RE = re.compile(r"^trainstate_(\d+)_rank(\d+)\.pt$")
+REQUIRED_META_KEYS = ("step", "model_config")
+
+
+class CheckpointError(Exception):
+    """A checkpoint problem with a one-line message; `code` is a stable problem code."""
+
+    code = "checkpoint_error"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class CheckpointNotFoundError(CheckpointError):
+    code = "not_found"
+
+
+class IncompleteCheckpointError(CheckpointError):
+    code = "incomplete"
+
+
+class UnsafeCheckpointError(CheckpointError):
+    code = "unsafe_pickle"
+
+
+class CheckpointMismatchError(CheckpointError):
+    """Files that disagree: state dict vs meta, tokenizer vs model, resume config vs checkpoint."""
+    code = "mismatch"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint. `blocks` says what it prevents: "load" or only "resume"."""
+    code: str
+    message: str
+    blocks: str = "load"
+    file: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    directory: Path
+    step: int | None
+    layout: str  # "upstream" or "single_file"
+    model: Path | None = None
+    meta: Path | None = None
+    optimizer_shards: dict[int, Path] = field(default_factory=dict)  # rank -> file
+    train_states: dict[int, Path] = field(default_factory=dict)  # rank -> file (our checkpoints)
+
+    @property
+    def files(self) -> list[Path]:
+        out = [p for p in (self.model, self.meta) if p is not None]
+        return out + [self.optimizer_shards[r] for r in sorted(self.optimizer_shards)] + \
+            [self.train_states[r] for r in sorted(self.train_states)]
+
+    @property
+    def label(self) -> str:
+        return f"{self.directory.name}@{self.step}" if self.step is not None else str(self.directory)
+
+
+# ---------------------------------------------------------------------- discovery (no torch)
+
+
+def phase_and_tag(directory: str | os.PathLike) -> tuple[str, str]:
+    """("base"|"sft"|"rl", model tag) from `<base>/<phase>_checkpoints/<tag>`; other folders: ("base", name)."""
+    d = Path(directory)
+    return PHASE_DIRS.get(d.parent.name, "base"), d.name
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[CheckpointFiles]:
+    """Every step found in one run directory, oldest first, complete or not."""
+    d = Path(directory)
+    if not d.exists():
+        raise CheckpointNotFoundError(f"{d} does not exist", "missing_file")
+    if not d.is_dir():
+        raise CheckpointNotFoundError(f"{d} is not a directory")
+    try:
+        names = os.listdir(d)
+    except OSError as e:
+        raise CheckpointNotFoundError(f"cannot list {d}: {e.strerror}", "unreadable") from None
+    steps: dict[int, dict] = {}
+
+    def slot(step: int) -> dict:
+        return steps.setdefault(step, {"optimizer_shards": {}, "train_states": {}})
+
+    for name in names:
+        if m := MODEL_RE.match(name):
+            slot(int(m.group(1)))["model"] = d / name
+        elif m := META_RE.match(name):
+            slot(int(m.group(1)))["meta"] = d / name
+        elif m := OPTIM_RE.match(name):
+            slot(int(m.group(1)))["optimizer_shards"][int(m.group(2) or 0)] = d / name
+        elif m := TRAIN_STATE_RE.match(name):
+            slot(int(m.group(1)))["train_states"][int(m.group(2))] = d / name
+    out = [CheckpointFiles(directory=d, step=s, layout="upstream", **steps[s]) for s in sorted(steps)]
+    if SINGLE_FILE in names:
+        out.append(_single_file_checkpoint(d / SINGLE_FILE))
+    return out
+
+
+def _single_file_checkpoint(path: Path) -> CheckpointFiles:
+    step = None
+    try:
+        meta = torchfile.read_structure(path).get("metadata") or {}
+        step = int(meta["step"]) if isinstance(meta.get("step"), int) else None
+    except (torchfile.TorchFileError, AttributeError):
+        pass  # reported by quick_problems; discovery never fails on a bad file
+    return CheckpointFiles(directory=path.parent, step=step, layout="single_file", model=path)
+
+
+def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> CheckpointFiles:
+    """The checkpoint a user means by a path: a model/meta file, `checkpoint.pt`, a run directory
+    (latest complete step unless `step`), or a base directory that holds exactly one run."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.name == SINGLE_FILE:
+            ckpt = _single_file_checkpoint(p)
+        elif m := (MODEL_RE.match(p.name) or META_RE.match(p.name)):
+            found = [c for c in list_checkpoints(p.parent) if c.step == int(m.group(1)) and c.layout == "upstream"]
+            ckpt = found[0]
+        else:
+            raise CheckpointNotFoundError(f"{p.name} is not a checkpoint file (expected model_NNNNNN.pt, meta_NNNNNN.json or {SINGLE_FILE})")
+        if step is not None and ckpt.step != step:
+            raise CheckpointNotFoundError(f"{p.name} is step {ckpt.step}, not step {step}")
+        _raise_if_incomplete(ckpt)
+        return ckpt
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p} does not exist", "missing_file")
+    found = list_checkpoints(p)
+    if not found:
+        runs = find_run_dirs(p)
+        if len(runs) == 1:
+            return resolve_checkpoint(runs[0], step)
+        if runs:
+            shown = ", ".join(str(r.relative_to(p)) for r in runs[:4])
+            raise CheckpointNotFoundError(f"{p} holds {len(runs)} runs ({shown}); point at one of them")
+        raise CheckpointNotFoundError(f"no checkpoints in {p}")
+    if step is None:
+        return find_last_complete(p)
+    matches = [c for c in found if c.step == step]
+    if not matches:
+        have = ", ".join(str(c.step) for c in found[-5:])
+        raise CheckpointNotFoundError(f"no step {step} in {p} (steps there: {have})")
+    _raise_if_incomplete(matches[0])
+    return matches[0]
+
+
+def find_run_dirs(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:
+    """Directories under root (root included) that contain checkpoint files, sorted."""
+    root = Path(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        if depth >= max_depth:
+            dirnames.clear()
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        if any(MODEL_RE.match(f) for f in filenames) or SINGLE_FILE in filenames:
+            out.append(Path(dirpath))
+    return sorted(out)
+
+
+def _raise_if_incomplete(ckpt: CheckpointFiles) -> None:
+    blocking = [p for p in quick_problems(ckpt) if p.blocks == "load"]
+    if blocking:
+        raise IncompleteCheckpointError(f"{ckpt.label} is not usable: {blocking[0].message}", blocking[0].code)
+
+
+def find_last_complete(directory: str | os.PathLike, resumable: bool = False) -> CheckpointFiles:
+    """The newest step whose files pass the quick checks (and, if `resumable`, have every optimizer
+    shard and training state). Upstream picks the largest model file even when truncated; we never do."""
+    found = list_checkpoints(directory)
+    if not found:
+        raise CheckpointNotFoundError(f"no checkpoints in {directory}")
+    for ckpt in reversed(found):
+        if not any(p.blocks == "load" or resumable for p in quick_problems(ckpt)):
+            return ckpt
+    what = "resumable" if resumable else "complete"
+    raise IncompleteCheckpointError(f"no {what} checkpoint in {directory} ({len(found)} incomplete steps)")
+
+
+def read_meta(ckpt: CheckpointFiles) -> dict:
+    """The checkpoint's metadata dict, read from JSON (or from the single file's pickle, stubbed)."""
+    if ckpt.layout == "single_file":
+        try:
+            meta = torchfile.read_structure(ckpt.model).get("metadata")
+        except torchfile.TorchFileError as e:
+            raise CheckpointError(f"{ckpt.model.name}: {e}", e.code) from None
+        except AttributeError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{ckpt.model.name} has no metadata dict", "missing_meta")
+        return meta
+    if ckpt.meta is None:
+        raise CheckpointError(f"step {ckpt.step} has no meta_{ckpt.step:06d}.json", "missing_meta")
+    try:
+        meta = json.loads(ckpt.meta.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {ckpt.meta.name}: {e.strerror}", "unreadable") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt.meta.name} is not valid JSON ({e})", "bad_meta_json") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{ckpt.meta.name} is not a JSON object", "bad_meta_json")
+    return meta
+
+
+def expected_world_size(ckpt: CheckpointFiles, meta: dict | None) -> int:
+    """Optimizer shards a resume needs: our meta records it; for upstream, the ranks present say it."""
+    if meta and isinstance(meta.get("world_size"), int) and meta["world_size"] > 0:
+        return meta["world_size"]
+    return max(ckpt.optimizer_shards, default=-1) + 1
+
+
+def quick_problems(ckpt: CheckpointFiles, meta: dict | None = None) -> list[Problem]:
+    """Checks that read no tensor data: files present and non-empty, zip directories readable,
+    meta parseable with the required keys and the right step, optimizer shards for the world size."""
+    problems: list[Problem] = []
+
+    def check_zip(path: Path, blocks: str) -> bool:
+        try:
+            zf, _ = torchfile.open_archive(path)
+            zf.close()
+            return True
+        except torchfile.TorchFileError as e:
+            problems.append(Problem(e.code, str(e), blocks, path.name))
+            return False
+
+    if ckpt.model is None:
+        problems.append(Problem("missing_model", f"step {ckpt.step} has no model_{ckpt.step:06d}.pt"))
+    else:
+        check_zip(ckpt.model, "load")
+    if meta is None:
+        try:
+            meta = read_meta(ckpt)
+        except CheckpointError as e:
+            if ckpt.layout == "upstream" or e.code == "missing_meta":
+                problems.append(Problem(e.code, str(e), "load",
+                                        ckpt.meta.name if ckpt.meta else None))
+            return problems
+    missing = [k for k in REQUIRED_META_KEYS if k not in meta]
+    if missing:
+        problems.append(Problem("bad_meta", f"meta lacks {', '.join(missing)}", "load",
+                                ckpt.meta.name if ckpt.meta else None))
+    elif ckpt.layout == "upstream" and meta["step"] != ckpt.step:
+        problems.append(Problem("step_mismatch", f"meta says step {meta['step']} but its file name says step {ckpt.step}",
+                                "load", ckpt.meta.name))
+    if ckpt.layout == "single_file":
+        return problems
+    world = expected_world_size(ckpt, meta)
+    if world == 0:
+        problems.append(Problem("missing_optimizer_shard", "no optimizer state saved: the weights load but training cannot resume", "resume"))
+    for rank in range(world):
+        shard = ckpt.optimizer_shards.get(rank)
+        if shard is None:
+            problems.append(Problem("missing_optimizer_shard", f"optimizer shard of rank {rank} of {world} is missing", "resume"))
+        else:
+            check_zip(shard, "resume")
+    if meta.get("train_state"):
+        for rank in range(world):
+            state = ckpt.train_states.get(rank)
+            if state is None:
+                problems.append(Problem("missing_train_state", f"training state (RNG, data position) of rank {rank} is missing", "resume"))
+            else:
+                check_zip(state, "resume")
+    return problems
+
+
+def find_tokenizer_dir(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """Where the tokenizer of a run lives: `<dir>/tokenizer`, the base directory that holds
+    `<phase>_checkpoints/<tag>/`, then `$NANOCHAT_BASE_DIR/tokenizer`."""
+    d = Path(checkpoint_dir).resolve()
+    candidates = [d / "tokenizer"]
+    if d.parent.name in PHASE_DIRS:
+        candidates.append(d.parent.parent / "tokenizer")
+    candidates += [d.parent / "tokenizer", d.parent.parent / "tokenizer"]
+    if os.environ.get("NANOCHAT_BASE_DIR"):
+        candidates.append(Path(os.environ["NANOCHAT_BASE_DIR"]) / "tokenizer")
+    for c in candidates:
+        if (c / "tokenizer.json").is_file() or (c / "tokenizer.pkl").is_file():
+            return c
+    return None
+
+
+def state_dict_shapes(ckpt: CheckpointFiles) -> dict[str, torchfile.TensorStub]:
+    """Key -> TensorStub of the model's state dict, read from the pickle alone (no tensor data)."""
+    try:
+        tree = torchfile.read_structure(ckpt.model)
+    except torchfile.TorchFileError as e:
+        raise CheckpointError(str(e), e.code) from None
+    if ckpt.layout == "single_file":
+        tree = tree.get("model") if isinstance(tree, dict) else None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{ckpt.model.name} does not hold a state dict", "bad_state_dict")
+    return {k.removeprefix("_orig_mod."): v for k, v in tree.items() if isinstance(v, torchfile.TensorStub)}
+
+
+# ---------------------------------------------------------------------- loading (torch)
+
+
+@dataclass
+class LoadedModel:
+    model: object  # nanochat.gpt.GPT, in eval mode
+    tokenizer: object  # nanochat.tokenizer.Tokenizer
+    meta: dict
+    checkpoint: CheckpointFiles
+    phase: str
+    tag: str
+
+
+def torch_load(path: Path, device="cpu"):
+    """torch.load with weights_only=True, errors turned into one-line CheckpointErrors."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=str(device) == "cpu")
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{path.name} was refused by the weights-only loader "
+                                    f"(it references code, not just tensors): {str(e).splitlines()[0][:200]}") from None
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path} does not exist", "missing_file") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path.name} cannot be read (truncated or corrupt?): {first}", "truncated") from None
+
+
+def load_state_dict(ckpt: CheckpointFiles, device="cpu") -> dict:
+    obj = torch_load(ckpt.model, device)
+    if ckpt.layout == "single_file":
+        obj = obj.get("model") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{ckpt.model.name} does not hold a state dict", "bad_state_dict")
+    if not obj:
+        raise CheckpointError(f"{ckpt.model.name} holds an empty state dict", "empty_state_dict")
+    return {k.removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def config_from_checkpoint(meta: dict, shapes: dict):
+    """The GPTConfig the meta and the state dict's shapes imply, with every shape checked."""
+    import torch
+
+    from nanochat.gpt import GPT, ArchitectureError, GPTConfig
+
+    model_config = meta.get("model_config")
+    if not isinstance(model_config, dict):
+        raise CheckpointMismatchError("meta has no model_config", "bad_meta")
+    try:
+        config = GPTConfig.from_checkpoint(model_config, shapes)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    except (ArchitectureError, TypeError) as e:
+        raise CheckpointMismatchError(f"architecture: {e}", "unexpected_keys") from None
+    got = {k: tuple(v) for k, v in shapes.items()}
+    if extra := sorted(set(got) - set(expected)):
+        raise CheckpointMismatchError(f"state dict has key(s) the config does not explain, e.g. {extra[0]}", "unexpected_keys")
+    if missing := sorted(set(expected) - set(got)):
+        raise CheckpointMismatchError(f"state dict lacks {len(missing)} key(s) the config needs, e.g. {missing[0]}", "missing_keys")
+    for k, shape in expected.items():
+        if got[k] != shape:
+            raise CheckpointMismatchError(f"{k} has shape {list(got[k])} but model_config implies {list(shape)}", "shape_mismatch")
+    return config
+
+
+def load_tokenizer_for(ckpt: CheckpointFiles, tokenizer_dir: str | os.PathLike | None = None):
+    from nanochat.tokenizer import Tokenizer, TokenizerError
+
+    tdir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(ckpt.directory)
+    if tdir is None:
+        raise CheckpointNotFoundError(f"no tokenizer found for {ckpt.directory} (looked for tokenizer/ beside the "
+                                      "checkpoints and in $NANOCHAT_BASE_DIR)", "missing_tokenizer")
+    try:
+        return Tokenizer.from_directory(tdir)
+    except TokenizerError as e:
+        raise CheckpointError(f"tokenizer: {e}", "bad_tokenizer") from None
+
+
+def load_model(path: str | os.PathLike | CheckpointFiles, step: int | None = None, device="cpu",
+               tokenizer_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """Model (eval mode, float32 on CPU), tokenizer and meta of the checkpoint a path means."""
+    from nanochat.gpt import GPT
+
+    ckpt = path if isinstance(path, CheckpointFiles) else resolve_checkpoint(path, step)
+    meta = read_meta(ckpt)
+    tokenizer = load_tokenizer_for(ckpt, tokenizer_dir)
+    state = load_state_dict(ckpt, device)
+    config = config_from_checkpoint(meta, {k: v.shape for k, v in state.items()})
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise CheckpointMismatchError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects "
+                                      f"{config.vocab_size}: wrong tokenizer for this checkpoint", "vocab_mismatch")
+    model = GPT(config).to(device)
+    model.load_state_dict(state, strict=True)  # copies, casting bfloat16 embeddings to float32
+    model.eval()
+    phase, tag = phase_and_tag(ckpt.directory)
+    return LoadedModel(model, tokenizer, meta, ckpt, phase, tag)
+
+
+# ---------------------------------------------------------------------- saving (torch)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save through a temporary file in the same directory: a crash leaves the old file or none."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def invalidate_step(directory: str | os.PathLike, step: int) -> None:
+    """Remove a step's meta before its files are rewritten, so a half-rewritten step is never complete."""
+    meta = Path(directory) / f"meta_{step:06d}.json"
+    if meta.exists():
+        meta.unlink()
+        _fsync_dir(meta.parent)
+
+
+def save_model(directory: str | os.PathLike, step: int, state_dict: dict) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"model_{step:06d}.pt"
+    atomic_torch_save({k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}, path)
+    return path
+
+
+def save_optimizer_shard(directory: str | os.PathLike, step: int, rank: int, state) -> Path:
+    path = Path(directory) / f"optim_{step:06d}_rank{rank:d}.pt"
+    atomic_torch_save(state, path)
+    return path
+
+
+def save_train_state(directory: str | os.PathLike, step: int, rank: int, state: dict) -> Path:
+    path = Path(directory) / f"trainstate_{step:06d}_rank{rank:d}.pt"
+    atomic_torch_save(state, path)
+    return path
+
+
+def write_meta(directory: str | os.PathLike, step: int, meta: dict) -> Path:
+    """Write meta_{step}.json last: its presence marks the checkpoint complete."""
+    if meta.get("step") != step:
+        raise ValueError(f"meta step {meta.get('step')} != {step}")
+    path = Path(directory) / f"meta_{step:06d}.json"
+    atomic_write_bytes(path, json.dumps(meta, indent=2).encode("utf-8"))
+    return path
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, model_state: dict, meta: dict,
+                    optimizer_state=None, train_state: dict | None = None) -> CheckpointFiles:
+    """Single-process save of a whole step in the safe order: model, optimizer, state, meta."""
+    invalidate_step(directory, step)
+    save_model(directory, step, model_state)
+    if optimizer_state is not None:
+        save_optimizer_shard(directory, step, 0, optimizer_state)
+    if train_state is not None:
+        save_train_state(directory, step, 0, train_state)
+    write_meta(directory, step, meta)
+    return next(c for c in list_checkpoints(directory) if c.step == step and c.layout == "upstream")

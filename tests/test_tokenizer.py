@@ -1,0 +1,131 @@
+"""Tokenizer: training, round trips, our data-only format, and the restricted unpickler."""
+
+import os
+import pickle
+
+import pytest
+
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, UnsafePickleError, read_upstream_pickle
+from tests.modelkit import tiny_tokenizer
+
+PROMPT = "To be, or not to be, that is the question"
+
+
+def test_upstream_pickle_reads_and_encodes_like_reference(upstream_dir):
+    for gen in ("classic", "current"):
+        tok = Tokenizer.from_directory(upstream_dir / gen / "tokenizer")
+        assert tok.get_vocab_size() == 2048
+        assert tok.get_bos_token_id() == 2039
+        assert tok.encode(PROMPT, prepend="<|bos|>") == [2039, 419, 308, 44, 536, 327, 292, 308, 44, 333, 330, 268, 593, 1881]
+        assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(range(2039, 2048))
+
+
+def test_token_bytes_read_from_file_keep_classic_quirk(upstream_dir):
+    classic = Tokenizer.from_directory(upstream_dir / "classic" / "tokenizer").token_bytes()
+    current = Tokenizer.from_directory(upstream_dir / "current" / "tokenizer").token_bytes()
+    assert classic[200] == 3 and current[200] == 1  # classic counted ids 128-255 as U+FFFD
+    assert current[2039:] == [0] * 9 and current[65] == 1
+
+
+def test_train_roundtrip_and_save_load(tmp_path):
+    tok = tiny_tokenizer(300)
+    assert tok.get_vocab_size() == 300
+    assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(range(291, 300))
+    text = "O Romeo, Romeo! wherefore art thou Romeo?\n  émoji ✓ 123456"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert b"".join(tok.decode_single_token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert tok.encode([text, "x"], prepend="<|bos|>")[1][0] == tok.get_bos_token_id()
+    path = tok.save(tmp_path / "tok")
+    assert path.name == "tokenizer.json" and (tmp_path / "tok" / "token_bytes.pt").exists()
+    again = Tokenizer.from_directory(tmp_path / "tok")
+    assert again.encode(text) == ids
+    assert again.token_bytes() == tok.token_bytes()
+    assert sum(again.token_bytes()[i] for i in ids) == len(text.encode("utf-8"))
+    assert b"pickle" not in path.read_bytes()[:100]
+
+
+def test_special_tokens_in_text_are_plain_text():
+    tok = tiny_tokenizer(300)
+    ids = tok.encode("<|bos|>")
+    assert tok.get_bos_token_id() not in ids and tok.decode(ids) == "<|bos|>"
+
+
+def test_chat_rendering():
+    tok = tiny_tokenizer(300)
+    ids = tok.render_chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert ids[0] == tok.get_bos_token_id()
+    assert ids[1] == tok.encode_special("<|user_start|>") and ids[-1] == tok.encode_special("<|assistant_start|>")
+    assert tok.decode(ids[2:-2]) == "Be brief.\n\nHi"
+    with pytest.raises(TokenizerError, match="end with a user"):
+        tok.render_chat_prompt([{"role": "assistant", "content": "x"}])
+
+
+def test_out_of_vocabulary_ids_are_refused():
+    tok = tiny_tokenizer(300)
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        tok.decode([1, 300])
+    with pytest.raises(TokenizerError, match="unknown special token"):
+        tok.encode_special("<|nope|>")
+
+
+class _RunsCode:
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return (self.func, (self.arg,))
+
+
+@pytest.mark.parametrize("how", ["os.system", "builtins.exec"])
+def test_malicious_tokenizer_pickle_never_runs(tmp_path, how):
+    marker = tmp_path / "pwned"
+    if how == "os.system":
+        payload = _RunsCode(os.system, f"touch {marker}")
+    else:
+        payload = _RunsCode(exec, f"open({str(marker)!r}, 'w').write('x')")
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(UnsafePickleError, match="only tiktoken.core.Encoding is allowed"):
+        Tokenizer.from_directory(tmp_path)
+    assert not marker.exists()
+
+
+def test_pickle_with_encoding_but_string_state_is_refused(tmp_path):
+    """tiktoken's own __setstate__ would turn a string into a registry lookup; our stub never does."""
+    data = (b"\x80\x04\x8c\rtiktoken.core\x94\x8c\x08Encoding\x94\x93\x94)\x81\x94\x8c\x0bcl100k_base\x94b.")
+    (tmp_path / "tokenizer.pkl").write_bytes(data)
+    with pytest.raises(TokenizerError, match="does not hold a tiktoken Encoding"):
+        read_upstream_pickle(tmp_path / "tokenizer.pkl")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "not a readable tokenizer pickle"),
+    (b"\x80\x04garbage", "not a readable tokenizer pickle"),
+])
+def test_broken_tokenizer_files(tmp_path, content, match):
+    (tmp_path / "tokenizer.pkl").write_bytes(content)
+    with pytest.raises(TokenizerError, match=match):
+        Tokenizer.from_directory(tmp_path)
+
+
+def test_truncated_upstream_pickle(tmp_path, upstream_dir):
+    data = (upstream_dir / "current" / "tokenizer" / "tokenizer.pkl").read_bytes()
+    (tmp_path / "tokenizer.pkl").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TokenizerError, match="not a readable tokenizer pickle"):
+        Tokenizer.from_directory(tmp_path)
+
+
+def test_our_format_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json or tokenizer.pkl"):
+        Tokenizer.from_directory(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot read"):
+        Tokenizer.from_directory(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"format": "other"}')
+    with pytest.raises(TokenizerError, match="is not a nanochat-workbench-tokenizer file"):
+        Tokenizer.from_directory(tmp_path)
+
+
+def test_vocab_too_small_to_train():
+    with pytest.raises(TokenizerError, match="at least 265"):
+        Tokenizer.train_from_iterator(["abc"], 100)
