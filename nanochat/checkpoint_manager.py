@@ -157,7 +157,8 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> Chec
             found = [c for c in list_checkpoints(p.parent) if c.step == int(m.group(1)) and c.layout == "upstream"]
             ckpt = found[0]
         else:
-            raise CheckpointNotFoundError(f"{p.name} is not a checkpoint file (expected model_NNNNNN.pt, meta_NNNNNN.json or {SINGLE_FILE})")
+            raise CheckpointNotFoundError(
+                f"{p.name} is not a checkpoint file (expected model_NNNNNN.pt, meta_NNNNNN.json or {SINGLE_FILE})")
         if step is not None and ckpt.step != step:
             raise CheckpointNotFoundError(f"{p.name} is step {ckpt.step}, not step {step}")
         _raise_if_incomplete(ckpt)
@@ -285,7 +286,8 @@ def quick_problems(ckpt: CheckpointFiles, meta: dict | None = None) -> list[Prob
         return problems
     world = expected_world_size(ckpt, meta)
     if world == 0:
-        problems.append(Problem("missing_optimizer_shard", "no optimizer state saved: the weights load but training cannot resume", "resume"))
+        problems.append(Problem("missing_optimizer_shard",
+                                "no optimizer state saved: the weights load but training cannot resume", "resume"))
     for rank in range(world):
         shard = ckpt.optimizer_shards.get(rank)
         if shard is None:
