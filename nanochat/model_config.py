@@ -129,6 +129,37 @@ class GPTConfig:
         return cls(**{"window_pattern": "L", **base}, **features, vocab_pad=pad)
 
 
+def is_state_dict_key(key: str) -> bool:
+    """Whether a state-dict key (without `_orig_mod.`) is one any nanochat GPT generation can have."""
+    return _is_known_key(key.removeprefix("_orig_mod."))
+
+
+def expected_state_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the GPT this config builds, with its shape (what `GPT(cfg).state_dict()`
+    holds), computed without torch so integrity checks can compare a checkpoint's pickle against it."""
+    c, v = cfg.n_embd, cfg.padded_vocab_size
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, c)}
+    for i in range(cfg.n_layer):
+        h = f"transformer.h.{i}."
+        out.update({h + "attn.c_q.weight": (q, c), h + "attn.c_k.weight": (kv, c), h + "attn.c_v.weight": (kv, c),
+                    h + "attn.c_proj.weight": (c, c)})
+        if cfg.has_value_embed(i):
+            out[h + "attn.ve_gate.weight"] = (cfg.n_kv_head, VE_GATE_CHANNELS)
+        out.update({h + "mlp.c_fc.weight": (4 * c, c), h + "mlp.c_proj.weight": (c, 4 * c)})
+    out["lm_head.weight"] = (v, c)
+    if cfg.resid_lambdas:
+        out.update({"resid_lambdas": (cfg.n_layer,), "x0_lambdas": (cfg.n_layer,)})
+    if cfg.smear:
+        out.update({"smear_gate.weight": (1, SMEAR_CHANNELS), "smear_lambda": (1,)})
+    if cfg.backout:
+        out["backout_lambda"] = (1,)
+    for i in range(cfg.n_layer):
+        if cfg.has_value_embed(i):
+            out[f"value_embeds.{i}.weight"] = (v, kv)
+    return out
+
+
 def _is_known_key(key: str) -> bool:
     parts = key.split(".")
     if key in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda", "smear_gate.weight",
