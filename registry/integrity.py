@@ -462,10 +462,11 @@ def _load_problems(ckpt: CheckpointFiles, meta: dict | None, path: Path, role: s
     return []
 
 
-def deep_check(ckpt: CheckpointFiles, previous: Mapping[str, str] | None = None,
+def deep_check(ckpt: CheckpointFiles, previous: Mapping[str, FileDigest | str] | None = None,
                progress: Callable[[int], None] | None = None) -> IntegrityResult:
-    """Every check there is, on every file of one checkpoint. `previous` maps a file name to the
-    sha256 an earlier deep check recorded; a different hash now is `changed_since_indexed`.
+    """Every check there is, on every file of one checkpoint. `previous` maps a file name to what an
+    earlier deep check recorded (its FileDigest, or just the sha256); a different hash now is
+    `changed_since_indexed`.
     `progress(n)` is called with the bytes read after each chunk."""
     started, t0 = time.time(), time.perf_counter()
     problems = quick_problems(ckpt)
@@ -494,18 +495,30 @@ def deep_check(ckpt: CheckpointFiles, previous: Mapping[str, str] | None = None,
         problems += pickle_found
         if not pickle_found and not any(p.file == path.name and p.code in ("corrupt_zip",) for p in found):
             problems += _load_problems(ckpt, meta, path, role)
+    roles = {p.name: r for p, r in checkpoint_files(ckpt)}
     for d in digests:
-        before = (previous or {}).get(d.name)
-        if before and before != d.sha256:
-            role = dict((p.name, r) for p, r in checkpoint_files(ckpt)).get(d.name)
-            problems.append(Problem("changed_since_indexed", f"{d.name} changed since it was indexed "
-                                    f"(sha256 {before[:12]}… then, {d.sha256[:12]}… now)",
-                                    "load" if role in ("model", "meta") else "resume", d.name))
+        if problem := _changed(d, (previous or {}).get(d.name), roles.get(d.name)):
+            problems.append(problem)
     return IntegrityResult(str(ckpt.directory), ckpt.step, ckpt.layout, "deep", tuple(_dedupe(problems)), tuple(digests),
                            started, time.perf_counter() - t0, total)
 
 
-def check_checkpoint(ckpt: CheckpointFiles, deep: bool = False, previous: Mapping[str, str] | None = None,
+def _changed(now: FileDigest, before: FileDigest | str | None, role: str | None) -> Problem | None:
+    """`changed_since_indexed` when the bytes differ from the recorded hash; the recorded size and
+    mtime, when known, tell a silent change (bit rot, tampering) from an ordinary rewrite."""
+    sha = before.sha256 if isinstance(before, FileDigest) else before
+    if not sha or sha == now.sha256:
+        return None
+    how = ""
+    if isinstance(before, FileDigest):
+        same = (before.size, before.mtime_ns) == (now.size, now.mtime_ns)
+        how = ": same size and mtime, different bytes (silent corruption or tampering)" if same else \
+            f": rewritten ({before.size} -> {now.size} bytes)"
+    return Problem("changed_since_indexed", f"{now.name} changed since it was indexed (sha256 {sha[:12]}… then, "
+                   f"{now.sha256[:12]}… now){how}", "load" if role in ("model", "meta") else "resume", now.name)
+
+
+def check_checkpoint(ckpt: CheckpointFiles, deep: bool = False, previous: Mapping[str, FileDigest | str] | None = None,
                      progress: Callable[[int], None] | None = None) -> IntegrityResult:
     """The quick or the deep check of one checkpoint (see the module docstring)."""
     return deep_check(ckpt, previous, progress) if deep else quick_check(ckpt)

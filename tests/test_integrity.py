@@ -353,3 +353,18 @@ def test_problem_codes_are_documented():
     section = readme.split("<!-- section: integrity -->")[1].split("<!-- end section: integrity -->")[0]
     for code in integrity.PROBLEM_CODES:
         assert f"`{code}`" in section, code
+
+
+def test_silent_change_with_same_size_and_mtime_is_named_as_such(run):
+    first = integrity.deep_check(ckpt_of(run))
+    recorded = {f.name: f for f in first.files}
+    path = run / "optim_000010_rank0.pt"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0x01  # the first local header's modification time: no CRC covers it, only the hash sees it
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert first.is_current()  # a stat cannot tell
+    deep = integrity.deep_check(ckpt_of(run), previous=recorded)
+    assert codes(deep) == ["changed_since_indexed"] and deep.problems[0].blocks == "resume"
+    assert "same size and mtime, different bytes" in deep.problems[0].message
