@@ -253,7 +253,9 @@ def build_command(meta: dict, phase: str, tag: str, step: int, world_size: int, 
     loader = meta.get("dataloader_state_dict")
     where = (f"the data loader continues from the saved position (shard {loader.get('pq_idx')}, row group "
              f"{loader.get('rg_idx')})" if isinstance(loader, dict) else "no data-loader position: data restarts from the first shard")
-    return launcher + flags, env, "approximate", f"upstream checkpoint without RNG state; {where}", None
+    return launcher + flags, env, "approximate", f"upstream checkpoint without RNG state; {where}", (
+        f"run this in the upstream nanochat checkout that wrote the run: its {script} resumes upstream "
+        "checkpoints; the workbench's trainer resumes only its own (exactly)")
 
 
 def command_line(argv: list[str] | tuple[str, ...], env: Mapping[str, str]) -> str:
@@ -333,7 +335,8 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
                 f"{better_step} to continue from before the spike") if better_step is not None else ""
         warnings.append(f"loss spike: val_bpb {latest_val:.4f} at step {step} is {100 * (latest_val / best - 1):.0f}% "
                         f"worse than the best so far ({best:.4f} at step {best_step}){hint}")
-    reached = max((r["step"] for r in metrics), default=None)
+    # a train row of step s trains step s (s+1 steps done); an eval row at s sees s steps done
+    reached = max((r["step"] + (1 if "dt_ms" in r or "train_loss" in r else 0) for r in metrics), default=None)
     if reached is not None and reached > step:
         warnings.append(f"training had reached step {reached} (metrics.jsonl): {reached - step} steps after the "
                         "checkpoint will be trained again")

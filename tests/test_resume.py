@@ -76,7 +76,8 @@ def test_intact_run_resumes_exactly_from_the_latest_step(run):
     assert plan.schedule_phase == "constant"
     assert plan.step_time_s == pytest.approx(0.101) and plan.eta_s == pytest.approx(70 * 0.101)
     assert "metrics.jsonl" in plan.step_time_source
-    assert plan.reached_step == 33 and any("reached step 33" in w for w in plan.warnings)
+    # train rows 0..33 were written: 34 steps done, 4 past the checkpoint at 30
+    assert plan.reached_step == 34 and any("reached step 34" in w and "4 steps" in w for w in plan.warnings)
     assert (plan.val_bpb, plan.best_val_bpb, plan.best_val_step, plan.better_step) == (2.7, 2.7, 30, None)
     argv = list(plan.command_argv)
     assert argv[:3] == ["python", "-m", "scripts.base_train"] and argv[-1] == "--resume-from-step=30"
