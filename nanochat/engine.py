@@ -1,0 +1,548 @@
+"""
+Sampling from a GPT with a KV cache: per-row settings, reproducible per-row randomness, and traces.
+
+One call generates K rows from one prompt: the prompt is prefilled once (batch 1), its KV cache is
+copied to K rows and all rows decode together. Every row has its own `SamplingSettings`
+(temperature, top-k, top-p, min-p, seed), and its own `torch.Generator`, from which it draws exactly
+one uniform number per step whatever happens (greedy, forced or sampled). So a row's tokens never
+depend on its batch neighbours: K settings batched give, token for token, what each gives alone.
+Rows stop at `<|assistant_end|>` / `<|bos|>` (when the tokenizer has them) or at `max_tokens`;
+a finished row leaves the batch and its KV cache rows are dropped.
+
+The sampled distribution of a row, in this order (the same in every function here):
+  1. temperature: logits / T (T = 0 means greedy: the argmax, the lowest id among tied logits);
+  2. top-k: keep exactly k tokens; among tokens tied at the k-th logit, the lower ids are kept;
+  3. top-p: sort the renormalised survivors by probability (ties: lower id first) and keep the
+     shortest prefix whose mass reaches top_p, including the token that crosses the threshold;
+  4. min-p: keep tokens whose probability is at least min_p x that of the most likely token.
+All of it runs in float64 log-space with the maximum subtracted before exp, so temperatures like
+1e-4 cannot overflow. A row's token is the inverse CDF (in token-id order) of its uniform draw.
+
+An optional trace records per step and row: the chosen token, its probability under the model
+(temperature 1, unfiltered) and under the distribution actually sampled from, its rank, the top-N
+alternatives by model probability with both probabilities and whether each survived the filters,
+the full-vocabulary entropy in nats, and the rank and probability of watched token ids. It is
+computed for all rows at once with tensor ops and turned into Python objects only when read.
+
+This module knows nothing about files, command lines or display: see `checkpoint_manager.py` to
+load a model and `tools/generation_explorer.py` for the command-line explorer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
+MAX_SEED = 2**63 - 1
+FINISH_STOP = "stop"  # the row produced a stop token (included as its last token)
+FINISH_LENGTH = "length"  # the row reached max_tokens
+
+
+class SamplingError(ValueError):
+    """A sampling request that cannot be run, with a one-line reason."""
+
+
+# ---------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one row samples. top_k None (or 0) and top_p 1 and min_p 0 switch that filter off."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 42
+
+    def validate(self) -> SamplingSettings:
+        """Return self, or raise SamplingError naming the first bad value."""
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+            raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise SamplingError(f"top_k must be an integer >= 0 or None (0 and None: no top-k), got {k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1] (1: no top-p), got {p!r}")
+        m = self.min_p
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+            raise SamplingError(f"min_p must be in [0, 1) (0: no min-p), got {m!r}")
+        s = self.seed
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise SamplingError(f"seed must be an integer in [0, 2**63 - 1], got {s!r}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def describe(self, seed: bool = True) -> str:
+        """One line, e.g. 'temperature=0.9 top_k=50 top_p=1 min_p=0 seed=42'."""
+        k = "none" if not self.top_k else str(self.top_k)
+        text = f"temperature={self.temperature:g} top_k={k} top_p={self.top_p:g} min_p={self.min_p:g}"
+        return f"{text} seed={self.seed}" if seed else text
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What to record per step: the top_n alternatives (by model probability) and watched token ids."""
+
+    top_n: int = 5
+    watch: tuple[int, ...] = ()
+
+
+# ---------------------------------------------------------------------- the sampling math (pure)
+
+
+class SettingsBatch:
+    """Per-row settings as tensors, plus Python flags that let a step skip filters no row uses.
+
+    Skipping a filter never changes a row's result (a switched-off filter keeps every token), which
+    is what keeps rows independent of their batch neighbours.
+    """
+
+    def __init__(self, settings: Sequence[SamplingSettings], vocab_size: int, device="cpu"):
+        self.settings = [s.validate() for s in settings]
+        self.vocab_size = vocab_size
+        f64 = dict(dtype=torch.float64, device=device)
+        rows = self.settings
+        self.greedy = torch.tensor([s.greedy for s in rows], dtype=torch.bool, device=device)
+        # Greedy rows divide by 1: their weights only feed the (unused) sampling branch.
+        self.temperature = torch.tensor([s.temperature if not s.greedy else 1.0 for s in rows], **f64)
+        self.log_min_p = torch.tensor([math.log(s.min_p) if s.min_p > 0 else -math.inf for s in rows], **f64)
+        self.any_greedy = any(s.greedy for s in rows)
+        self.any_sampled = not all(s.greedy for s in rows)
+        self.any_min_p = any(s.min_p > 0 for s in rows)
+        # Top-k and top-p run only on the sampled rows that use them (topk() cost grows with rows).
+        k_rows = [i for i, s in enumerate(rows) if s.top_k and s.top_k < vocab_size and not s.greedy]
+        self.max_k = max((rows[i].top_k for i in k_rows), default=0)
+        self.top_k_rows = self._subset(k_rows, device)
+        self.top_k_sub = torch.tensor([rows[i].top_k for i in k_rows], dtype=torch.long, device=device)
+        p_rows = [i for i, s in enumerate(rows) if s.top_p < 1 and not s.greedy]
+        self.any_top_p = bool(p_rows)
+        self.top_p_rows = self._subset(p_rows, device)
+        self.top_p_sub = torch.tensor([rows[i].top_p for i in p_rows], **f64)
+
+    def _subset(self, rows: list[int], device) -> torch.Tensor | None:
+        return None if len(rows) == len(self.settings) else torch.tensor(rows, dtype=torch.long, device=device)
+
+    def __len__(self) -> int:
+        return len(self.settings)
+
+    def select(self, rows: list[int]) -> SettingsBatch:
+        return SettingsBatch([self.settings[i] for i in rows], self.vocab_size, self.greedy.device)
+
+
+def _top_k_mask(scaled: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """Exactly k tokens per row; among tokens tied at the k-th value the lower ids are kept."""
+    kth = scaled.topk(max_k, dim=-1).values.gather(1, (k - 1)[:, None])
+    above = scaled > kth
+    tied = scaled == kth
+    room = k[:, None] - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
+def _top_p_mask(weights: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the most probable tokens until their mass reaches top_p, the crossing token included;
+    tokens of equal weight count in id order (lower first).
+
+    No full sort (slow on CPU): topk of a growing head finds the crossing weight w_c, then a token
+    is kept if heavier than w_c, or tied with it and the mass before it (all heavier tokens plus
+    the lower-id ties) is still below the target.
+    """
+    target = top_p[:, None] * weights.sum(-1, keepdim=True)
+    vocab = weights.size(-1)
+    m = min(64, vocab)
+    while True:
+        head = weights.topk(m, dim=-1).values
+        cum = head.cumsum(-1)
+        if m == vocab or bool((cum[:, -1:] >= target).all()):
+            break
+        m = min(4 * m, vocab)
+    crossing = (cum < target).sum(-1, keepdim=True).clamp_(max=m - 1)
+    w_c = head.gather(1, crossing)
+    heavier = weights > w_c
+    tied = weights == w_c
+    before = (weights * heavier).sum(-1, keepdim=True) + (tied.cumsum(-1) - 1) * w_c
+    return heavier | (tied & (before < target))
+
+
+def _rows_mask(fn, x: torch.Tensor, rows: torch.Tensor | None, *args) -> torch.Tensor:
+    """fn's mask on the given rows only (all rows when None); the other rows keep every token."""
+    if rows is None:
+        return fn(x, *args)
+    out = torch.ones_like(x, dtype=torch.bool)
+    return out.index_copy_(0, rows, fn(x.index_select(0, rows), *args))
+
+
+def filtered_weights(logits: torch.Tensor, batch: SettingsBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unnormalised float64 weights (R, V) of each row's sampled distribution, and the kept-token
+    mask (None when no row filters). Greedy rows get temperature-1 weights here; see `sample`."""
+    scaled = logits.double() / batch.temperature[:, None]
+    z = scaled - scaled.max(-1, keepdim=True).values  # <= 0, so exp() cannot overflow
+    weights = z.exp()
+    keep = None
+    if batch.max_k:
+        keep = _rows_mask(_top_k_mask, scaled, batch.top_k_rows, batch.top_k_sub, batch.max_k)
+    if batch.any_top_p:
+        m = _rows_mask(_top_p_mask, weights if keep is None else weights * keep, batch.top_p_rows, batch.top_p_sub)
+        keep = m if keep is None else keep & m
+    if batch.any_min_p:
+        m = z >= batch.log_min_p[:, None]
+        keep = m if keep is None else keep & m
+    if keep is not None:
+        weights = weights * keep
+    return weights, keep
+
+
+def sampling_distribution(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """The float64 probabilities (V,) that `settings` samples from given logits (V,): one-hot on
+    the argmax for temperature 0."""
+    logits = logits.reshape(1, -1)
+    if settings.validate().greedy:
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).double()[0]
+    weights, _ = filtered_weights(logits, SettingsBatch([settings], logits.size(-1), logits.device))
+    return (weights / weights.sum(-1, keepdim=True))[0]
+
+
+def sample(logits: torch.Tensor, batch: SettingsBatch, uniforms: torch.Tensor,
+           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row (R,) from logits (R, V), each row by inverse CDF of its uniform in [0, 1)."""
+    tokens = None
+    if batch.any_sampled:
+        if weights is None:
+            weights, _ = filtered_weights(logits, batch)
+        cum = weights.cumsum(-1)
+        # 1 - u lies in (0, 1], so the target is positive and the token found has positive weight.
+        target = (1.0 - uniforms.to(cum.dtype)) * cum[:, -1]
+        tokens = torch.searchsorted(cum, target[:, None]).squeeze(1).clamp_(max=logits.size(-1) - 1)
+    if batch.any_greedy:
+        best = logits.argmax(-1)  # the first maximum: lowest id among ties
+        tokens = best if tokens is None else torch.where(batch.greedy, best, tokens)
+    return tokens
+
+
+# ---------------------------------------------------------------------- traces
+
+
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    token_id: int
+    model_prob: float  # temperature 1, no filters
+    sampled_prob: float  # under the distribution the row sampled from (0 when filtered out)
+    kept: bool  # survived temperature/top-k/top-p/min-p (greedy: only the argmax)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedToken:
+    token_id: int
+    rank: int  # 1 + the number of tokens the model finds strictly more probable
+    model_prob: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepTrace:
+    step: int
+    token_id: int
+    model_prob: float
+    sampled_prob: float
+    rank: int
+    forced: bool
+    entropy: float  # of the model's full-vocabulary distribution at temperature 1, in nats
+    alternatives: tuple[Alternative, ...]
+    watched: tuple[WatchedToken, ...]
+
+
+_TRACE_FIELDS = ("model_prob", "sampled_prob", "rank", "entropy", "alt_ids", "alt_model", "alt_sampled",
+                 "alt_kept", "watch_rank", "watch_prob")
+
+
+def trace_tensors(logits: torch.Tensor, tokens: torch.Tensor, batch: SettingsBatch, weights, keep,
+                  options: TraceOptions) -> dict[str, torch.Tensor]:
+    """The trace of one step for all rows at once (tensors; see `StepTrace` for the meaning)."""
+    x = logits.double()
+    logp = torch.log_softmax(x, -1)
+    p = logp.exp()
+    vocab = x.size(-1)
+    if weights is None:
+        sampled = torch.zeros_like(p)
+    else:
+        sampled = weights / weights.sum(-1, keepdim=True)
+    kept = keep if keep is not None else torch.ones_like(p, dtype=torch.bool)
+    if batch.any_greedy:
+        onehot = F.one_hot(x.argmax(-1), vocab).bool()
+        sampled = torch.where(batch.greedy[:, None], onehot.double(), sampled)
+        kept = torch.where(batch.greedy[:, None], onehot, kept)
+    chosen = tokens[:, None]
+    out = {
+        "model_prob": p.gather(1, chosen)[:, 0],
+        "sampled_prob": sampled.gather(1, chosen)[:, 0],
+        "rank": (x > x.gather(1, chosen)).sum(-1) + 1,
+        "entropy": -(p * logp).sum(-1),
+    }
+    n = min(options.top_n, vocab)
+    alt = x.topk(n, dim=-1).indices if n else torch.zeros(len(x), 0, dtype=torch.long, device=x.device)
+    out.update(alt_ids=alt, alt_model=p.gather(1, alt), alt_sampled=sampled.gather(1, alt), alt_kept=kept.gather(1, alt))
+    if options.watch:
+        w = torch.tensor(options.watch, device=x.device).expand(len(x), -1)
+        out["watch_rank"] = (x[:, None, :] > x.gather(1, w)[:, :, None]).sum(-1) + 1
+        out["watch_prob"] = p.gather(1, w)
+    return out
+
+
+def materialise_traces(steps: list[tuple[int, list[int], torch.Tensor, dict]], options: TraceOptions) -> list[StepTrace]:
+    """StepTraces from recorded steps [(step, tokens, forced_mask, trace tensors)], in order, one
+    .tolist() per field for all steps together (this is the only per-token Python work)."""
+    if not steps:
+        return []
+    cols = {k: torch.cat([s[3][k] for s in steps]).tolist() for k in _TRACE_FIELDS if k in steps[0][3]}
+    forced = torch.cat([s[2] for s in steps]).tolist()
+    out, i = [], 0
+    for step, tokens, _, _ in steps:
+        for tok in tokens:
+            alts = tuple(Alternative(a, m, q, k) for a, m, q, k in
+                         zip(cols["alt_ids"][i], cols["alt_model"][i], cols["alt_sampled"][i], cols["alt_kept"][i]))
+            watched = tuple(WatchedToken(t, r, pr) for t, r, pr in
+                            zip(options.watch, cols["watch_rank"][i], cols["watch_prob"][i])) if options.watch else ()
+            out.append(StepTrace(step, tok, cols["model_prob"][i], cols["sampled_prob"][i], cols["rank"][i],
+                                 bool(forced[i]), cols["entropy"][i], alts, watched))
+            i += 1
+    return out
+
+
+# ---------------------------------------------------------------------- the engine
+
+
+class StepEvent:
+    """One decoding step: the rows still running, the token each produced, and which finished.
+
+    `trace(row)` builds that row's StepTrace on first use (None without trace options)."""
+
+    __slots__ = ("step", "rows", "tokens", "finished", "_forced", "_trace", "_options", "_built")
+
+    def __init__(self, step, rows, tokens, finished, forced, trace, options):
+        self.step: int = step
+        self.rows: tuple[int, ...] = rows  # original row indices, in batch order
+        self.tokens: tuple[int, ...] = tokens  # the token of each row in `rows`
+        self.finished: dict[int, str] = finished  # row -> finish reason, for rows that ended here
+        self._forced, self._trace, self._options, self._built = forced, trace, options, None
+
+    def trace(self, row: int) -> StepTrace | None:
+        if self._trace is None:
+            return None
+        if self._built is None:
+            self._built = materialise_traces([self._record()], self._options)
+        return self._built[self.rows.index(row)]
+
+    def _record(self):
+        return (self.step, list(self.tokens), self._forced, self._trace)
+
+
+@dataclass(frozen=True)
+class RowResult:
+    row: int
+    settings: SamplingSettings
+    token_ids: tuple[int, ...]  # every generated token, a final stop token included
+    text: str  # the decoded tokens, without a final stop token
+    finish_reason: str  # "stop" or "length"
+    trace: tuple[StepTrace, ...] | None  # one per token, when traced
+
+
+class Engine:
+    """Generates from one prompt with K rows of settings. The model must be in eval mode."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size: int = model.config.vocab_size
+        self.context: int = model.config.sequence_len
+        self.max_positions: int = model.max_positions
+        self.device = model.cos.device
+        self.default_stop_ids = tuple(i for i in (tokenizer.special_id(n) for n in STOP_TOKENS) if i is not None)
+
+    # -------------------------------------------------------------- prompts
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Prompt ids for text: <|bos|> + text, or a user turn primed for the assistant when chat."""
+        if not isinstance(text, str) or not text:
+            raise SamplingError("the prompt is empty")
+        if chat:
+            return self.render_chat([{"role": "user", "content": text}])
+        return self.tokenizer.encode(text, prepend=self.tokenizer.get_bos_token_id())
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """Conversation ids (<|bos|>, turns, then <|assistant_start|>) via the tokenizer."""
+        try:
+            return self.tokenizer.render_chat_prompt(messages)
+        except ValueError as e:  # TokenizerError: an ill-formed conversation
+            raise SamplingError(f"chat prompt: {e}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # -------------------------------------------------------------- generation
+
+    def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings | Sequence[SamplingSettings],
+               max_tokens: int, *, trace: TraceOptions | None = None,
+               forced: Mapping[int, Mapping[int, int]] | None = None,
+               stop_ids: Iterable[int] | None = None) -> Iterator[StepEvent]:
+        """Validate, then return an iterator of one StepEvent per decoding step.
+
+        settings: one per row (a single SamplingSettings means one row). forced: {row: {step: token}}
+        makes that row emit `token` at `step` instead of sampling (its random draw is still consumed,
+        so forcing the tokens a run chose reproduces it, and a branch differs only by its choice).
+        stop_ids: tokens that end a row (default: <|assistant_end|> and <|bos|>; () for none).
+        """
+        rows = [settings] if isinstance(settings, SamplingSettings) else list(settings)
+        prompt, batch, forced_ids, stops = self._validate(prompt_ids, rows, max_tokens, trace, forced, stop_ids)
+        return self._run(prompt, batch, max_tokens, trace, forced_ids, stops)
+
+    def generate(self, prompt_ids: Sequence[int], settings: SamplingSettings | Sequence[SamplingSettings],
+                 max_tokens: int, *, trace: TraceOptions | None = None,
+                 forced: Mapping[int, Mapping[int, int]] | None = None,
+                 stop_ids: Iterable[int] | None = None) -> list[RowResult]:
+        """Run `stream` to the end and return one RowResult per row, in row order."""
+        rows = [settings] if isinstance(settings, SamplingSettings) else list(settings)
+        tokens: list[list[int]] = [[] for _ in rows]
+        reasons: list[str] = [FINISH_LENGTH] * len(rows)
+        records = []
+        for ev in self.stream(prompt_ids, rows, max_tokens, trace=trace, forced=forced, stop_ids=stop_ids):
+            for r, t in zip(ev.rows, ev.tokens):
+                tokens[r].append(t)
+            for r, why in ev.finished.items():
+                reasons[r] = why
+            if trace is not None:
+                records.append((ev.rows, ev._record()))
+        traces: list[list[StepTrace]] = [[] for _ in rows]
+        if trace is not None:
+            flat = materialise_traces([rec for _, rec in records], trace)
+            it = iter(flat)
+            for row_ids, _ in records:
+                for r in row_ids:
+                    traces[r].append(next(it))
+        out = []
+        for r, s in enumerate(rows):
+            ids = tokens[r]
+            body = ids[:-1] if reasons[r] == FINISH_STOP else ids
+            out.append(RowResult(r, s, tuple(ids), self.decode(body), reasons[r],
+                                 tuple(traces[r]) if trace is not None else None))
+        return out
+
+    def _validate(self, prompt_ids, rows, max_tokens, trace, forced, stop_ids):
+        if not rows:
+            raise SamplingError("no sampling settings given (need at least one row)")
+        try:
+            prompt = [int(i) for i in prompt_ids]
+        except (TypeError, ValueError):
+            raise SamplingError("prompt ids must be integers") from None
+        if not prompt:
+            raise SamplingError("the prompt is empty")
+        if len(prompt) > self.context:
+            raise SamplingError(f"the prompt has {len(prompt)} tokens, more than the model's context of {self.context}")
+        self._check_ids(prompt, "prompt token id")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise SamplingError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if len(prompt) + max_tokens > self.max_positions:
+            raise SamplingError(f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the model's "
+                                f"{self.max_positions} positions")
+        for i, s in enumerate(rows):
+            if not isinstance(s, SamplingSettings):
+                raise SamplingError(f"row {i}: settings must be SamplingSettings, got {type(s).__name__}")
+        batch = SettingsBatch(rows, self.vocab_size, self.device)
+        if trace is not None:
+            if isinstance(trace.top_n, bool) or not isinstance(trace.top_n, int) or trace.top_n < 0:
+                raise SamplingError(f"trace top_n must be an integer >= 0, got {trace.top_n!r}")
+            self._check_ids(list(trace.watch), "watched token id")
+        forced_ids = None
+        if forced:
+            forced_ids = torch.full((len(rows), max_tokens), -1, dtype=torch.long)
+            for r, by_step in forced.items():
+                if not isinstance(r, int) or not 0 <= r < len(rows):
+                    raise SamplingError(f"forced tokens for row {r!r}, but there are {len(rows)} rows")
+                for step, tok in by_step.items():
+                    if not isinstance(step, int) or not 0 <= step < max_tokens:
+                        raise SamplingError(f"forced token at step {step!r} is outside 0..{max_tokens - 1}")
+                    self._check_ids([tok], "forced token id")
+                    forced_ids[r, step] = tok
+            forced_ids = forced_ids.to(self.device)
+        stops = self.default_stop_ids if stop_ids is None else tuple(stop_ids)
+        self._check_ids(list(stops), "stop token id")
+        return prompt, batch, forced_ids, frozenset(stops)
+
+    def _check_ids(self, ids: list, what: str) -> None:
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                raise SamplingError(f"{what} {i!r} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    def _uniforms(self, batch: SettingsBatch, max_tokens: int) -> torch.Tensor:
+        # One generator per row, one draw per step, drawn up front: the i-th draw of a seed is the
+        # same whatever max_tokens is, so a longer run extends a shorter one.
+        draws = []
+        for s in batch.settings:
+            gen = torch.Generator(device="cpu").manual_seed(s.seed)
+            draws.append(torch.rand(max_tokens, generator=gen, dtype=torch.float64))
+        return torch.stack(draws).to(self.device)
+
+    def _run(self, prompt, batch: SettingsBatch, max_tokens, options, forced_ids, stops) -> Iterator[StepEvent]:
+        uniforms = self._uniforms(batch, max_tokens)
+        logits, cache = self._prefill(prompt, len(batch), max_tokens)
+        active = list(range(len(batch)))
+        for step in range(max_tokens):
+            tokens, forced_now, trace = self._choose(logits, batch, uniforms[:, step],
+                                                     None if forced_ids is None else forced_ids[:, step], options)
+            token_list = tokens.tolist()
+            last = step == max_tokens - 1
+            finished = {r: (FINISH_STOP if t in stops else FINISH_LENGTH)
+                        for r, t in zip(active, token_list) if last or t in stops}
+            yield StepEvent(step, tuple(active), tuple(token_list), finished, forced_now, trace, options)
+            if last:
+                return
+            if finished:
+                keep = [i for i, r in enumerate(active) if r not in finished]
+                if not keep:
+                    return
+                index = torch.tensor(keep, device=self.device)
+                cache.select(index)
+                tokens = tokens.index_select(0, index)
+                uniforms = uniforms.index_select(0, index)
+                forced_ids = None if forced_ids is None else forced_ids.index_select(0, index)
+                batch = batch.select(keep)
+                active = [active[i] for i in keep]
+            logits = self._decode(tokens, cache)
+
+    @torch.inference_mode()
+    def _prefill(self, prompt: list[int], rows: int, max_tokens: int):
+        one = self.model.new_kv_cache(1, len(prompt))
+        logits = self.model(torch.tensor([prompt], dtype=torch.long, device=self.device), kv_cache=one)[:, -1]
+        return logits.expand(rows, -1).contiguous(), one.expand(rows, len(prompt) + max_tokens)
+
+    @torch.inference_mode()
+    def _decode(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        return self.model(tokens[:, None], kv_cache=cache)[:, -1]
+
+    @torch.inference_mode()
+    def _choose(self, logits, batch: SettingsBatch, uniforms, forced, options):
+        weights = keep = None
+        if batch.any_sampled:
+            weights, keep = filtered_weights(logits, batch)
+        tokens = sample(logits, batch, uniforms, weights)
+        forced_now = None
+        if forced is not None:
+            forced_now = forced >= 0
+            tokens = torch.where(forced_now, forced, tokens)
+        trace = None
+        if options is not None:
+            if forced_now is None:
+                forced_now = torch.zeros_like(tokens, dtype=torch.bool)
+            trace = trace_tensors(logits, tokens, batch, weights, keep, options)
+        return tokens, forced_now, trace
