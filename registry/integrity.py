@@ -513,7 +513,7 @@ def _changed(now: FileDigest, before: FileDigest | str | None, role: str | None)
     if isinstance(before, FileDigest):
         same = (before.size, before.mtime_ns) == (now.size, now.mtime_ns)
         how = ": same size and mtime, different bytes (silent corruption or tampering)" if same else \
-            f": rewritten ({before.size} -> {now.size} bytes)"
+            (": rewritten (same size, new mtime)" if before.size == now.size else f": rewritten ({before.size} -> {now.size} bytes)")
     return Problem("changed_since_indexed", f"{now.name} changed since it was indexed (sha256 {sha[:12]}… then, "
                    f"{now.sha256[:12]}… now){how}", "load" if role in ("model", "meta") else "resume", now.name)
 
