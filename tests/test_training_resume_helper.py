@@ -59,11 +59,11 @@ def test_verify_runs_the_deep_check(run):
     assert out.returncode == 0 and "step 10," in out.stdout and "skipped        step 20: crc_mismatch" in out.stdout
 
 
-def test_nothing_resumable_exits_1_with_reasons(run):
+def test_nothing_resumable_exits_3_with_reasons(run):
     for step in (10, 20):
         (run / f"meta_{step:06d}.json").unlink()
     out = helper(run)
-    assert out.returncode == 1 and out.stdout == ""
+    assert out.returncode == 3 and out.stdout == ""
     assert out.stderr.splitlines()[0].startswith("error: no resumable checkpoint")
     assert "step 20: missing_meta" in out.stderr
     as_json = json.loads(helper(run, "--json").stdout)
@@ -72,7 +72,7 @@ def test_nothing_resumable_exits_1_with_reasons(run):
 
 def test_classic_upstream_has_no_command(upstream_dir):
     out = helper(upstream_dir / "classic" / "base_checkpoints" / "d2", "--command")
-    assert out.returncode == 1 and out.stdout == "" and "classic nanochat" in out.stderr
+    assert out.returncode == 3 and out.stdout == "" and "classic nanochat" in out.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -81,4 +81,4 @@ def test_classic_upstream_has_no_command(upstream_dir):
 ])
 def test_bad_input_is_one_line(run, args, message):
     out = helper(*[a.format(run=run) for a in args])
-    assert out.returncode == 2 and out.stderr.strip() == message and "Traceback" not in out.stderr
+    assert out.returncode == 1 and out.stderr.strip() == message and "Traceback" not in out.stderr

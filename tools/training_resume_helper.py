@@ -13,7 +13,8 @@ and JSON; `--verify` streams CRCs and hashes and loads with weights_only), a tru
 checkpoint is skipped with the reason, and the warmdown is the training schedule's own, not a guess.
 The report is `registry.resume.format_plan`, the same `python -m registry resume` prints; this tool
 needs no registry database (it reads the files only), so it also works on a training node.
-Exit status: 0 with a command to run, 1 when nothing is resumable, 2 on bad input.
+Exit status (as `python -m registry resume`): 0 with a command to run, 3 when nothing is resumable,
+1 on bad input (one line on stderr), 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: `python tools/tr
 
 from nanochat.checkpoint_manager import CheckpointError  # noqa: E402
 from registry.resume import NothingResumableError, ResumePlanError, format_plan, plan_resume  # noqa: E402
+
+EXIT_ERROR = 1  # bad input: one line on stderr (argparse usage errors exit 2)
+EXIT_NOTHING_RESUMABLE = 3  # a finding, not an error: the report says why
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.target_steps is not None and args.target_steps <= 0:
         print("error: --target-steps must be a positive number of steps", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     try:
         plan = plan_resume(args.checkpoint_dir, target_steps=args.target_steps, deep=args.verify)
     except NothingResumableError as e:
@@ -61,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             for s in e.skipped:
                 print(f"  step {s.step}: {s.reason}", file=sys.stderr)
-        return 1
+        return EXIT_NOTHING_RESUMABLE
     except (ResumePlanError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(plan.command)
     else:
         print(format_plan(plan))
-    return 0 if plan.resumable else 1
+    return 0 if plan.resumable else EXIT_NOTHING_RESUMABLE
 
 
 if __name__ == "__main__":
