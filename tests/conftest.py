@@ -43,3 +43,6 @@ def upstream_copy(tmp_path):
             p.chmod(0o755 if p.is_dir() else 0o644)
         return dst
     return make
+
+# Registry fixtures (store, store_url) for every test module; see tests/registry_kit.py.
+pytest_plugins = ["tests.registry_kit"]

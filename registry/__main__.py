@@ -1,0 +1,7 @@
+"""`python -m registry ...`: see registry/cli.py."""
+
+import sys
+
+from registry.cli import main
+
+sys.exit(main())

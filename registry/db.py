@@ -1,0 +1,319 @@
+"""
+The registry database: where it is, how to connect, the schema version, migrations and the one
+session scope that owns transactions and turns driver errors into `registry.errors` exceptions.
+
+Connections (SQLite): WAL journal (readers never block the writer), `busy_timeout` (a writer waits
+for another instead of failing), `foreign_keys=ON`, `synchronous=NORMAL`, all set in a connect
+event. pysqlite's own implicit transactions are switched off and we emit BEGIN ourselves: reads use
+a deferred BEGIN (one consistent snapshot), writes use BEGIN IMMEDIATE, which takes the write lock up
+front. Without that, a transaction that read first and writes later can fail at once with "database
+is locked" when another process committed in between (SQLite cannot upgrade a stale snapshot, and
+the busy timeout does not apply). PostgreSQL needs none of that; there the scanner serialises writes
+to one run with a row lock on the run (`lock_run`), and deadlocks or serialization failures are
+retried by `write`.
+
+The schema version lives in the `registry_info` table. An empty database is created (when allowed);
+an older one is refused with the exact `python -m registry migrate` command; a newer one or a database
+that is not a registry is refused with a clear message. Nothing here ever drops or recreates a table.
+
+This module knows nothing about runs or checkpoints beyond creating their tables (see `store.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from registry.errors import (
+    NotARegistryError,
+    RegistryBusyError,
+    RegistryDatabaseError,
+    RegistryError,
+    RegistryNotFoundError,
+    SchemaTooNewError,
+    SchemaTooOldError,
+)
+from registry.models import Base, RegistryInfo, Run
+
+SCHEMA_VERSION = 1
+APPLICATION = "nanochat-workbench registry"
+ENV_URL = "NANOCHAT_REGISTRY_URL"
+DEFAULT_FILENAME = "registry.sqlite"
+BUSY_TIMEOUT_MS = 30_000
+# from_version -> function(connection) that upgrades the schema to from_version + 1, inside one transaction.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+_PG_SCHEMA_LOCK = 0x6E616E6F  # advisory lock id serialising schema creation and migration on PostgreSQL
+_RETRYABLE_PG = {"40P01", "40001", "55P03"}  # deadlock, serialization failure, lock not available
+
+
+def default_url() -> str:
+    """$NANOCHAT_REGISTRY_URL, else `<nanochat base dir>/registry.sqlite`."""
+    env = os.environ.get(ENV_URL)
+    if env:
+        return env
+    from nanochat.common import get_base_dir
+
+    return str(get_base_dir() / DEFAULT_FILENAME)
+
+
+def to_url(url_or_path: str | os.PathLike | None) -> URL:
+    """A SQLAlchemy URL from a URL string, a plain path (SQLite at that path) or None (the default)."""
+    raw = os.fspath(url_or_path) if url_or_path is not None else default_url()
+    if "://" in raw:
+        try:
+            return make_url(raw)
+        except sa.exc.ArgumentError as e:
+            raise RegistryError(f"invalid database URL {raw!r}: {e}") from None
+    return URL.create("sqlite", database=str(Path(raw).expanduser().resolve()))
+
+
+class Database:
+    """An engine plus the session scope, schema check and migrations. One per process and URL."""
+
+    def __init__(self, url_or_path: str | os.PathLike | None = None, create: bool = True):
+        self.url = to_url(url_or_path)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise RegistryError(f"unsupported database {self.url.drivername!r}: use a SQLite path or a postgresql+psycopg:// URL")
+        self.display_url = self.url.render_as_string(hide_password=True)
+        self.path: Path | None = None
+        if self.dialect == "sqlite":
+            self.engine = self._sqlite_engine(create)
+        else:
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+        self._write_engine = self.engine.execution_options(registry_begin="IMMEDIATE")
+
+    def _sqlite_engine(self, create: bool) -> sa.Engine:
+        database = self.url.database or ""
+        if database in ("", ":memory:"):
+            engine = sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            self.path = Path(database)
+            if self.path.is_dir():
+                raise NotARegistryError(f"{self.path} is a directory, not a registry database file")
+            if not self.path.exists():
+                if not create:
+                    raise RegistryNotFoundError(f"no registry at {self.path} (scan a folder first: "
+                                                f"python -m registry --db {self.path} scan PATH)")
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see the module docstring)
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection):
+            connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get('registry_begin', 'DEFERRED')}")
+
+        return engine
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ sessions
+
+    @contextmanager
+    def session(self, write: bool = False) -> Iterator[Session]:
+        """One transaction: commits on success, rolls back on any exception, maps driver errors."""
+        try:
+            with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s, s.begin():
+                yield s
+        except sa.exc.DBAPIError as e:
+            raise self.translate(e) from None
+
+    def write(self, fn: Callable[[Session], object], attempts: int = 8):
+        """Run fn(session) in a write transaction, retrying PostgreSQL deadlocks and serialization failures."""
+        for attempt in range(attempts):
+            try:
+                with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
+                    return fn(s)
+            except sa.exc.DBAPIError as e:
+                if attempt + 1 < attempts and self._retryable(e):
+                    time.sleep(random.uniform(0.01, 0.05) * (2 ** attempt))
+                    continue
+                raise self.translate(e) from None
+        raise AssertionError("unreachable")
+
+    def lock_run(self, session: Session, run_id: int) -> None:
+        """Serialise writers of one run. SQLite's BEGIN IMMEDIATE already excludes every other writer."""
+        if self.dialect == "postgresql":
+            session.execute(sa.select(Run.id).where(Run.id == run_id).with_for_update())
+
+    def insert(self, table):
+        """The dialect's INSERT, which has on_conflict_do_nothing / on_conflict_do_update."""
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert(table)
+
+    def _retryable(self, e: sa.exc.DBAPIError) -> bool:
+        return getattr(e.orig, "sqlstate", None) in _RETRYABLE_PG
+
+    def translate(self, e: sa.exc.DBAPIError) -> RegistryError:
+        text = str(e.orig if e.orig is not None else e).strip()
+        msg = text.splitlines()[0] if text else type(e).__name__
+        where = self.path or self.display_url
+        if "database is locked" in msg or "database table is locked" in msg:
+            return RegistryBusyError(f"the registry {where} stayed locked by another writer for "
+                                     f"{BUSY_TIMEOUT_MS // 1000}s; try again")
+        if "file is not a database" in msg or "file is encrypted" in msg:
+            return NotARegistryError(f"{where} is not a SQLite database, so not a registry")
+        if "unable to open database file" in msg:
+            return RegistryDatabaseError(f"cannot open the registry {where} (check the folder exists and is writable)")
+        if "readonly database" in msg:
+            return RegistryDatabaseError(f"the registry {where} is read-only: {msg}")
+        if self.dialect == "postgresql" and (e.connection_invalidated or "connection" in msg.lower()):
+            return RegistryDatabaseError(f"cannot reach the registry database {self.display_url}: {msg}")
+        return RegistryDatabaseError(f"registry database error ({where}): {msg}")
+
+    # ------------------------------------------------------------------ schema
+
+    def _state(self, conn: Connection) -> tuple[str, int | None, list[str]]:
+        """("empty" | "registry" | "foreign", schema version, table names)."""
+        tables = sorted(sa.inspect(conn).get_table_names())
+        if not tables:
+            return "empty", None, tables
+        if RegistryInfo.__tablename__ not in tables:
+            return "foreign", None, tables
+        rows = dict(conn.execute(sa.select(RegistryInfo.key, RegistryInfo.value)).all())
+        try:
+            version = int(rows.get("schema_version", ""))
+        except ValueError:
+            return "foreign", None, tables
+        return "registry", version, tables
+
+    def _inspect(self) -> tuple[str, int | None, list[str]]:
+        try:
+            with self.engine.connect() as conn:
+                return self._state(conn)
+        except sa.exc.DBAPIError as e:
+            raise self.translate(e) from None
+
+    def ensure_schema(self, create: bool = True) -> int:
+        """Check (or create) the schema; return its version. Raises for foreign, old or new schemas."""
+        state, version, tables = self._inspect()
+        if state == "empty":
+            if not create:
+                raise RegistryNotFoundError(f"{self.path or self.display_url} holds no registry yet "
+                                            "(scan a folder first: python -m registry scan PATH)")
+            self._create()
+            state, version, tables = self._inspect()
+        if state == "foreign":
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise NotARegistryError(f"{self.path or self.display_url} is a database but not a nanochat registry "
+                                    f"(it holds tables {shown}); point --db at another file")
+        assert version is not None
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNewError(f"the registry {self.path or self.display_url} has schema version {version}, newer "
+                                    f"than this code's {SCHEMA_VERSION}: upgrade nanochat-workbench to use it")
+        if version < SCHEMA_VERSION:
+            raise SchemaTooOldError(f"the registry {self.path or self.display_url} has schema version {version}, older than "
+                                    f"this code's {SCHEMA_VERSION}: run `{self.migrate_command()}` to migrate it")
+        self._ensure_wal()
+        return version
+
+    def migrate_command(self) -> str:
+        target = str(self.path) if self.path else self.display_url
+        return f"python -m registry --db {target} migrate"
+
+    def _create(self) -> None:
+        self._ensure_wal()
+
+        def create(session: Session) -> None:
+            conn = session.connection()
+            if self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_SCHEMA_LOCK})
+            if self._state(conn)[0] != "empty":
+                return  # another process created it while we waited for the lock
+            Base.metadata.create_all(conn)
+            conn.execute(sa.insert(RegistryInfo), [
+                {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                {"key": "application", "value": APPLICATION},
+                {"key": "created_at", "value": f"{time.time():.3f}"},
+            ])
+
+        self.write(create)
+
+    def _ensure_wal(self) -> None:
+        """Switch a SQLite registry to WAL (persistent in the file). Never called on foreign files."""
+        if self.dialect != "sqlite" or self.path is None:
+            return
+        for attempt in range(50):
+            raw = self.engine.raw_connection()
+            try:
+                mode = raw.driver_connection.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode.lower() != "wal":
+                    raw.driver_connection.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == 49:
+                    raise RegistryBusyError(f"cannot switch {self.path} to WAL mode: {e}") from None
+                time.sleep(0.1)
+            finally:
+                raw.close()
+
+    def schema_version(self) -> int | None:
+        return self._inspect()[1]
+
+    def migrate(self) -> tuple[int, int, Path | None]:
+        """Upgrade an older schema in place (SQLite: after a backup copy). Returns (from, to, backup)."""
+        state, version, _ = self._inspect()
+        if state == "empty":
+            raise RegistryNotFoundError(f"{self.path or self.display_url} holds no registry to migrate")
+        if state == "foreign":
+            raise NotARegistryError(f"{self.path or self.display_url} is not a nanochat registry; nothing to migrate")
+        assert version is not None
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNewError(f"the registry has schema version {version}, newer than this code's {SCHEMA_VERSION}: "
+                                    "upgrade nanochat-workbench instead")
+        if version == SCHEMA_VERSION:
+            return version, version, None
+        missing = [v for v in range(version, SCHEMA_VERSION) if v not in MIGRATIONS]
+        if missing:
+            raise RegistryError(f"no migration from schema version {missing[0]}; this registry cannot be upgraded")
+        backup = self._backup(version)
+
+        def upgrade(session: Session) -> None:
+            conn = session.connection()
+            if self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_SCHEMA_LOCK})
+            current = self._state(conn)[1]
+            assert current is not None
+            for v in range(current, SCHEMA_VERSION):
+                MIGRATIONS[v](conn)
+            conn.execute(sa.update(RegistryInfo).where(RegistryInfo.key == "schema_version")
+                         .values(value=str(SCHEMA_VERSION)))
+
+        self.write(upgrade)
+        return version, SCHEMA_VERSION, backup
+
+    def _backup(self, version: int) -> Path | None:
+        if self.path is None:
+            return None
+        target = self.path.with_name(f"{self.path.name}.v{version}.bak")
+        src = sqlite3.connect(self.path)
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)  # consistent copy even with other readers attached
+        finally:
+            dst.close()
+            src.close()
+        return target

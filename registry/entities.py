@@ -1,0 +1,281 @@
+"""
+What the registry returns: frozen dataclasses, built inside the store's session from ORM rows, so
+callers (CLI, app, integrity checks) never hold a row or a session. `to_jsonable` turns any of them
+into the plain JSON the CLI's `--json` prints (datetimes as ISO 8601 strings in UTC).
+
+Times are timezone-aware UTC datetimes; a metric point's `wall_time` stays unix seconds (float),
+as metrics.jsonl writes it, because charts plot it as a number. This module has no behaviour beyond
+small derived properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+# Run statuses, in the order they are decided (first that applies).
+RUN_STATUSES = ("missing", "finished", "training", "incomplete", "stopped")
+
+
+def utc(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemRecord:
+    """One thing wrong with a checkpoint. `blocks`: "load" (unusable) or "resume" (loads, cannot resume)."""
+    code: str
+    message: str
+    file: str | None = None
+    blocks: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegrityRecord:
+    id: int
+    checkpoint_id: int
+    checked_at: datetime
+    duration_s: float
+    mode: str  # "quick" | "deep"
+    ok: bool
+    problems: tuple[ProblemRecord, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """One run (a checkpoint directory) with what the runs overview shows."""
+    id: int
+    path: str
+    phase: str  # base | sft | rl
+    tag: str
+    label: str  # "phase/tag"
+    status: str  # one of RUN_STATUSES, see store.run_status
+    depth: int | None
+    n_params: int | None
+    generation: str | None  # "classic" | "current" (architecture read from the state dict)
+    model_config: dict
+    user_config: dict
+    num_iterations: int | None  # target steps
+    world_size: int | None
+    total_batch_size: int | None  # tokens per step
+    flops_per_token: int | None
+    latest_step: int | None  # largest step seen in checkpoints or metrics
+    latest_checkpoint_step: int | None  # newest complete, present checkpoint
+    best_val_bpb: float | None
+    best_val_bpb_step: int | None
+    last_val_bpb: float | None  # at the largest (segment, step)
+    last_val_bpb_step: int | None
+    checkpoint_count: int  # present on disk
+    complete_checkpoint_count: int
+    missing_checkpoint_count: int
+    segments: int  # resume segments seen in its metrics
+    has_metrics_file: bool
+    first_seen: datetime
+    last_seen: datetime  # last scan that found it
+    last_update: datetime | None  # newest mtime of its checkpoint files and metrics.jsonl
+    missing: bool
+
+    @property
+    def progress(self) -> float | None:
+        if self.latest_step is None or not self.num_iterations:
+            return None
+        return min(1.0, self.latest_step / self.num_iterations)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRecord:
+    id: int
+    run_id: int
+    run_label: str
+    directory: str  # the run's directory
+    step: int | None  # None: a single-file checkpoint whose metadata cannot be read
+    layout: str  # "upstream" | "single_file"
+    segment: int
+    val_bpb: float | None
+    complete: bool  # loadable (no problem that blocks loading)
+    resumable: bool  # no problem at all: every optimizer shard (and training state) present
+    missing: bool  # its files are gone from disk (history kept)
+    has_train_state: bool
+    world_size: int | None
+    problems: tuple[ProblemRecord, ...]
+    size_bytes: int
+    mtime: datetime | None  # newest of its files
+    first_seen: datetime
+    inspected: datetime
+    latest_integrity: IntegrityRecord | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.run_label}@{self.step if self.step is not None else '?'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    name: str
+    path: str
+    kind: str  # model | meta | optimizer | train_state | single_file
+    rank: int | None
+    size: int
+    mtime: datetime
+    mtime_ns: int
+    missing: bool
+    sha256: str | None  # NULL until an integrity check computes it
+    sha256_at: datetime | None
+    sha256_size: int | None
+    sha256_mtime_ns: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointDetail:
+    checkpoint: CheckpointRecord
+    run: RunSummary
+    meta: dict | None
+    files: tuple[FileRecord, ...]
+    integrity: tuple[IntegrityRecord, ...]  # newest first
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricPoint:
+    step: int
+    value: float | None  # None: NaN in the source
+    segment: int
+    wall_time: float | None  # unix seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSeries:
+    """One metric of one run, at most max_points points, sorted by (segment, step)."""
+    run_id: int
+    run_label: str
+    key: str
+    points: tuple[MetricPoint, ...]
+    total_points: int  # points stored (in the requested step range)
+    downsampled: bool
+    segments: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricKeyInfo:
+    key: str
+    count: int
+    min_value: float | None
+    min_step: int | None
+    max_value: float | None
+    max_step: int | None
+    last_value: float | None
+    last_step: int | None
+    last_segment: int | None
+    segments: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BestCheckpoint:
+    checkpoint: CheckpointRecord
+    metric: str
+    value: float
+    mode: str  # "min" | "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffRow:
+    key: str  # dotted, e.g. "model_config.n_layer"
+    a: object
+    b: object
+    status: str  # "changed" | "only_a" | "only_b" | "same"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigDiff:
+    a: str  # labels of what was compared
+    b: str
+    rows: tuple[DiffRow, ...]
+
+    @property
+    def changed(self) -> tuple[DiffRow, ...]:
+        return tuple(r for r in self.rows if r.status != "same")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanProblemRecord:
+    path: str
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanReport:
+    scan_id: int
+    root: str
+    status: str  # "ok" | "failed" | "running"
+    started_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None
+    runs_found: int
+    runs_new: int
+    runs_missing: int  # runs whose folder vanished, marked missing by this scan
+    checkpoints_seen: int
+    checkpoints_new: int
+    checkpoints_changed: int
+    checkpoints_unchanged: int  # cost a stat only
+    checkpoints_missing: int  # marked missing by this scan
+    files_stat: int
+    metric_lines: int
+    metric_bad_lines: int
+    problems: tuple[ScanProblemRecord, ...]
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportReport:
+    run_id: int
+    run_label: str
+    path: str
+    lines: int
+    train_lines: int
+    eval_lines: int
+    points_new: int
+    points_existing: int  # already in the registry (same key, step, segment)
+    malformed: int
+    malformed_examples: tuple[tuple[int, str], ...]  # (line number, text) of the first few
+    ignored_fields: tuple[str, ...]  # field names seen in step lines that are not imported
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrySummary:
+    url: str
+    schema_version: int
+    roots: int
+    runs: int
+    runs_by_status: dict
+    checkpoints: int  # present on disk
+    complete_checkpoints: int
+    incomplete_checkpoints: int
+    missing_checkpoints: int
+    metric_series: int
+    metric_points: int
+    integrity_results: int
+    last_scan: ScanReport | None
+
+
+def to_jsonable(obj):
+    """Dataclasses, datetimes, paths, tuples and non-finite floats to plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, RunSummary):
+            out["progress"] = obj.progress
+        if isinstance(obj, CheckpointRecord):
+            out["label"] = obj.label
+        return out
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

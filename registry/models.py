@@ -1,0 +1,243 @@
+"""
+The registry's tables, as typed SQLAlchemy 2.0 ORM classes. Rows never leave `registry/`: the store
+converts them to the frozen dataclasses of `entities.py` inside its session.
+
+Design notes (the why behind the columns):
+- Times are unix seconds (float) so SQLite and PostgreSQL store and compare them alike; file mtimes are
+  integer nanoseconds (`st_mtime_ns`) so "unchanged" is an exact comparison.
+- A run is its checkpoint directory (resolved absolute path). A checkpoint is (run, layout, step); step
+  is -1 when a single-file checkpoint's metadata cannot be read.
+- Nothing is ever deleted by a scan: vanished files, checkpoints and runs get `missing = true`.
+- Metrics are normalised into series (run, key). Points are keyed (series, step, segment): that primary
+  key is both the uniqueness that makes ingestion idempotent and the (run, key, step) index that history
+  queries need (MLflow's missing index made them take seconds). On SQLite the points and rollups are
+  WITHOUT ROWID tables, so a series is stored clustered by step.
+- `metric_rollups` keeps, per series, segment and power-of-two block of steps (levels 4..32), the
+  count, the minimum and the maximum point: a history query of a million points reads at most a few
+  thousand rows instead of scanning the series.
+- `integrity_results` and the `sha256*` columns of `checkpoint_files` are written by the integrity
+  checks (`registry.store.RegistryStore.record_integrity`); the scanner leaves them alone.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+PATH_LEN = 4096
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {int: Integer, float: Float(53), str: String(255), dict: JSON, list: JSON}
+
+
+class RegistryInfo(Base):
+    """Key/value facts about the database itself: `schema_version`, `created_at`, `application`."""
+    __tablename__ = "registry_info"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
+class Root(Base):
+    """A folder the user scanned (a base dir, a run dir, any folder)."""
+    __tablename__ = "roots"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(String(PATH_LEN), unique=True)
+    first_scanned_at: Mapped[float]
+    last_scanned_at: Mapped[float]
+    last_scan_id: Mapped[int | None]
+
+
+class Scan(Base):
+    """One scan_path call: when, where, what it found. Counters are filled when it finishes."""
+    __tablename__ = "scans"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    root_path: Mapped[str] = mapped_column(String(PATH_LEN))
+    started_at: Mapped[float]
+    finished_at: Mapped[float | None]
+    status: Mapped[str] = mapped_column(String(16))  # running | ok | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    runs_found: Mapped[int] = mapped_column(default=0)
+    runs_new: Mapped[int] = mapped_column(default=0)
+    runs_missing: Mapped[int] = mapped_column(default=0)
+    checkpoints_seen: Mapped[int] = mapped_column(default=0)
+    checkpoints_new: Mapped[int] = mapped_column(default=0)
+    checkpoints_changed: Mapped[int] = mapped_column(default=0)
+    checkpoints_unchanged: Mapped[int] = mapped_column(default=0)
+    checkpoints_missing: Mapped[int] = mapped_column(default=0)
+    files_stat: Mapped[int] = mapped_column(default=0)
+    metric_lines: Mapped[int] = mapped_column(default=0)
+    metric_bad_lines: Mapped[int] = mapped_column(default=0)
+    problem_count: Mapped[int] = mapped_column(default=0)
+
+
+class ScanProblem(Base):
+    """Something a scan found wrong: a checkpoint's quick-check problem, an unreadable folder, a bad
+    metrics line. A checkpoint's *current* problems also live on the checkpoint row."""
+    __tablename__ = "scan_problems"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scan_id: Mapped[int | None] = mapped_column(ForeignKey("scans.id"), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    checkpoint_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
+    path: Mapped[str] = mapped_column(String(PATH_LEN))
+    code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float]
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_phase_tag", "phase", "tag"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(String(PATH_LEN), unique=True)
+    phase: Mapped[str] = mapped_column(String(16))  # base | sft | rl
+    tag: Mapped[str] = mapped_column(String(255), index=True)
+    root_id: Mapped[int | None] = mapped_column(ForeignKey("roots.id"))
+    # Configuration, from the newest inspected checkpoint's meta (config_step says which).
+    model_config: Mapped[dict | None]
+    user_config: Mapped[dict | None]
+    config_step: Mapped[int | None]
+    num_iterations: Mapped[int | None]
+    world_size: Mapped[int | None]
+    total_batch_size: Mapped[int | None] = mapped_column(BigInteger)
+    depth: Mapped[int | None]
+    n_params: Mapped[int | None] = mapped_column(BigInteger)
+    flops_per_token: Mapped[int | None] = mapped_column(BigInteger)
+    generation: Mapped[str | None] = mapped_column(String(16))  # classic | current
+    first_seen_at: Mapped[float]
+    last_seen_at: Mapped[float]
+    last_activity_at: Mapped[float | None]  # newest mtime of its checkpoint files and metrics.jsonl
+    has_metrics_file: Mapped[bool] = mapped_column(Boolean, default=False)
+    missing: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "layout", "step", name="uq_checkpoints_run_layout_step"),
+                      Index("ix_checkpoints_run_step", "run_id", "step"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    step: Mapped[int]  # -1: unknown (single-file checkpoint whose metadata cannot be read)
+    layout: Mapped[str] = mapped_column(String(16))  # upstream | single_file
+    segment: Mapped[int] = mapped_column(default=1)  # meta resume_segment (1 when absent)
+    val_bpb: Mapped[float | None]
+    meta: Mapped[dict | None]
+    complete: Mapped[bool] = mapped_column(Boolean)  # loadable: no problem that blocks loading
+    resumable: Mapped[bool] = mapped_column(Boolean)  # no problem at all (all optimizer shards...)
+    missing: Mapped[bool] = mapped_column(Boolean, default=False)
+    has_train_state: Mapped[bool] = mapped_column(Boolean, default=False)
+    world_size: Mapped[int | None]
+    problems: Mapped[list] = mapped_column(JSON, default=list)  # [{code, message, blocks, file}]
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)  # newest file
+    first_seen_at: Mapped[float]
+    inspected_at: Mapped[float]
+
+
+class CheckpointFile(Base):
+    __tablename__ = "checkpoint_files"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "name", name="uq_checkpoint_files_name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"))
+    name: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))  # model | meta | optimizer | train_state | single_file
+    rank: Mapped[int | None]
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    missing: Mapped[bool] = mapped_column(Boolean, default=False)
+    first_seen_at: Mapped[float]
+    # Written by the integrity checks; NULL until computed. size/mtime at hashing time tell a silent
+    # change (same size and mtime, other bytes) from an ordinary rewrite.
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    sha256_at: Mapped[float | None]
+    sha256_size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class IntegrityResult(Base):
+    __tablename__ = "integrity_results"
+    __table_args__ = (Index("ix_integrity_checkpoint_time", "checkpoint_id", "checked_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"))
+    checked_at: Mapped[float]
+    duration_s: Mapped[float]
+    mode: Mapped[str] = mapped_column(String(8))  # quick | deep
+    ok: Mapped[bool] = mapped_column(Boolean)
+    problems: Mapped[list] = mapped_column(JSON, default=list)  # [{code, message, file}]
+
+
+class MetricSource(Base):
+    """A file metrics come from (metrics.jsonl, an imported log) and how far it has been read."""
+    __tablename__ = "metric_sources"
+    __table_args__ = (UniqueConstraint("run_id", "path", name="uq_metric_sources_run_path"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    path: Mapped[str] = mapped_column(String(PATH_LEN))
+    kind: Mapped[str] = mapped_column(String(16))  # jsonl | log
+    offset: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes ingested (always at a line end)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)  # size and mtime when last read
+    mtime_ns: Mapped[int] = mapped_column(BigInteger, default=0)
+    inode: Mapped[int | None] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(BigInteger, default=0)
+    bad_lines: Mapped[int] = mapped_column(BigInteger, default=0)
+    missing: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[float]
+
+
+class MetricSeries(Base):
+    """One metric of one run, with a running summary (count, min, max, last) kept by ingestion."""
+    __tablename__ = "metric_series"
+    __table_args__ = (UniqueConstraint("run_id", "key", name="uq_metric_series_run_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    key: Mapped[str] = mapped_column(String(200))
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+    min_value: Mapped[float | None]
+    min_step: Mapped[int | None]
+    min_segment: Mapped[int | None]
+    max_value: Mapped[float | None]
+    max_step: Mapped[int | None]
+    max_segment: Mapped[int | None]
+    last_value: Mapped[float | None]  # the point with the largest (segment, step)
+    last_step: Mapped[int | None]
+    last_segment: Mapped[int | None]
+    last_wall_time: Mapped[float | None]
+
+
+class MetricSegment(Base):
+    """The part of a series written by one training launch (resume segment)."""
+    __tablename__ = "metric_segments"
+    series_id: Mapped[int] = mapped_column(ForeignKey("metric_series.id"), primary_key=True)
+    segment: Mapped[int] = mapped_column(primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    first_step: Mapped[int]
+    last_step: Mapped[int]
+    first_wall_time: Mapped[float | None]
+    last_wall_time: Mapped[float | None]
+
+
+class MetricPoint(Base):
+    __tablename__ = "metric_points"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+    series_id: Mapped[int] = mapped_column(ForeignKey("metric_series.id"), primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True)
+    segment: Mapped[int] = mapped_column(primary_key=True)
+    value: Mapped[float | None]  # NULL: the line held NaN
+    wall_time: Mapped[float | None]
+
+
+class MetricRollup(Base):
+    __tablename__ = "metric_rollups"
+    __table_args__ = ({"sqlite_with_rowid": False},)
+    series_id: Mapped[int] = mapped_column(ForeignKey("metric_series.id"), primary_key=True)
+    segment: Mapped[int] = mapped_column(primary_key=True)
+    level: Mapped[int] = mapped_column(primary_key=True)  # block = step >> level
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    min_step: Mapped[int | None]
+    min_value: Mapped[float | None]
+    min_wall_time: Mapped[float | None]
+    max_step: Mapped[int | None]
+    max_value: Mapped[float | None]
+    max_wall_time: Mapped[float | None]

@@ -1,0 +1,555 @@
+"""
+The registry store: the one object callers hold. `open_store()` connects (checking the schema), and
+every method is one operation of a narrow, documented contract returning frozen dataclasses from
+`entities.py`; ORM rows never leave a method.
+
+Operations: runs overview (`list_runs`, with filters on config values), run and checkpoint references
+(`resolve_run`, `resolve_checkpoint`), checkpoint history and detail, metric keys and downsampled
+history, best checkpoint by a metric, config diff, scans and summary counts, and the integrity
+results the integrity checks record. Scanning lives in `scanner.py` and log import in
+`logimport.py`; `scan()` and `import_log()` here only forward to them.
+
+Run status (decided at query time, first rule that applies; `now` and the window can be passed):
+- missing: the run's folder no longer exists (its history is kept);
+- finished: its newest complete checkpoint is at or past the target steps (`num_iterations`);
+- training: a checkpoint file or metrics.jsonl changed within the last ACTIVE_WINDOW_S seconds;
+- incomplete: no complete checkpoint, or the newest checkpoint is incomplete (crash while saving);
+- stopped: otherwise (it ended early or was interrupted; the resume planner can continue it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from registry import metrics
+from registry.db import Database
+from registry.entities import (
+    BestCheckpoint,
+    CheckpointDetail,
+    CheckpointRecord,
+    ConfigDiff,
+    DiffRow,
+    FileRecord,
+    IntegrityRecord,
+    MetricKeyInfo,
+    MetricSeries,
+    ProblemRecord,
+    RegistrySummary,
+    RunSummary,
+    ScanProblemRecord,
+    ScanReport,
+    utc,
+)
+from registry.errors import AmbiguousRunError, CheckpointNotIndexedError, RegistryError, RunNotFoundError
+from registry.models import (
+    Checkpoint,
+    CheckpointFile,
+    IntegrityResult,
+    MetricSegment,
+    Root,
+    Run,
+    Scan,
+    ScanProblem,
+)
+from registry.models import MetricSeries as SeriesRow
+
+ACTIVE_WINDOW_S = 600.0
+PHASES = ("base", "sft", "rl")
+RUN_FIELDS = ("id", "phase", "tag", "label", "status", "depth", "n_params", "generation", "num_iterations", "world_size",
+              "total_batch_size", "path", "missing")
+DIFF_META_SKIP = ()  # every meta key is compared; nested dicts are flattened to dotted keys
+
+
+def open_store(url_or_path: str | os.PathLike | None = None, create: bool = True) -> RegistryStore:
+    """Connect to the registry (None: $NANOCHAT_REGISTRY_URL, else <base dir>/registry.sqlite; a plain
+    path is a SQLite file). Creates an empty registry when allowed; raises for other schemas."""
+    db = Database(url_or_path, create=create)
+    try:
+        db.ensure_schema(create=create)
+    except BaseException:
+        db.close()
+        raise
+    return RegistryStore(db)
+
+
+def _problems(items) -> tuple[ProblemRecord, ...]:
+    return tuple(ProblemRecord(p.get("code", "?"), p.get("message", ""), p.get("file"), p.get("blocks"))
+                 for p in (items or []) if isinstance(p, dict))
+
+
+def _norm(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip().lower()
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested dicts to dotted keys; lists become JSON text so they compare as one value."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def run_status(run: Run, latest_complete: int | None, newest_incomplete: bool, now: float,
+               active_window_s: float = ACTIVE_WINDOW_S) -> str:
+    if run.missing:
+        return "missing"
+    if run.num_iterations and latest_complete is not None and latest_complete >= run.num_iterations:
+        return "finished"
+    if run.last_activity_at is not None and now - run.last_activity_at <= active_window_s:
+        return "training"
+    if latest_complete is None or newest_incomplete:
+        return "incomplete"
+    return "stopped"
+
+
+class RegistryStore:
+    """Queries and the few writes that are not scanning. Thread-safe: each call opens its own session."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    @property
+    def url(self) -> str:
+        return self.db.display_url
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> RegistryStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writers forwarded
+
+    def scan(self, path, progress=None) -> ScanReport:
+        from registry.scanner import scan_path
+
+        return scan_path(self, path, progress)
+
+    def import_log(self, path, run, segment: int = 1):
+        from registry.logimport import import_log
+
+        return import_log(self, path, run, segment=segment)
+
+    # ------------------------------------------------------------------ runs
+
+    def list_runs(self, where: Mapping[str, object] | None = None, now: float | None = None,
+                  active_window_s: float = ACTIVE_WINDOW_S, run_ids: Iterable[int] | None = None) -> list[RunSummary]:
+        """Every run (newest activity first), optionally filtered: where={"depth": 20, "phase": "sft"}
+        matches run fields (phase, tag, status, depth, ...) and model_config / user_config keys
+        (plain or dotted, e.g. "user_config.num_iterations"), comparing values as text."""
+        now = time.time() if now is None else now
+        with self.db.session() as s:
+            q = sa.select(Run)
+            if run_ids is not None:
+                q = q.where(Run.id.in_(list(run_ids)))
+            runs = s.execute(q).scalars().all()
+            if not runs:
+                return []
+            ids = [r.id for r in runs]
+            agg = {row[0]: row[1:] for row in s.execute(sa.select(
+                Checkpoint.run_id,
+                sa.func.sum(sa.case((Checkpoint.missing.is_(False), 1), else_=0)),
+                sa.func.sum(sa.case((sa.and_(Checkpoint.missing.is_(False), Checkpoint.complete.is_(True)), 1), else_=0)),
+                sa.func.sum(sa.case((Checkpoint.missing.is_(True), 1), else_=0)),
+                sa.func.max(sa.case((sa.and_(Checkpoint.missing.is_(False), Checkpoint.complete.is_(True)), Checkpoint.step))),
+                sa.func.max(sa.case((Checkpoint.missing.is_(False), Checkpoint.step))),
+            ).where(Checkpoint.run_id.in_(ids)).group_by(Checkpoint.run_id))}
+            val = {row[0]: row[1:] for row in s.execute(sa.select(
+                SeriesRow.run_id, SeriesRow.min_value, SeriesRow.min_step, SeriesRow.last_value, SeriesRow.last_step)
+                .where(SeriesRow.key == "val_bpb", SeriesRow.run_id.in_(ids), SeriesRow.n > 0))}
+            steps = {row[0]: row[1:] for row in s.execute(sa.select(
+                SeriesRow.run_id, sa.func.max(MetricSegment.last_step), sa.func.count(sa.distinct(MetricSegment.segment)))
+                .join(MetricSegment, MetricSegment.series_id == SeriesRow.id)
+                .where(SeriesRow.run_id.in_(ids)).group_by(SeriesRow.run_id))}
+            no_series = [i for i in ids if i not in val]
+            ckpt_val: dict[int, list[tuple[int, int, float]]] = {}
+            if no_series:
+                for rid, step, seg, v in s.execute(sa.select(Checkpoint.run_id, Checkpoint.step, Checkpoint.segment,
+                                                             Checkpoint.val_bpb).where(
+                        Checkpoint.run_id.in_(no_series), Checkpoint.val_bpb.is_not(None))):
+                    ckpt_val.setdefault(rid, []).append((seg, step, v))
+            out = []
+            for r in runs:
+                present, complete, missing, latest_complete, newest = agg.get(r.id, (0, 0, 0, None, None))
+                if r.id in val:
+                    best, best_step, last, last_step = val[r.id]
+                elif r.id in ckpt_val:
+                    b = min(ckpt_val[r.id], key=lambda t: t[2])
+                    la = max(ckpt_val[r.id])
+                    best, best_step, last, last_step = b[2], b[1], la[2], la[1]
+                else:
+                    best = best_step = last = last_step = None
+                metric_step, segments = steps.get(r.id, (None, 0))
+                latest = max((x for x in (newest, metric_step) if x is not None and x >= 0), default=None)
+                out.append(RunSummary(
+                    id=r.id, path=r.path, phase=r.phase, tag=r.tag, label=f"{r.phase}/{r.tag}",
+                    status=run_status(r, latest_complete, newest is not None and newest != latest_complete, now, active_window_s),
+                    depth=r.depth, n_params=r.n_params, generation=r.generation, model_config=r.model_config or {},
+                    user_config=r.user_config or {}, num_iterations=r.num_iterations, world_size=r.world_size,
+                    total_batch_size=r.total_batch_size, flops_per_token=r.flops_per_token, latest_step=latest,
+                    latest_checkpoint_step=latest_complete, best_val_bpb=best, best_val_bpb_step=best_step,
+                    last_val_bpb=last, last_val_bpb_step=last_step, checkpoint_count=int(present or 0),
+                    complete_checkpoint_count=int(complete or 0), missing_checkpoint_count=int(missing or 0),
+                    segments=int(segments or 0), has_metrics_file=r.has_metrics_file, first_seen=utc(r.first_seen_at),
+                    last_seen=utc(r.last_seen_at), last_update=utc(r.last_activity_at), missing=r.missing))
+        out.sort(key=lambda x: (x.last_update.timestamp() if x.last_update else 0.0, x.id), reverse=True)
+        return self._filter(out, where) if where else out
+
+    def _filter(self, runs: list[RunSummary], where: Mapping[str, object]) -> list[RunSummary]:
+        def lookup(run: RunSummary, key: str):
+            if key in RUN_FIELDS:
+                return True, getattr(run, key)
+            section, _, sub = key.partition(".")
+            if sub and section in ("model_config", "user_config"):
+                flat = flatten(getattr(run, section))
+                return sub in flat, flat.get(sub)
+            for section in (run.model_config, run.user_config):
+                flat = flatten(section)
+                if key in flat:
+                    return True, flat[key]
+            return False, None
+
+        for key in where:
+            if not any(lookup(r, key)[0] for r in runs):
+                raise RegistryError(f"no run has a field or config key {key!r} (fields: {', '.join(RUN_FIELDS)}; "
+                                    "or any model_config / user_config key)")
+        return [r for r in runs if all(lookup(r, k)[0] and _norm(lookup(r, k)[1]) == _norm(v) for k, v in where.items())]
+
+    def get_run(self, run_id: int) -> RunSummary:
+        found = self.list_runs(run_ids=[run_id])
+        if not found:
+            raise RunNotFoundError(f"no run with id {run_id} in the registry")
+        return found[0]
+
+    def resolve_run(self, ref: str | int | RunSummary) -> RunSummary:
+        """A run from its id, model tag, phase/tag or folder path (AmbiguousRunError lists candidates)."""
+        if isinstance(ref, RunSummary):
+            return ref
+        if isinstance(ref, int):
+            return self.get_run(ref)
+        ref = str(ref).strip()
+        with self.db.session() as s:
+            rows = []
+            if ref.isdigit():
+                rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.id == int(ref))).all()
+            p = Path(ref).expanduser()
+            if not rows and (os.sep in ref or ref.startswith(".")) and p.exists():
+                p = p.resolve()
+                rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(
+                    Run.path.in_([str(p), str(p.parent)]))).all()
+                rows = [r for r in rows if r.path == str(p)] or rows
+            if not rows and "/" in ref and ref.split("/", 1)[0] in PHASES:
+                phase, tag = ref.split("/", 1)
+                rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.phase == phase, Run.tag == tag)).all()
+            if not rows:
+                rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.tag == ref)).all()
+            if not rows:
+                known = [f"{phase}/{tag}" for phase, tag in s.execute(sa.select(Run.phase, Run.tag).order_by(Run.id).limit(8))]
+                hint = f" (indexed runs: {', '.join(known)})" if known else " (the registry has no runs: scan a folder first)"
+                raise RunNotFoundError(f"no run {ref!r} in the registry{hint}")
+        if len(rows) > 1:
+            raise AmbiguousRunError(ref, sorted((r.id, f"{r.phase}/{r.tag}", r.path) for r in rows))
+        return self.get_run(rows[0].id)
+
+    def _run_id(self, run) -> int:
+        return self.resolve_run(run).id
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _records(self, s, where, latest_integrity: bool = True) -> list[CheckpointRecord]:
+        rows = s.execute(sa.select(Checkpoint, Run.phase, Run.tag, Run.path).join(Run, Run.id == Checkpoint.run_id)
+                         .where(where).order_by(Checkpoint.run_id, Checkpoint.step, Checkpoint.layout)).all()
+        integrity: dict[int, IntegrityRecord] = {}
+        if rows and latest_integrity:
+            ids = sa.select(Checkpoint.id).where(where).scalar_subquery()
+            newest = (sa.select(sa.func.max(IntegrityResult.id)).where(IntegrityResult.checkpoint_id.in_(ids))
+                      .group_by(IntegrityResult.checkpoint_id).scalar_subquery())
+            for ir in s.execute(sa.select(IntegrityResult).where(IntegrityResult.id.in_(newest))).scalars():
+                integrity[ir.checkpoint_id] = self._integrity(ir)
+        return [CheckpointRecord(
+            id=c.id, run_id=c.run_id, run_label=f"{phase}/{tag}", directory=path, step=c.step if c.step >= 0 else None,
+            layout=c.layout, segment=c.segment, val_bpb=c.val_bpb, complete=c.complete, resumable=c.resumable,
+            missing=c.missing, has_train_state=c.has_train_state, world_size=c.world_size, problems=_problems(c.problems),
+            size_bytes=c.size_bytes, mtime=utc(c.mtime_ns / 1e9) if c.mtime_ns else None, first_seen=utc(c.first_seen_at),
+            inspected=utc(c.inspected_at), latest_integrity=integrity.get(c.id)) for c, phase, tag, path in rows]
+
+    @staticmethod
+    def _integrity(ir: IntegrityResult) -> IntegrityRecord:
+        return IntegrityRecord(ir.id, ir.checkpoint_id, utc(ir.checked_at), ir.duration_s, ir.mode, ir.ok, _problems(ir.problems))
+
+    def checkpoints(self, run, include_missing: bool = True) -> list[CheckpointRecord]:
+        """A run's checkpoints, oldest step first, each with its latest integrity result."""
+        rid = self._run_id(run)
+        cond = Checkpoint.run_id == rid
+        if not include_missing:
+            cond = sa.and_(cond, Checkpoint.missing.is_(False))
+        with self.db.session() as s:
+            return self._records(s, cond)
+
+    def get_checkpoint(self, checkpoint_id: int) -> CheckpointRecord:
+        with self.db.session() as s:
+            found = self._records(s, Checkpoint.id == checkpoint_id)
+        if not found:
+            raise CheckpointNotIndexedError(f"no checkpoint with id {checkpoint_id} in the registry")
+        return found[0]
+
+    def resolve_checkpoint(self, ref: str | int | CheckpointRecord) -> CheckpointRecord:
+        """RUN@STEP (STEP: a number, `latest` = newest complete, `best` = best val_bpb), a checkpoint
+        file path (model_/meta_/optim_ file or checkpoint.pt), a checkpoint id, or RUN (its latest)."""
+        if isinstance(ref, CheckpointRecord):
+            return ref
+        if isinstance(ref, int):
+            return self.get_checkpoint(ref)
+        ref = str(ref).strip()
+        p = Path(ref).expanduser()
+        if os.sep in ref and p.is_file():
+            from registry.scanner import _file_kind
+
+            kind = _file_kind(p.name)
+            if kind is None:
+                raise CheckpointNotIndexedError(f"{p} is not a checkpoint file")
+            run = self.resolve_run(str(p.resolve().parent))
+            step = kind[1]
+            cands = [c for c in self.checkpoints(run) if (c.step == step and c.layout == "upstream")
+                     or (step is None and c.layout == "single_file" and not c.missing)]
+            if not cands:
+                raise CheckpointNotIndexedError(f"{p.name} is not indexed yet: scan {p.parent} first")
+            return cands[-1]
+        run_ref, _, step_ref = ref.rpartition("@") if "@" in ref else (ref, "", "latest")
+        run = self.resolve_run(run_ref)
+        ckpts = self.checkpoints(run)
+        if step_ref == "latest":
+            usable = [c for c in ckpts if c.complete and not c.missing]
+            if not usable:
+                raise CheckpointNotIndexedError(f"{run.label} has no complete checkpoint on disk")
+            return max(usable, key=lambda c: c.step or -1)
+        if step_ref == "best":
+            return self.best_checkpoint(run).checkpoint
+        try:
+            step = int(step_ref)
+        except ValueError:
+            raise CheckpointNotIndexedError(f"bad step {step_ref!r} in {ref!r}: use RUN@STEP, RUN@latest or RUN@best") from None
+        cands = [c for c in ckpts if c.step == step]
+        if not cands:
+            have = ", ".join(str(c.step) for c in ckpts[-6:])
+            raise CheckpointNotIndexedError(f"{run.label} has no checkpoint at step {step} (latest steps: {have or 'none'})")
+        return min(cands, key=lambda c: (c.missing, c.layout))
+
+    def checkpoint_detail(self, ref) -> CheckpointDetail:
+        """One checkpoint with its meta, files (size, mtime, sha256) and integrity history."""
+        record = self.resolve_checkpoint(ref)
+        with self.db.session() as s:
+            meta = s.execute(sa.select(Checkpoint.meta).where(Checkpoint.id == record.id)).scalar_one()
+            files = s.execute(sa.select(CheckpointFile).where(CheckpointFile.checkpoint_id == record.id)
+                              .order_by(CheckpointFile.name)).scalars().all()
+            history = s.execute(sa.select(IntegrityResult).where(IntegrityResult.checkpoint_id == record.id)
+                                .order_by(IntegrityResult.checked_at.desc(), IntegrityResult.id.desc())).scalars().all()
+            file_records = tuple(FileRecord(
+                name=f.name, path=str(Path(record.directory) / f.name), kind=f.kind, rank=f.rank, size=f.size,
+                mtime=utc(f.mtime_ns / 1e9), mtime_ns=f.mtime_ns, missing=f.missing, sha256=f.sha256,
+                sha256_at=utc(f.sha256_at), sha256_size=f.sha256_size, sha256_mtime_ns=f.sha256_mtime_ns) for f in files)
+            integrity = tuple(self._integrity(ir) for ir in history)
+        return CheckpointDetail(record, self.get_run(record.run_id), meta, file_records, integrity)
+
+    def best_checkpoint(self, run, metric: str = "val_bpb", mode: str = "min") -> BestCheckpoint:
+        """The complete, present checkpoint with the lowest (mode="max": highest) value of a metric:
+        val_bpb from its meta, any other metric from its series at the checkpoint's step and segment."""
+        if mode not in ("min", "max"):
+            raise RegistryError(f"mode must be 'min' or 'max', not {mode!r}")
+        r = self.resolve_run(run)
+        usable = [c for c in self.checkpoints(r) if c.complete and not c.missing and c.step is not None]
+        values: dict[int, float] = {}
+        if metric == "val_bpb":
+            values = {c.id: c.val_bpb for c in usable if c.val_bpb is not None}
+        if not values and usable:
+            with self.db.session() as s:
+                sid = s.execute(sa.select(SeriesRow.id).where(SeriesRow.run_id == r.id, SeriesRow.key == metric)).scalar()
+                if sid is not None:
+                    got = dict(((st, g), v) for st, g, v in s.execute(sa.select(
+                        metrics.PointRow.step, metrics.PointRow.segment, metrics.PointRow.value).where(
+                        metrics.PointRow.series_id == sid, metrics.PointRow.step.in_(sorted({c.step for c in usable})))))
+                    values = {c.id: got[(c.step, c.segment)] for c in usable if got.get((c.step, c.segment)) is not None}
+        if not values:
+            keys = ", ".join(k.key for k in self.metric_keys(r)) or "none"
+            raise CheckpointNotIndexedError(f"no complete checkpoint of {r.label} has a {metric} value (metrics: {keys})")
+        pick = (min if mode == "min" else max)(values, key=lambda cid: (values[cid], -cid if mode == "min" else cid))
+        return BestCheckpoint(next(c for c in usable if c.id == pick), metric, values[pick], mode)
+
+    # ------------------------------------------------------------------ metrics
+
+    def metric_keys(self, run) -> list[MetricKeyInfo]:
+        rid = self._run_id(run)
+        with self.db.session() as s:
+            return metrics.metric_keys(s, rid)
+
+    def metric_history(self, run, keys: Iterable[str] | str | None = None, max_points: int = 2000,
+                       step_min: int | None = None, step_max: int | None = None) -> list[MetricSeries]:
+        """Series of a run (all keys by default), each downsampled on the server to at most max_points
+        points that keep every block's minimum and maximum; points sorted by (segment, step)."""
+        r = self.resolve_run(run)
+        keys = [keys] if isinstance(keys, str) else keys
+        with self.db.session() as s:
+            q = sa.select(SeriesRow.id, SeriesRow.key).where(SeriesRow.run_id == r.id, SeriesRow.n > 0)
+            if keys is not None:
+                q = q.where(SeriesRow.key.in_(list(keys)))
+            found = dict(s.execute(q.order_by(SeriesRow.key)).all())
+            if keys is not None and (unknown := [k for k in keys if k not in found.values()]):
+                have = ", ".join(k.key for k in metrics.metric_keys(s, r.id)) or "none"
+                raise RegistryError(f"{r.label} has no metric {unknown[0]!r} (metrics: {have})")
+            out = []
+            for sid, key in found.items():
+                pts, total, down, segs = metrics.series_history(s, sid, max_points, step_min, step_max)
+                out.append(MetricSeries(r.id, r.label, key, tuple(pts), total, down, segs))
+        return out
+
+    # ------------------------------------------------------------------ configs
+
+    def config_of(self, ref) -> tuple[str, dict[str, object]]:
+        """(label, flat config) of a run (its configs and resolved training facts) or, for RUN@STEP or a
+        checkpoint file, the checkpoint's whole meta flattened."""
+        if "@" in str(ref) or (os.sep in str(ref) and Path(str(ref)).is_file()):
+            detail = self.checkpoint_detail(ref)
+            return detail.checkpoint.label, flatten(detail.meta or {})
+        r = self.resolve_run(ref)
+        return r.label, flatten({"model_config": r.model_config, "user_config": r.user_config,
+                                 "num_iterations": r.num_iterations, "world_size": r.world_size,
+                                 "total_batch_size": r.total_batch_size, "generation": r.generation, "n_params": r.n_params})
+
+    def diff(self, a, b) -> ConfigDiff:
+        """Config diff of two runs or two checkpoints (RUN@STEP); rows for every key, sorted."""
+        la, ca = self.config_of(a)
+        lb, cb = self.config_of(b)
+        if la == lb and str(a) != str(b):
+            la, lb = f"{la} ({a})", f"{lb} ({b})"
+        rows = []
+        for key in sorted(set(ca) | set(cb)):
+            if key not in cb:
+                rows.append(DiffRow(key, ca[key], None, "only_a"))
+            elif key not in ca:
+                rows.append(DiffRow(key, None, cb[key], "only_b"))
+            else:
+                rows.append(DiffRow(key, ca[key], cb[key], "same" if ca[key] == cb[key] else "changed"))
+        return ConfigDiff(la, lb, tuple(rows))
+
+    # ------------------------------------------------------------------ scans and summary
+
+    def scan_report(self, scan_id: int) -> ScanReport:
+        with self.db.session() as s:
+            scan = s.get(Scan, scan_id)
+            if scan is None:
+                raise RegistryError(f"no scan with id {scan_id}")
+            problems = s.execute(sa.select(ScanProblem.path, ScanProblem.code, ScanProblem.message)
+                                 .where(ScanProblem.scan_id == scan_id).order_by(ScanProblem.id)).all()
+            return ScanReport(
+                scan_id=scan.id, root=scan.root_path, status=scan.status, started_at=utc(scan.started_at),
+                finished_at=utc(scan.finished_at),
+                duration_s=scan.finished_at - scan.started_at if scan.finished_at else None,
+                runs_found=scan.runs_found, runs_new=scan.runs_new, runs_missing=scan.runs_missing,
+                checkpoints_seen=scan.checkpoints_seen, checkpoints_new=scan.checkpoints_new,
+                checkpoints_changed=scan.checkpoints_changed, checkpoints_unchanged=scan.checkpoints_unchanged,
+                checkpoints_missing=scan.checkpoints_missing, files_stat=scan.files_stat, metric_lines=scan.metric_lines,
+                metric_bad_lines=scan.metric_bad_lines, problems=tuple(ScanProblemRecord(*p) for p in problems),
+                error=scan.error)
+
+    def scans(self, limit: int = 20) -> list[ScanReport]:
+        with self.db.session() as s:
+            ids = s.execute(sa.select(Scan.id).order_by(Scan.id.desc()).limit(limit)).scalars().all()
+        return [self.scan_report(i) for i in ids]
+
+    def summary(self, now: float | None = None) -> RegistrySummary:
+        runs = self.list_runs(now=now)
+        by_status: dict[str, int] = {}
+        for r in runs:
+            by_status[r.status] = by_status.get(r.status, 0) + 1
+        with self.db.session() as s:
+            count = lambda q: int(s.execute(q).scalar() or 0)
+            present = Checkpoint.missing.is_(False)
+            out = dict(
+                roots=count(sa.select(sa.func.count(Root.id))),
+                checkpoints=count(sa.select(sa.func.count(Checkpoint.id)).where(present)),
+                complete_checkpoints=count(sa.select(sa.func.count(Checkpoint.id)).where(present, Checkpoint.complete.is_(True))),
+                missing_checkpoints=count(sa.select(sa.func.count(Checkpoint.id)).where(Checkpoint.missing.is_(True))),
+                metric_series=count(sa.select(sa.func.count(SeriesRow.id)).where(SeriesRow.n > 0)),
+                metric_points=count(sa.select(sa.func.sum(SeriesRow.n))),
+                integrity_results=count(sa.select(sa.func.count(IntegrityResult.id))),
+            )
+            last = s.execute(sa.select(Scan.id).order_by(Scan.id.desc()).limit(1)).scalar()
+        return RegistrySummary(url=self.url, schema_version=self.db.schema_version() or 0, runs=len(runs),
+                               runs_by_status=by_status, incomplete_checkpoints=out["checkpoints"] - out["complete_checkpoints"],
+                               last_scan=self.scan_report(last) if last else None, **out)
+
+    # ------------------------------------------------------------------ integrity results
+
+    def record_integrity(self, checkpoint_id: int, mode: str, ok: bool, problems: Iterable = (), duration_s: float = 0.0,
+                         checked_at: float | None = None,
+                         file_hashes: Mapping[str, str | tuple[str, int, int]] | None = None) -> IntegrityRecord:
+        """Store one integrity check of a checkpoint. problems: ProblemRecord, checkpoint_manager.Problem
+        or {code, message, file} items. file_hashes: {file name: sha256} or {name: (sha256, size, mtime_ns)}
+        (size and mtime at hashing time; with a bare hash the file's current stat is used)."""
+        if mode not in ("quick", "deep"):
+            raise RegistryError(f"integrity mode must be 'quick' or 'deep', not {mode!r}")
+        items = []
+        for p in problems:
+            get = p.get if isinstance(p, Mapping) else lambda k, p=p: getattr(p, k, None)
+            items.append({k: get(k) for k in ("code", "message", "file", "blocks") if get(k) is not None})
+        when = time.time() if checked_at is None else checked_at
+
+        def write(s):
+            ckpt = s.get(Checkpoint, checkpoint_id)
+            if ckpt is None:
+                raise CheckpointNotIndexedError(f"no checkpoint with id {checkpoint_id} in the registry")
+            self.db.lock_run(s, ckpt.run_id)
+            row = IntegrityResult(checkpoint_id=checkpoint_id, checked_at=when, duration_s=float(duration_s), mode=mode,
+                                  ok=bool(ok), problems=items)
+            s.add(row)
+            if file_hashes:
+                files = {f.name: f for f in s.execute(sa.select(CheckpointFile).where(
+                    CheckpointFile.checkpoint_id == checkpoint_id)).scalars()}
+                run_path = s.execute(sa.select(Run.path).where(Run.id == ckpt.run_id)).scalar_one()
+                for name, value in file_hashes.items():
+                    if name not in files:
+                        raise CheckpointNotIndexedError(f"{name} is not a file of checkpoint {checkpoint_id}")
+                    if isinstance(value, str):
+                        try:
+                            st = os.stat(Path(run_path) / name)
+                            value = (value, st.st_size, st.st_mtime_ns)
+                        except OSError:
+                            value = (value, None, None)
+                    f = files[name]
+                    f.sha256, f.sha256_size, f.sha256_mtime_ns = value
+                    f.sha256_at = when
+            s.flush()
+            return self._integrity(row)
+
+        return self.db.write(write)
+
+    def integrity_history(self, checkpoint, limit: int | None = None) -> list[IntegrityRecord]:
+        """A checkpoint's integrity results, newest first (checkpoint: id, record or reference)."""
+        cid = checkpoint if isinstance(checkpoint, int) else self.resolve_checkpoint(checkpoint).id
+        with self.db.session() as s:
+            q = (sa.select(IntegrityResult).where(IntegrityResult.checkpoint_id == cid)
+                 .order_by(IntegrityResult.checked_at.desc(), IntegrityResult.id.desc()))
+            if limit:
+                q = q.limit(limit)
+            return [self._integrity(ir) for ir in s.execute(q).scalars()]
