@@ -324,6 +324,70 @@ def cmd_migrate(args, ctx) -> Output:
     return Output(data, f"migrated {db.display_url} from schema {old} to {new}" + (f" (backup: {backup})" if backup else ""))
 
 
+# ---------------------------------------------------------------------- integrity (registry/verify.py, resume.py)
+
+
+@command("verify", "integrity checks (quick, or --deep) on a run or folder; results are stored", opens_store="create", args=[
+    arg("target", metavar="RUN|PATH", help="a base dir, a run's checkpoint dir, one checkpoint file, or an indexed RUN"),
+    arg("--deep", action="store_true", help="read every byte: CRC-32 of every zip member, sha256, NaN/Inf, weights-only "
+        "load, changes since the last deep check (default: quick checks, no tensor data read)"),
+    arg("--no-progress", action="store_true", help="do not show the progress bar (stderr)"),
+])
+def cmd_verify(args, ctx) -> Output:
+    """Check every checkpoint under RUN|PATH and record each result (time, duration, problems; deep: file
+    hashes). PATH needs no prior scan: it is indexed first. Exit code 3 when any problem is found."""
+    from tqdm import tqdm
+
+    from registry import verify
+
+    store = ctx.store()
+    _, checkpoints = verify.resolve_target(store, args.target)
+    unit = dict(unit="B", unit_scale=True, unit_divisor=1024) if args.deep else dict(unit="ckpt")
+    with tqdm(total=verify.total_units(checkpoints, args.deep), file=sys.stderr, leave=False,
+              disable=True if args.no_progress else None, **unit) as bar:
+        report = verify.verify(store, args.target, args.deep, progress=bar.update,
+                               on_result=lambda r: bar.set_description(r.result.label[-40:], refresh=False),
+                               checkpoints=checkpoints)
+    rows = [[r.run, fmt_num(r.result.step) if r.result.step is not None else "?",
+             "ok" if r.result.ok else "loadable" if r.result.loadable else "BROKEN",
+             f"{r.result.duration_s:.2f}", "; ".join(f"{p.code}: {p.message}" for p in r.result.problems) or "-"]
+            for r in report.results]
+    counts = ", ".join(f"{code} x{n}" for code, n in report.codes.items())
+    summary = (f"{report.level} check of {report.checked} checkpoint(s) under {report.target}: "
+               f"{report.checked - report.with_problems} passed, {report.with_problems} with problems"
+               + (f" ({counts})" if counts else "") + f"; {fmt_bytes(report.bytes_read)} read in {report.duration_s:.2f}s")
+    text = table(["run", "step", "state", "seconds", "problems"], rows) + "\n\n" + summary
+    return Output(report.to_dict(), text, exit_code=3 if report.with_problems else 0)
+
+
+@command("resume", "the latest resumable checkpoint of a run and the command that continues it", opens_store="create", args=[
+    arg("run", metavar="RUN", help="id, tag, phase/tag or folder path (a folder is indexed first)"),
+    arg("--target-steps", type=int, metavar="N", help="train to N steps instead of the run's own num_iterations"),
+    arg("--deep", action="store_true", help="clear checkpoints with the deep check (stored deep results are reused "
+        "while their files are unchanged)"),
+])
+def cmd_resume(args, ctx) -> Output:
+    """The resume planner's report (the same tools/training_resume_helper.py prints): newer checkpoints
+    skipped and why, val_bpb vs the best, target and remaining steps, LR multiplier and schedule phase at
+    the resume step, ETA, exact or approximate, and the command. Exit code 3 when nothing is resumable."""
+    from registry.resume import NothingResumableError, ResumePlanError, format_plan
+    from registry.verify import plan_indexed_resume
+
+    if args.target_steps is not None and args.target_steps <= 0:
+        raise RegistryError("--target-steps must be a positive number of steps")
+    try:
+        plan = plan_indexed_resume(ctx.store(), args.run, target_steps=args.target_steps, deep=args.deep)
+    except NothingResumableError as e:
+        data = {"resumable": False, "error": str(e), "skipped": [
+            {"step": s.step, "problems": [p.__dict__ for p in s.problems]} for s in e.skipped]}
+        text = "\n".join([f"nothing to resume: {e}", *(f"  step {s.step}: {s.reason}" for s in e.skipped)])
+        return Output(data, text, exit_code=3)
+    except ResumePlanError as e:
+        raise RegistryError(str(e)) from None
+    return Output(plan.to_dict(), format_plan(plan), exit_code=0 if plan.resumable else 3)
+
+
+
 # ---------------------------------------------------------------------- entry point
 
 

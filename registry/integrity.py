@@ -468,6 +468,9 @@ def deep_check(ckpt: CheckpointFiles, previous: Mapping[str, FileDigest | str] |
     earlier deep check recorded (its FileDigest, or just the sha256); a different hash now is
     `changed_since_indexed`.
     `progress(n)` is called with the bytes read after each chunk."""
+    import numpy  # noqa: F401  (imported before the clock starts: a result's duration is the check's own)
+    import torch  # noqa: F401
+
     started, t0 = time.time(), time.perf_counter()
     problems = quick_problems(ckpt)
     try:
