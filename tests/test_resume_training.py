@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from registry import resume
+from registry import integrity, resume
 from tests.modelkit import corpus_texts, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +77,12 @@ def test_planned_command_resumes_a_crashed_run_exactly(base):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     segment2 = [r["step"] for r in rows if r["segment"] == 2 and "train_loss" in r]
     assert segment2 == list(range(4, 12))  # continued from the planned step, to the end
-    after = resume.plan_resume(run)
-    assert after.step == 12 and after.finished and after.remaining_steps == 0
+    after = resume.plan_resume(run, deep=True)
+    assert after.step == 12 and after.finished and after.remaining_steps == 0 and after.integrity_level == "deep"
+    for ckpt in cm.list_checkpoints(run):  # what our trainer writes passes every deep check (no false alarms)
+        result = integrity.deep_check(ckpt)
+        assert result.ok, result.problems
+        assert {f.name.split("_")[0] for f in result.files} == {"model", "meta", "optim", "trainstate"}
 
     # the same run without a crash ends with the same weights: the planned resume was exact
     reference = base.parent / "reference"
