@@ -34,7 +34,17 @@ def store_url(request, tmp_path):
     """A URL for an empty registry: a SQLite file, or a fresh schema on the PostgreSQL test server."""
     if request.param == "sqlite":
         yield str(tmp_path / "registry.sqlite")
-        return
+    else:
+        yield from _fresh_pg_schema()
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh schema on the PostgreSQL test server (for PostgreSQL-only tests)."""
+    yield from _fresh_pg_schema()
+
+
+def _fresh_pg_schema():
     base = os.environ.get(PG_ENV)
     if not base:
         pytest.skip(PG_SKIP)
