@@ -74,6 +74,7 @@ class ResumePlan:
     best_val_bpb: float | None
     best_val_step: int | None
     better_step: int | None  # a resumable checkpoint with a clearly better val_bpb (after a spike)
+    better_command: str | None  # the command that resumes from better_step instead
     model_config: dict
     training_config: dict  # the run's user_config (its command-line flags)
     world_size: int
@@ -352,6 +353,10 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
     else:
         argv, env, mode, note, script_note = build_command(
             meta, phase, tag, step, world, base_dir, target if source == "override" else None)
+    better_command = None
+    if better_step is not None and argv:
+        better_argv = [f"--resume-from-step={better_step}" if a == f"--resume-from-step={step}" else a for a in argv]
+        better_command = command_line(better_argv, env)
     if base_dir is None and argv:
         warnings.append(f"{run} is not inside a nanochat base dir (<base>/base_checkpoints/<tag>): the training "
                         "script only finds checkpoints there")
@@ -360,7 +365,7 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
     return ResumePlan(
         run_dir=str(run), phase=phase, tag=tag, base_dir=str(base_dir) if base_dir else None, step=step,
         integrity_level=results[chosen.step].level, files=tuple(p.name for p in chosen.files),
-        val_bpb=val, best_val_bpb=best, best_val_step=best_step, better_step=better_step,
+        val_bpb=val, best_val_bpb=best, best_val_step=best_step, better_step=better_step, better_command=better_command,
         model_config=dict(meta.get("model_config") or {}), training_config=dict(user), world_size=world,
         target_steps=target, target_source=source, run_num_iterations=run_iters, remaining_steps=remaining,
         progress=(min(step / target, 1.0) if target else None), finished=finished, schedule=schedule,
@@ -433,14 +438,17 @@ def format_plan(plan: ResumePlan) -> str:
         lines.append("  step time      unknown (no metrics.jsonl dt_ms and no loop_state): no ETA")
     lines.append(f"  world size     {plan.world_size}")
     lines.append(f"  resume         {plan.mode}: {plan.mode_note}")
-    if plan.warnings:
+    shown = [w for w in plan.warnings if not w.startswith("skipped newer step")]  # listed above already
+    if shown:
         lines.append("warnings:")
-        lines += [f"  ! {w}" for w in plan.warnings]
+        lines += [f"  ! {w}" for w in shown]
     if plan.script_note:
         lines.append(f"note: {plan.script_note}")
     lines.append("command:" if plan.command else "command: none (nothing can resume this run)")
     if plan.command:
         lines.append(f"  {plan.command}")
+    if plan.better_command:
+        lines += [f"or, from step {plan.better_step} before the loss spike:", f"  {plan.better_command}"]
     return "\n".join(lines)
 
 

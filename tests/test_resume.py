@@ -97,7 +97,8 @@ def test_broken_newer_steps_are_skipped_with_reasons(run):
     plan = resume.plan_resume(run)
     assert plan.step == 30
     assert [(s.step, [p.code for p in s.problems]) for s in plan.skipped] == [(50, ["truncated"]), (40, ["missing_train_state"])]
-    assert "skipped newer step 50: truncated" in resume.format_plan(plan)
+    assert "skipped newer step 50: truncated" in plan.warnings[0]
+    assert "  skipped        step 50: truncated: model_000050.pt has no zip central directory" in resume.format_plan(plan)
 
 
 def test_deep_planning_skips_silent_corruption_the_quick_check_cannot_see(run):
@@ -117,6 +118,8 @@ def test_loss_spike_warns_and_names_a_better_resumable_step(run):
     assert plan.step == 40 and plan.best_val_bpb == 2.7 and plan.best_val_step == 30 and plan.better_step == 30
     spike = next(w for w in plan.warnings if w.startswith("loss spike"))
     assert "26% worse" in spike and "--resume-from-step=30" in spike
+    assert plan.better_command == plan.command.replace("--resume-from-step=40", "--resume-from-step=30")
+    assert resume.format_plan(plan).endswith(f"or, from step 30 before the loss spike:\n  {plan.better_command}")
 
 
 def test_spike_without_a_resumable_better_step(run):
