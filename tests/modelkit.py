@@ -66,3 +66,14 @@ def write_checkpoint(directory: Path, model: GPT, step: int = 10, tokenizer: Tok
     if tokenizer is not None and directory.parent.name.endswith("_checkpoints"):
         tokenizer.save(directory.parent.parent / "tokenizer")
     return directory
+
+
+def write_training_base(base_dir: Path, limit_chars: int = 400_000, vocab_size: int = 512) -> Path:
+    """A nanochat base dir that scripts.base_train can train from: the corpus's first plays as parquet
+    shards in <base>/base_data/ (last shard = validation) and a tokenizer trained on them."""
+    from scripts.demo import write_shards
+    from scripts.tok_train import train_tokenizer
+
+    write_shards(base_dir / "base_data", limit_chars)
+    train_tokenizer(base_dir, vocab_size, max_chars=10**9, doc_cap=10_000)
+    return base_dir
