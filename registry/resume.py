@@ -68,6 +68,7 @@ class ResumePlan:
     tag: str
     base_dir: str | None  # the nanochat base dir holding the run, when the layout says so
     step: int  # the checkpoint to resume from = optimizer steps already done
+    segment: int  # the resume segment that wrote it (meta resume_segment; 1 for upstream); the command starts segment + 1
     integrity_level: str  # the check that cleared it: quick or deep
     files: tuple[str, ...]
     val_bpb: float | None
@@ -250,7 +251,8 @@ def build_command(meta: dict, phase: str, tag: str, step: int, world_size: int, 
         return launcher + flags, env, "restart", f"{phase.upper()} restarts from its starting checkpoint", script_note
     if meta.get("train_state"):
         return launcher + flags, env, "exact", ("every rank's RNG states and data-loader position are restored: the "
-                                                "continued run matches an uninterrupted one (same world size and device)"), None
+                                                "continued run matches an uninterrupted one (same world size, device and "
+                                                "thread count)"), None
     loader = meta.get("dataloader_state_dict")
     where = (f"the data loader continues from the saved position (shard {loader.get('pq_idx')}, row group "
              f"{loader.get('rg_idx')})" if isinstance(loader, dict) else "no data-loader position: data restarts from the first shard")
@@ -364,6 +366,7 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
         warnings.append(note)
     return ResumePlan(
         run_dir=str(run), phase=phase, tag=tag, base_dir=str(base_dir) if base_dir else None, step=step,
+        segment=int(meta["resume_segment"]) if isinstance(meta.get("resume_segment"), int) else 1,
         integrity_level=results[chosen.step].level, files=tuple(p.name for p in chosen.files),
         val_bpb=val, best_val_bpb=best, best_val_step=best_step, better_step=better_step, better_command=better_command,
         model_config=dict(meta.get("model_config") or {}), training_config=dict(user), world_size=world,
@@ -406,8 +409,8 @@ def format_plan(plan: ResumePlan) -> str:
     mc = plan.model_config
     keys = ("n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len", "vocab_size", "window_pattern")
     lines = [f"Resume plan for {plan.phase}/{plan.tag}  ({plan.run_dir})",
-             f"  checkpoint     step {plan.step}, passed the {plan.integrity_level} integrity check "
-             f"({len(plan.files)} files)"]
+             f"  checkpoint     step {plan.step} (segment {plan.segment}), passed the {plan.integrity_level} integrity "
+             f"check ({len(plan.files)} files)"]
     for s in plan.skipped:
         lines.append(f"  skipped        step {s.step}: {s.reason}")
     if plan.val_bpb is not None or plan.best_val_bpb is not None:

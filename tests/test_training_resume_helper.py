@@ -54,9 +54,10 @@ def test_verify_runs_the_deep_check(run):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x04
     path.write_bytes(bytes(data))
-    assert "step 20," in helper(run).stdout  # the quick check cannot see a flipped bit
+    assert "checkpoint     step 20 (segment 1)," in helper(run).stdout  # the quick check cannot see a flipped bit
     out = helper(run, "--verify")
-    assert out.returncode == 0 and "step 10," in out.stdout and "skipped        step 20: crc_mismatch" in out.stdout
+    assert out.returncode == 0 and "checkpoint     step 10 (segment 1), passed the deep" in out.stdout
+    assert "skipped        step 20: crc_mismatch" in out.stdout
 
 
 def test_nothing_resumable_exits_3_with_reasons(run):
