@@ -397,3 +397,18 @@ def test_interactive_on_a_tty_has_line_editing_and_history(base_run):
     finally:
         proc.kill()
         os.close(master)
+
+
+def test_readme_documents_every_flag_and_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("<!-- section: engine -->")[1].split("<!-- end section: engine -->")[0]
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert f"`{flag}" in section or f"{flag}`" in section or f" {flag} " in section, flag
+    from tools.generation_explorer import HELP
+
+    for line in HELP.splitlines()[2:]:
+        word = line.split()[0]
+        assert f"`{word}" in section, word
+    for key in ("entropy_nats", "sampled_prob", "finish_reason", "prompt_token_ids", "kept", "watched"):
+        assert f'"{key}"' in section, key
