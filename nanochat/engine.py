@@ -185,10 +185,8 @@ def _rows_mask(fn, x: torch.Tensor, rows: torch.Tensor | None, *args) -> torch.T
     return out.index_copy_(0, rows, fn(x.index_select(0, rows), *args))
 
 
-def filtered_weights(logits: torch.Tensor, batch: SettingsBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unnormalised float64 weights (R, V) of each row's sampled distribution, and the kept-token
-    mask (None when no row filters). Greedy rows get temperature-1 weights here; see `sample`."""
-    scaled = logits.double() / batch.temperature[:, None]
+def _filter(x: torch.Tensor, batch: SettingsBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    scaled = x / batch.temperature[:, None]
     z = scaled - scaled.max(-1, keepdim=True).values  # <= 0, so exp() cannot overflow
     weights = z.exp()
     keep = None
@@ -205,6 +203,12 @@ def filtered_weights(logits: torch.Tensor, batch: SettingsBatch) -> tuple[torch.
     return weights, keep
 
 
+def filtered_weights(logits: torch.Tensor, batch: SettingsBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unnormalised float64 weights (R, V) of each row's sampled distribution, and the kept-token
+    mask (None when no row filters). Greedy rows get temperature-1 weights here; see `sample`."""
+    return _filter(logits.double(), batch)
+
+
 def sampling_distribution(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     """The float64 probabilities (V,) that `settings` samples from given logits (V,): one-hot on
     the argmax for temperature 0."""
@@ -215,19 +219,23 @@ def sampling_distribution(logits: torch.Tensor, settings: SamplingSettings) -> t
     return (weights / weights.sum(-1, keepdim=True))[0]
 
 
-def sample(logits: torch.Tensor, batch: SettingsBatch, uniforms: torch.Tensor,
-           weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per row (R,) from logits (R, V), each row by inverse CDF of its uniform in [0, 1)."""
+def _inverse_cdf(weights: torch.Tensor, one_minus_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (R,) and total weights (R, 1). 1 - u lies in (0, 1], so the target is positive and at
+    most the total: the token found always has positive weight."""
+    cum = weights.cumsum(-1)
+    total = cum[:, -1:]
+    return torch.searchsorted(cum, one_minus_u[:, None] * total).view(-1), total
+
+
+def sample(logits: torch.Tensor, batch: SettingsBatch, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row (R,) from logits (R, V), each row by inverse CDF (in token-id order) of its
+    uniform in [0, 1); greedy rows take the argmax (the first maximum: lowest id among ties)."""
+    x = logits.double()
     tokens = None
     if batch.any_sampled:
-        if weights is None:
-            weights, _ = filtered_weights(logits, batch)
-        cum = weights.cumsum(-1)
-        # 1 - u lies in (0, 1], so the target is positive and the token found has positive weight.
-        target = (1.0 - uniforms.to(cum.dtype)) * cum[:, -1]
-        tokens = torch.searchsorted(cum, target[:, None]).squeeze(1).clamp_(max=logits.size(-1) - 1)
+        tokens, _ = _inverse_cdf(_filter(x, batch)[0], 1.0 - uniforms.double())
     if batch.any_greedy:
-        best = logits.argmax(-1)  # the first maximum: lowest id among ties
+        best = x.argmax(-1)
         tokens = best if tokens is None else torch.where(batch.greedy, best, tokens)
     return tokens
 
@@ -263,59 +271,61 @@ class StepTrace:
     watched: tuple[WatchedToken, ...]
 
 
-_TRACE_FIELDS = ("model_prob", "sampled_prob", "rank", "entropy", "alt_ids", "alt_model", "alt_sampled",
-                 "alt_kept", "watch_rank", "watch_prob")
-
-
-def trace_tensors(logits: torch.Tensor, tokens: torch.Tensor, batch: SettingsBatch, weights, keep,
-                  options: TraceOptions) -> dict[str, torch.Tensor]:
-    """The trace of one step for all rows at once (tensors; see `StepTrace` for the meaning)."""
-    x = logits.double()
-    logp = torch.log_softmax(x, -1)
-    p = logp.exp()
-    vocab = x.size(-1)
-    if weights is None:
-        sampled = torch.zeros_like(p)
+def trace_tensors(x: torch.Tensor, tokens: torch.Tensor, batch: SettingsBatch, best, weights, keep, total,
+                  options: TraceOptions, watch_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One step's trace for all rows at once, from float64 logits x (R, V). Columns of the gathered
+    tensors: the chosen token, then the top-N alternatives, then the watched ids (see StepTrace).
+    About a dozen tensor ops whatever R and N are: one softmax, one topk, one gather per quantity."""
+    rows, vocab = x.shape
+    p = torch.softmax(x, -1)
+    n = min(options.top_n, vocab)
+    cols = [tokens[:, None]]
+    if n:
+        cols.append(x.topk(n, dim=-1).indices)
+    if options.watch:
+        if watch_ids is None:
+            watch_ids = torch.tensor(options.watch, device=x.device)
+        cols.append(watch_ids.expand(rows, -1))
+    idx = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+    logit = x.gather(1, idx)
+    if weights is not None:
+        sampled = weights.gather(1, idx) / total
+        kept = keep.gather(1, idx) if keep is not None else torch.ones_like(idx, dtype=torch.bool)
     else:
-        sampled = weights / weights.sum(-1, keepdim=True)
-    kept = keep if keep is not None else torch.ones_like(p, dtype=torch.bool)
-    if batch.any_greedy:
-        onehot = F.one_hot(x.argmax(-1), vocab).bool()
+        sampled, kept = torch.zeros_like(logit), torch.zeros_like(idx, dtype=torch.bool)
+    if batch.any_greedy:  # a greedy row samples from the one-hot on its argmax
+        onehot = idx == best[:, None]
         sampled = torch.where(batch.greedy[:, None], onehot.double(), sampled)
         kept = torch.where(batch.greedy[:, None], onehot, kept)
-    chosen = tokens[:, None]
-    out = {
-        "model_prob": p.gather(1, chosen)[:, 0],
-        "sampled_prob": sampled.gather(1, chosen)[:, 0],
-        "rank": (x > x.gather(1, chosen)).sum(-1) + 1,
-        "entropy": -(p * logp).sum(-1),
-    }
-    n = min(options.top_n, vocab)
-    alt = x.topk(n, dim=-1).indices if n else torch.zeros(len(x), 0, dtype=torch.long, device=x.device)
-    out.update(alt_ids=alt, alt_model=p.gather(1, alt), alt_sampled=sampled.gather(1, alt), alt_kept=kept.gather(1, alt))
+    out = {"idx": idx, "model_prob": p.gather(1, idx), "sampled_prob": sampled, "kept": kept,
+           "rank": (x > logit[:, :1]).sum(-1), "entropy": torch.special.entr(p).sum(-1)}
     if options.watch:
-        w = torch.tensor(options.watch, device=x.device).expand(len(x), -1)
-        out["watch_rank"] = (x[:, None, :] > x.gather(1, w)[:, :, None]).sum(-1) + 1
-        out["watch_prob"] = p.gather(1, w)
+        w = len(options.watch)
+        out["watch_rank"] = (x[:, None, :] > logit[:, -w:, None]).sum(-1)
     return out
 
 
-def materialise_traces(steps: list[tuple[int, list[int], torch.Tensor, dict]], options: TraceOptions) -> list[StepTrace]:
-    """StepTraces from recorded steps [(step, tokens, forced_mask, trace tensors)], in order, one
-    .tolist() per field for all steps together (this is the only per-token Python work)."""
+_TRACE_FIELDS = ("idx", "model_prob", "sampled_prob", "kept", "rank", "entropy", "watch_rank")
+
+
+def materialise_traces(steps: list[tuple[int, list[int], torch.Tensor | None, dict]],
+                       options: TraceOptions) -> list[StepTrace]:
+    """StepTraces from recorded steps [(step, tokens, forced mask or None, trace tensors)], in order,
+    with one .tolist() per field for all steps together (the only per-token Python work)."""
     if not steps:
         return []
     cols = {k: torch.cat([s[3][k] for s in steps]).tolist() for k in _TRACE_FIELDS if k in steps[0][3]}
-    forced = torch.cat([s[2] for s in steps]).tolist()
+    forced = [f for _, tokens, mask, _ in steps for f in (mask.tolist() if mask is not None else [False] * len(tokens))]
+    n_alt = len(cols["idx"][0]) - 1 - len(options.watch)
     out, i = [], 0
     for step, tokens, _, _ in steps:
         for tok in tokens:
-            alts = tuple(Alternative(a, m, q, k) for a, m, q, k in
-                         zip(cols["alt_ids"][i], cols["alt_model"][i], cols["alt_sampled"][i], cols["alt_kept"][i]))
-            watched = tuple(WatchedToken(t, r, pr) for t, r, pr in
-                            zip(options.watch, cols["watch_rank"][i], cols["watch_prob"][i])) if options.watch else ()
-            out.append(StepTrace(step, tok, cols["model_prob"][i], cols["sampled_prob"][i], cols["rank"][i],
-                                 bool(forced[i]), cols["entropy"][i], alts, watched))
+            ids, p, q, kept = cols["idx"][i], cols["model_prob"][i], cols["sampled_prob"][i], cols["kept"][i]
+            alts = tuple(Alternative(ids[j], p[j], q[j], kept[j]) for j in range(1, 1 + n_alt))
+            watched = tuple(WatchedToken(ids[j], r + 1, p[j]) for j, r in
+                            zip(range(1 + n_alt, len(ids)), cols["watch_rank"][i])) if options.watch else ()
+            out.append(StepTrace(step, tok, p[0], q[0], cols["rank"][i] + 1, bool(forced[i]), cols["entropy"][i],
+                                 alts, watched))
             i += 1
     return out
 
@@ -484,22 +494,26 @@ class Engine:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
                 raise SamplingError(f"{what} {i!r} is outside the vocabulary (0..{self.vocab_size - 1})")
 
-    def _uniforms(self, batch: SettingsBatch, max_tokens: int) -> torch.Tensor:
-        # One generator per row, one draw per step, drawn up front: the i-th draw of a seed is the
-        # same whatever max_tokens is, so a longer run extends a shorter one.
+    def _targets(self, batch: SettingsBatch, max_tokens: int) -> torch.Tensor:
+        """(max_tokens, R): 1 - u for each step and row. One generator per row and one draw per step,
+        drawn up front: the i-th draw of a seed is the same whatever max_tokens is, so a longer run
+        extends a shorter one."""
         draws = []
         for s in batch.settings:
             gen = torch.Generator(device="cpu").manual_seed(s.seed)
             draws.append(torch.rand(max_tokens, generator=gen, dtype=torch.float64))
-        return torch.stack(draws).to(self.device)
+        return (1.0 - torch.stack(draws, dim=1)).to(self.device)
 
     def _run(self, prompt, batch: SettingsBatch, max_tokens, options, forced_ids, stops) -> Iterator[StepEvent]:
-        uniforms = self._uniforms(batch, max_tokens)
+        targets = self._targets(batch, max_tokens)
+        watch_ids = torch.tensor(options.watch, device=self.device) if options is not None and options.watch else None
         logits, cache = self._prefill(prompt, len(batch), max_tokens)
         active = list(range(len(batch)))
+        tokens = None
         for step in range(max_tokens):
-            tokens, forced_now, trace = self._choose(logits, batch, uniforms[:, step],
-                                                     None if forced_ids is None else forced_ids[:, step], options)
+            tokens, forced_now, trace = self._step(tokens, logits, cache, batch, targets[step],
+                                                   None if forced_ids is None else forced_ids[:, step], options, watch_ids)
+            logits = None
             token_list = tokens.tolist()
             last = step == max_tokens - 1
             finished = {r: (FINISH_STOP if t in stops else FINISH_LENGTH)
@@ -514,11 +528,10 @@ class Engine:
                 index = torch.tensor(keep, device=self.device)
                 cache.select(index)
                 tokens = tokens.index_select(0, index)
-                uniforms = uniforms.index_select(0, index)
+                targets = targets.index_select(1, index)
                 forced_ids = None if forced_ids is None else forced_ids.index_select(0, index)
                 batch = batch.select(keep)
                 active = [active[i] for i in keep]
-            logits = self._decode(tokens, cache)
 
     @torch.inference_mode()
     def _prefill(self, prompt: list[int], rows: int, max_tokens: int):
@@ -527,22 +540,24 @@ class Engine:
         return logits.expand(rows, -1).contiguous(), one.expand(rows, len(prompt) + max_tokens)
 
     @torch.inference_mode()
-    def _decode(self, tokens: torch.Tensor, cache) -> torch.Tensor:
-        return self.model(tokens[:, None], kv_cache=cache)[:, -1]
-
-    @torch.inference_mode()
-    def _choose(self, logits, batch: SettingsBatch, uniforms, forced, options):
-        weights = keep = None
+    def _step(self, previous, logits, cache, batch: SettingsBatch, targets, forced, options, watch_ids):
+        """Feed the previous tokens (unless logits are given: the prefill's), then choose one token
+        per row. One inference-mode entry per step; no host sync except the caller's .tolist()."""
+        if logits is None:
+            logits = self.model(previous[:, None], kv_cache=cache)[:, -1]
+        x = logits.double()
+        weights = keep = total = best = tokens = None
         if batch.any_sampled:
-            weights, keep = filtered_weights(logits, batch)
-        tokens = sample(logits, batch, uniforms, weights)
+            weights, keep = _filter(x, batch)
+            tokens, total = _inverse_cdf(weights, targets)
+        if batch.any_greedy:
+            best = x.argmax(-1)  # the first maximum: lowest id among ties
+            tokens = best if tokens is None else torch.where(batch.greedy, best, tokens)
         forced_now = None
         if forced is not None:
             forced_now = forced >= 0
             tokens = torch.where(forced_now, forced, tokens)
         trace = None
         if options is not None:
-            if forced_now is None:
-                forced_now = torch.zeros_like(tokens, dtype=torch.bool)
-            trace = trace_tensors(logits, tokens, batch, weights, keep, options)
+            trace = trace_tensors(x, tokens, batch, best, weights, keep, total, options, watch_ids)
         return tokens, forced_now, trace
