@@ -153,8 +153,12 @@ class Database:
 
     def lock_run(self, session: Session, run_id: int) -> None:
         """Serialise writers of one run. SQLite's BEGIN IMMEDIATE already excludes every other writer."""
-        if self.dialect == "postgresql":
-            session.execute(sa.select(Run.id).where(Run.id == run_id).with_for_update())
+        self.lock_runs(session, [run_id])
+
+    def lock_runs(self, session: Session, run_ids) -> None:
+        """Row locks on several runs, taken in id order so two writers can never wait on each other."""
+        if self.dialect == "postgresql" and run_ids:
+            session.execute(sa.select(Run.id).where(Run.id.in_(sorted(run_ids))).order_by(Run.id).with_for_update())
 
     def insert(self, table):
         """The dialect's INSERT, which has on_conflict_do_nothing / on_conflict_do_update."""

@@ -1,23 +1,21 @@
 """
-Metric history: ingesting points (from metrics.jsonl, checkpoint metas, imported logs) exactly once,
-and reading them back downsampled on the server.
+Metric ingestion: points from metrics.jsonl and imported logs, stored exactly once, with the running
+summaries and rollups that make reading them cheap (reading is history.py).
 
-Ingestion (`ingest_points`, `sync_metrics_file`) runs inside a write transaction that holds the run's
-lock (`Database.lock_run`; on SQLite the write transaction itself). Under that lock a point whose
-(series, step, segment) is already stored is skipped (counted as existing) and everything else is
-inserted, so re-reading a file, two scanners racing on one run, or importing a log twice never
-duplicates a row. metrics.jsonl is read from the byte offset stored in `metric_sources` up to its last
-complete line: a torn last line (the trainer is mid-write) is left for the next scan, and the offset
-only ever lands on a line end. The offset advances in the same transaction as the points it covers.
+Ingestion (`ingest_points`, `ingest_many`, `sync_metrics_file`) runs inside a write transaction that
+holds the runs' locks (`Database.lock_runs`; on SQLite the write transaction itself). Under that lock
+a point whose (series, step, segment) is already stored is skipped (counted as existing) and every
+other point is inserted, so re-reading a file, two scanners racing on one run, or importing a log
+twice never duplicates a row. metrics.jsonl is read from the byte offset stored in `metric_sources`
+up to its last complete line: a torn last line (the trainer is mid-write) is left for the next scan,
+and the offset only ever lands on a line end. It advances in the same transaction as the points it
+covers, so a crash cannot skip or repeat a line.
 
-Each ingest also maintains, per series, a running summary (count, min, max, last point) and per
-segment and power-of-two block of steps a rollup (count, min point, max point) at levels 4..32.
-`series_history` answers "at most N points" by picking the finest rollup level with at most ~N/2
-blocks in range and returning each block's minimum and maximum point (plus the first and last point),
-so extremes such as loss spikes always survive downsampling and a million-point series costs a few
-thousand rows, not a scan. Small ranges are returned raw.
-
-This module does not walk folders (scanner.py) or parse console logs (logimport.py).
+Each ingest also maintains a running summary per series (count, min, max, last point by (segment,
+step)) and, for segments of at least ROLLUP_MIN points, rollups: per power-of-two block of steps at
+levels 4..32, the count and the minimum and maximum point. A segment crossing ROLLUP_MIN gets its
+rollups built from all its points at that moment. This module does not walk folders (scanner.py)
+or parse console logs (logimport.py).
 """
 
 from __future__ import annotations
@@ -26,17 +24,17 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from registry.db import Database
-from registry.entities import MetricKeyInfo, MetricPoint
 from registry.models import MetricPoint as PointRow
 from registry.models import MetricRollup, MetricSegment, MetricSeries, MetricSource
 
 LEVELS = tuple(range(4, 33))  # rollup block = step >> level
+ROLLUP_MIN = 4096  # a segment gets rollups once it holds this many points; smaller ones are bucketed from raw rows
 RESERVED = ("step", "segment", "wall_time")
 CHUNK_BYTES = 8 << 20  # metrics.jsonl bytes ingested per transaction
 INSERT_BATCH = 20_000
@@ -82,13 +80,13 @@ def parse_metrics_line(raw: bytes | str) -> list[Point]:
 # ---------------------------------------------------------------------- ingestion (caller holds the run lock)
 
 
-def _series_ids(session: Session, db: Database, run_id: int, keys: Iterable[str]) -> dict[str, int]:
-    keys = sorted(set(keys))
+def _series_ids(session: Session, db: Database, pairs: set[tuple[int, str]]) -> dict[tuple[int, str], tuple[int, int]]:
+    """{(run, key): (series id, points stored before)} creating missing series."""
     session.execute(db.insert(MetricSeries.__table__).on_conflict_do_nothing(index_elements=["run_id", "key"]),
-                    [{"run_id": run_id, "key": k, "n": 0} for k in keys])
-    rows = session.execute(sa.select(MetricSeries.key, MetricSeries.id)
-                           .where(MetricSeries.run_id == run_id, MetricSeries.key.in_(keys)))
-    return dict(rows.all())
+                    [{"run_id": r, "key": k, "n": 0} for r, k in sorted(pairs)])
+    rows = session.execute(sa.select(MetricSeries.run_id, MetricSeries.key, MetricSeries.id, MetricSeries.n).where(
+        MetricSeries.run_id.in_(sorted({r for r, _ in pairs})), MetricSeries.key.in_(sorted({k for _, k in pairs}))))
+    return {(r, k): (i, n) for r, k, i, n in rows if (r, k) in pairs}
 
 
 def _rollups(rows: list[tuple[int, float | None, float | None]]) -> Iterable[tuple[int, int, list]]:
@@ -154,57 +152,88 @@ def _segment_upsert(db: Database):
     })
 
 
-def _update_summary(series: MetricSeries, rows: list[tuple[int, int, float | None, float | None]]) -> None:
-    series.n = (series.n or 0) + len(rows)
-    for step, segment, value, wall in rows:
-        if value is not None:
-            if series.min_value is None or value < series.min_value:
-                series.min_value, series.min_step, series.min_segment = value, step, segment
-            if series.max_value is None or value > series.max_value:
-                series.max_value, series.max_step, series.max_segment = value, step, segment
-        if series.last_step is None or (segment, step) > (series.last_segment, series.last_step):
-            series.last_value, series.last_step, series.last_segment, series.last_wall_time = value, step, segment, wall
+_SUMMARY = ("n", "min_value", "min_step", "min_segment", "max_value", "max_step", "max_segment", "last_value", "last_step",
+            "last_segment", "last_wall_time")
+
+
+def _update_summaries(session: Session, new_rows: dict[int, list[tuple[int, int, float | None, float | None]]]) -> None:
+    """Fold new points into each series' running summary (count, min, max, last by (segment, step))."""
+    t = MetricSeries.__table__
+    updates = []
+    for row in session.execute(sa.select(t.c.id, *(t.c[c] for c in _SUMMARY)).where(t.c.id.in_(sorted(new_rows)))):
+        sid, cur = row[0], dict(zip(_SUMMARY, row[1:]))
+        cur["n"] = (cur["n"] or 0) + len(new_rows[sid])
+        for step, segment, value, wall in new_rows[sid]:
+            if value is not None:
+                if cur["min_value"] is None or value < cur["min_value"]:
+                    cur["min_value"], cur["min_step"], cur["min_segment"] = value, step, segment
+                if cur["max_value"] is None or value > cur["max_value"]:
+                    cur["max_value"], cur["max_step"], cur["max_segment"] = value, step, segment
+            if cur["last_step"] is None or (segment, step) > (cur["last_segment"], cur["last_step"]):
+                cur["last_value"], cur["last_step"], cur["last_segment"], cur["last_wall_time"] = value, step, segment, wall
+        updates.append({"b_id": sid, **{f"b_{k}": v for k, v in cur.items()}})
+    session.connection().execute(sa.update(t).where(t.c.id == sa.bindparam("b_id")).values(
+        {c: sa.bindparam(f"b_{c}", type_=t.c[c].type) for c in _SUMMARY}), updates)
 
 
 def ingest_points(session: Session, db: Database, run_id: int, points: Iterable[Point]) -> tuple[int, int]:
     """Store points not stored yet; return (new, already present). The caller holds the run's lock."""
-    by_key: dict[str, dict[tuple[int, int], tuple[float | None, float | None]]] = {}
-    for key, step, segment, value, wall in points:
-        by_key.setdefault(key, {}).setdefault((step, segment), (value, wall))  # first occurrence wins
-    if not by_key:
+    return ingest_many(session, db, {run_id: points})
+
+
+def ingest_many(session: Session, db: Database, points_by_run: Mapping[int, Iterable[Point]]) -> tuple[int, int]:
+    """ingest_points for several runs in one go (the scanner's batches); the caller holds their locks."""
+    wanted: dict[tuple[int, str], dict[tuple[int, int], tuple[float | None, float | None]]] = {}
+    for run_id, points in points_by_run.items():
+        for key, step, segment, value, wall in points:
+            wanted.setdefault((run_id, key), {}).setdefault((step, segment), (value, wall))  # first occurrence wins
+    if not wanted:
         return 0, 0
-    ids = _series_ids(session, db, run_id, by_key)
-    new = existing = 0
-    for key in sorted(by_key):
-        wanted, sid = by_key[key], ids[key]
-        steps = [s for s, _ in wanted]
-        have = set(session.execute(sa.select(PointRow.step, PointRow.segment).where(
-            PointRow.series_id == sid, PointRow.step.between(min(steps), max(steps)))))
-        rows = sorted((s, g, v, w) for (s, g), (v, w) in wanted.items() if (s, g) not in have)
-        existing += len(wanted) - len(rows)
-        if not rows:
-            continue
-        new += len(rows)
-        table = PointRow.__table__
-        for i in range(0, len(rows), INSERT_BATCH):
-            session.execute(sa.insert(table), [{"series_id": sid, "step": s, "segment": g, "value": v, "wall_time": w}
-                                               for s, g, v, w in rows[i:i + INSERT_BATCH]])
-        by_segment: dict[int, list[tuple[int, float | None, float | None]]] = {}
+    series = _series_ids(session, db, set(wanted))
+    new_rows: dict[int, list[tuple[int, int, float | None, float | None]]] = {}
+    existing = 0
+    for pair in sorted(wanted):
+        sid, stored = series[pair]
+        want = wanted[pair]
+        have: set = set()
+        if stored:
+            steps = [s for s, _ in want]
+            have = set(session.execute(sa.select(PointRow.step, PointRow.segment).where(
+                PointRow.series_id == sid, PointRow.step.between(min(steps), max(steps)))).all())
+        rows = sorted((s, g, v, w) for (s, g), (v, w) in want.items() if (s, g) not in have)
+        existing += len(want) - len(rows)
+        if rows:
+            new_rows[sid] = rows
+    if not new_rows:
+        return 0, existing
+    flat = [{"series_id": sid, "step": s, "segment": g, "value": v, "wall_time": w}
+            for sid, rows in new_rows.items() for s, g, v, w in rows]
+    for i in range(0, len(flat), INSERT_BATCH):
+        session.execute(sa.insert(PointRow.__table__), flat[i:i + INSERT_BATCH])
+    by_segment: dict[tuple[int, int], list[tuple[int, float | None, float | None]]] = {}
+    for sid, rows in new_rows.items():
         for s, g, v, w in rows:
-            by_segment.setdefault(g, []).append((s, v, w))
-        for g, seg_rows in sorted(by_segment.items()):
-            roll = [{"series_id": sid, "segment": g, "level": lvl, "block": block, "n": a[0], "min_step": a[1],
-                     "min_value": a[2], "min_wall_time": a[3], "max_step": a[4], "max_value": a[5], "max_wall_time": a[6]}
-                    for lvl, block, a in _rollups(seg_rows)]
-            for i in range(0, len(roll), INSERT_BATCH):
-                session.execute(_rollup_upsert(db), roll[i:i + INSERT_BATCH])
-            session.execute(_segment_upsert(db), [{
-                "series_id": sid, "segment": g, "n": len(seg_rows), "first_step": seg_rows[0][0],
-                "first_wall_time": seg_rows[0][2], "last_step": seg_rows[-1][0], "last_wall_time": seg_rows[-1][2]}])
-        series = session.get(MetricSeries, sid, populate_existing=True)
-        _update_summary(series, [(s, g, v, w) for s, g, v, w in rows])
-    session.flush()
-    return new, existing
+            by_segment.setdefault((sid, g), []).append((s, v, w))
+    before = {(sid, g): n for sid, g, n in session.execute(sa.select(
+        MetricSegment.series_id, MetricSegment.segment, MetricSegment.n).where(MetricSegment.series_id.in_(sorted(new_rows))))}
+    session.execute(_segment_upsert(db), [
+        {"series_id": sid, "segment": g, "n": len(rows), "first_step": rows[0][0], "first_wall_time": rows[0][2],
+         "last_step": rows[-1][0], "last_wall_time": rows[-1][2]} for (sid, g), rows in sorted(by_segment.items())])
+    roll = []
+    for (sid, g), rows in sorted(by_segment.items()):
+        old = before.get((sid, g), 0)
+        if old + len(rows) < ROLLUP_MIN:
+            continue  # small segments are bucketed from their raw rows at query time
+        if 0 < old < ROLLUP_MIN:  # crossing the threshold: roll up every point of the segment (new ones included)
+            rows = list(session.execute(sa.select(PointRow.step, PointRow.value, PointRow.wall_time).where(
+                PointRow.series_id == sid, PointRow.segment == g)).all())
+        roll += [{"series_id": sid, "segment": g, "level": lvl, "block": block, "n": a[0], "min_step": a[1],
+                  "min_value": a[2], "min_wall_time": a[3], "max_step": a[4], "max_value": a[5], "max_wall_time": a[6]}
+                 for lvl, block, a in _rollups(rows)]
+    for i in range(0, len(roll), INSERT_BATCH):
+        session.execute(_rollup_upsert(db), roll[i:i + INSERT_BATCH])
+    _update_summaries(session, new_rows)
+    return len(flat), existing
 
 
 def metric_source(session: Session, db: Database, run_id: int, path: str, kind: str) -> MetricSource:
@@ -278,89 +307,3 @@ def sync_metrics_file(db: Database, run_id: int, path: str, on_problem: ProblemS
         total, bad_total = total + good, bad_total + bad
         if not more:
             return total, bad_total
-
-
-# ---------------------------------------------------------------------- reading
-
-
-def _raw(session: Session, sid: int, segment: int, lo: int, hi: int, limit: int | None = None) -> list[MetricPoint]:
-    q = (sa.select(PointRow.step, PointRow.value, PointRow.segment, PointRow.wall_time)
-         .where(PointRow.series_id == sid, PointRow.step.between(lo, hi), PointRow.segment == segment)
-         .order_by(PointRow.step))
-    if limit is not None:
-        q = q.limit(limit)
-    return [MetricPoint(*r) for r in session.execute(q)]
-
-
-def _edge(session: Session, sid: int, segment: int, lo: int, hi: int, last: bool) -> MetricPoint | None:
-    q = (sa.select(PointRow.step, PointRow.value, PointRow.segment, PointRow.wall_time)
-         .where(PointRow.series_id == sid, PointRow.step.between(lo, hi), PointRow.segment == segment)
-         .order_by(PointRow.step.desc() if last else PointRow.step).limit(1))
-    row = session.execute(q).first()
-    return MetricPoint(*row) if row else None
-
-
-def series_history(session: Session, sid: int, max_points: int, step_min: int | None = None,
-                   step_max: int | None = None) -> tuple[list[MetricPoint], int, bool, tuple[int, ...]]:
-    """(points sorted by (segment, step), points stored in range, downsampled?, segments) of one series."""
-    segs = session.execute(sa.select(MetricSegment).where(MetricSegment.series_id == sid)
-                           .order_by(MetricSegment.segment)).scalars().all()
-    lo_req = step_min if step_min is not None else -(1 << 62)
-    hi_req = step_max if step_max is not None else 1 << 62
-    segs = [s for s in segs if s.last_step >= lo_req and s.first_step <= hi_req]
-    all_segments = tuple(s.segment for s in segs)
-    max_points = max(1, int(max_points))
-    if len(segs) > max_points:
-        segs = segs[-max_points:]  # more segments than points: the newest ones
-    if not segs:
-        return [], 0, False, all_segments
-    budget = max_points // len(segs)
-    points: list[MetricPoint] = []
-    total, downsampled = 0, False
-    ranged = step_min is not None or step_max is not None
-    for seg in segs:
-        lo, hi = max(seg.first_step, lo_req), min(seg.last_step, hi_req)
-        if not ranged and seg.n <= budget:
-            points += _raw(session, sid, seg.segment, lo, hi)
-            total += seg.n
-            continue
-        blocks = max(1, (budget - 2) // 2)
-        level = next((lv for lv in LEVELS if (hi >> lv) - (lo >> lv) + 1 <= blocks), LEVELS[-1])
-        rows = session.execute(sa.select(MetricRollup).where(
-            MetricRollup.series_id == sid, MetricRollup.segment == seg.segment, MetricRollup.level == level,
-            MetricRollup.block.between(lo >> level, hi >> level)).order_by(MetricRollup.block)).scalars().all()
-        in_range = sum(r.n for r in rows)  # exact without a range; an upper bound with one
-        if in_range <= budget:
-            found = _raw(session, sid, seg.segment, lo, hi)
-            points += found
-            total += len(found) if ranged else seg.n
-            continue
-        picked: dict[int, MetricPoint] = {}
-        for r in rows:
-            for step, value, wall in ((r.min_step, r.min_value, r.min_wall_time), (r.max_step, r.max_value, r.max_wall_time)):
-                if value is not None and lo <= step <= hi:
-                    picked[step] = MetricPoint(step, value, seg.segment, wall)
-        if budget >= 2:
-            for edge in (_edge(session, sid, seg.segment, lo, hi, False), _edge(session, sid, seg.segment, lo, hi, True)):
-                if edge is not None:
-                    picked[edge.step] = edge
-        chosen = sorted(picked.values(), key=lambda p: p.step)
-        if len(chosen) > budget:  # only with tiny budgets (< 4 points per segment)
-            chosen = chosen[:: math.ceil(len(chosen) / budget)][:budget]
-        points += chosen
-        total += seg.n if not ranged else in_range
-        downsampled = True
-    return points, total, downsampled, all_segments
-
-
-def metric_keys(session: Session, run_id: int) -> list[MetricKeyInfo]:
-    series = session.execute(sa.select(MetricSeries).where(MetricSeries.run_id == run_id, MetricSeries.n > 0)
-                             .order_by(MetricSeries.key)).scalars().all()
-    segs: dict[int, list[int]] = {}
-    if series:
-        for sid, g in session.execute(sa.select(MetricSegment.series_id, MetricSegment.segment)
-                                      .where(MetricSegment.series_id.in_([s.id for s in series]))
-                                      .order_by(MetricSegment.segment)):
-            segs.setdefault(sid, []).append(g)
-    return [MetricKeyInfo(s.key, s.n, s.min_value, s.min_step, s.max_value, s.max_step, s.last_value, s.last_step,
-                          s.last_segment, tuple(segs.get(s.id, ()))) for s in series]

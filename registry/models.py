@@ -107,6 +107,10 @@ class Run(Base):
     first_seen_at: Mapped[float]
     last_seen_at: Mapped[float]
     last_activity_at: Mapped[float | None]  # newest mtime of its checkpoint files and metrics.jsonl
+    # Fingerprint of the folder (its mtime and every file's inode, size and mtime) when it was last fully
+    # indexed, and how many checkpoints it held then: an equal fingerprint means nothing to compare.
+    dir_signature: Mapped[str | None] = mapped_column(String(32))
+    dir_checkpoints: Mapped[int | None]
     has_metrics_file: Mapped[bool] = mapped_column(Boolean, default=False)
     missing: Mapped[bool] = mapped_column(Boolean, default=False)
 
@@ -130,6 +134,7 @@ class Checkpoint(Base):
     problems: Mapped[list] = mapped_column(JSON, default=list)  # [{code, message, blocks, file}]
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     mtime_ns: Mapped[int | None] = mapped_column(BigInteger)  # newest file
+    files_signature: Mapped[str | None] = mapped_column(String(32))  # digest of (name, size, mtime) of its files
     first_seen_at: Mapped[float]
     inspected_at: Mapped[float]
 

@@ -1,6 +1,6 @@
 """
-The scanner: walks a folder, finds runs (checkpoint directories, both layouts, all phases) and
-brings the registry up to date with what is on disk, reading only metadata.
+The scanner: walks a folder, finds runs (checkpoint directories, both layouts, all phases) and brings
+the registry up to date with what is on disk, reading only metadata.
 
 How one scan goes:
 1. Walk (no database writes): every folder up to MAX_DEPTH below the root that holds a checkpoint
@@ -8,18 +8,18 @@ How one scan goes:
    `metrics.jsonl` is a run; the walk does not descend into runs. A path that does not exist or cannot
    be read, or a folder with no run (that the registry did not know either), raises before anything
    is written.
-2. Per run: one `stat` per file; files whose (size, mtime_ns) match the registry are not opened.
-   Changed or new checkpoints are inspected by `inspect_checkpoint`: meta JSON, zip central
-   directories, optimizer shards for the world size (`checkpoint_manager.quick_problems`); a
-   single-file `checkpoint.pt` has its metadata read from the pickle by `torchfile` (no tensor data,
-   no code run). Never `torch.load`.
-3. Writes: one short transaction per batch of at most BATCH checkpoints, holding the run's lock, so
-   the registry is never half-written and concurrent scanners of one tree serialise per run.
-   Checkpoints and files that vanished are marked missing; nothing is deleted. Runs without a
-   metrics.jsonl get their val_bpb history from the metas; metrics.jsonl is ingested incrementally
-   (`metrics.sync_metrics_file`).
+2. Stat: one `stat` per file, compared with what the registry holds (loaded in a few bulk queries).
+   A checkpoint whose files all match in (size, mtime_ns) is not opened at all. The others are
+   inspected (`inspection.inspect_checkpoint`: meta JSON, zip central directories, optimizer shards
+   for the world size; never `torch.load`).
+3. Writes: one short transaction per batch of at most BATCH inspected checkpoints (across runs),
+   holding the locks of the runs it touches, so the registry is never half-written and concurrent
+   scanners serialise per run. Vanished checkpoints and files are marked missing, vanished runs too;
+   nothing is deleted. metrics.jsonl is ingested incrementally afterwards (`metrics.sync_metrics_file`);
+   runs without one get their val_bpb history from the checkpoints' metas at query time (store.py).
 
-This module does not answer queries (store.py) and does not verify tensor data (integrity checks).
+Progress: `progress(done, total, message)` counts checkpoints (unchanged ones at once), called at most
+every PROGRESS_EVERY_S seconds and once at the end. This module answers no queries (store.py).
 """
 
 from __future__ import annotations
@@ -34,130 +34,63 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from nanochat import checkpoint_manager as cm
-from nanochat.model_config import GPTConfig, classic_flops_per_token, flops_per_token, param_counts
-from nanochat.schedule import resolve_from_meta
 from registry.errors import NoCheckpointsError, ScanPathError
-from registry.metrics import ingest_points, sync_metrics_file
+from registry.inspection import METRICS_FILE, Inspection, Slot, file_kind, inspect_checkpoint, is_run_file, run_config
+from registry.metrics import sync_metrics_file
 from registry.models import Checkpoint, CheckpointFile, MetricSource, Root, Run, Scan, ScanProblem
 
-METRICS_FILE = "metrics.jsonl"
 MAX_DEPTH = 6
-BATCH = 500  # checkpoints per write transaction
+BATCH = 500  # inspected checkpoints per write transaction
+PROGRESS_EVERY_S = 0.1
 Progress = Callable[[int, int, str], None]  # (done, total, message)
+_RUN_CONFIG_COLUMNS = ("model_config", "user_config", "config_step", "num_iterations", "world_size", "total_batch_size",
+                       "depth", "n_params", "flops_per_token", "generation")
+_CHECKPOINT_COLUMNS = ("segment", "val_bpb", "meta", "complete", "resumable", "missing", "has_train_state", "world_size",
+                       "problems", "size_bytes", "mtime_ns", "files_signature", "inspected_at")
 
 
-def _file_kind(name: str) -> tuple[str, int | None, int | None] | None:
-    """(kind, step, rank) of a checkpoint file name, None for other files."""
-    if m := cm.MODEL_RE.match(name):
-        return "model", int(m.group(1)), None
-    if m := cm.META_RE.match(name):
-        return "meta", int(m.group(1)), None
-    if m := cm.OPTIM_RE.match(name):
-        return "optimizer", int(m.group(1)), int(m.group(2) or 0)
-    if m := cm.TRAIN_STATE_RE.match(name):
-        return "train_state", int(m.group(1)), int(m.group(2))
-    if name == cm.SINGLE_FILE:
-        return "single_file", None, None
-    return None
+_STATEMENTS: dict[str, dict] = {}
 
 
-def _is_run_file(name: str) -> bool:
-    return name == METRICS_FILE or _file_kind(name) is not None
-
-
-@dataclass
-class Slot:
-    """The files of one checkpoint as found on disk: key ("upstream", step) or ("single_file", None)."""
-    layout: str
-    step: int | None
-    files: dict[str, tuple[str, int | None, int, int]] = field(default_factory=dict)  # name -> (kind, rank, size, mtime_ns)
-
-    def checkpoint_files(self, directory: Path) -> cm.CheckpointFiles:
-        parts: dict = {"optimizer_shards": {}, "train_states": {}}
-        for name, (kind, rank, _, _) in self.files.items():
-            if kind in ("model", "single_file"):
-                parts["model"] = directory / name
-            elif kind == "meta":
-                parts["meta"] = directory / name
-            elif kind == "optimizer":
-                parts["optimizer_shards"][rank] = directory / name
-            elif kind == "train_state":
-                parts["train_states"][rank] = directory / name
-        return cm.CheckpointFiles(directory=directory, step=self.step, layout=self.layout, **parts)
-
-
-@dataclass
-class Inspection:
-    """What inspect_checkpoint learned about one checkpoint (files read: meta, zip directories)."""
-    slot: Slot
-    step: int  # -1 when unknown
-    meta: dict | None
-    problems: list[dict]
-    val_bpb: float | None
-    segment: int
-    world_size: int | None
-    has_train_state: bool
-
-    @property
-    def complete(self) -> bool:
-        return not any(p["blocks"] == "load" for p in self.problems)
-
-
-def inspect_checkpoint(slot: Slot, directory: Path) -> Inspection:
-    """Read one checkpoint's metadata and run the quick checks (no tensor data, no torch)."""
-    ckpt = slot.checkpoint_files(directory)
-    try:
-        meta = cm.read_meta(ckpt)
-    except cm.CheckpointError:
-        meta = None
-    if slot.layout == "single_file" and meta is not None and isinstance(meta.get("step"), int):
-        ckpt = cm.CheckpointFiles(directory=directory, step=meta["step"], layout="single_file", model=ckpt.model)
-    problems = [{"code": p.code, "message": p.message, "blocks": p.blocks, "file": p.file}
-                for p in (cm.quick_problems(ckpt, meta) if meta is not None else cm.quick_problems(ckpt))]
-    step = ckpt.step if ckpt.step is not None else -1
-    meta = meta if isinstance(meta, dict) else None
-    val = meta.get("val_bpb") if meta else None
-    seg = meta.get("resume_segment") if meta else None
-    world = cm.expected_world_size(ckpt, meta) if slot.layout == "upstream" else None
-    return Inspection(slot, step, meta, problems,
-                      float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else None,
-                      seg if isinstance(seg, int) and not isinstance(seg, bool) and seg >= 1 else 1,
-                      world if world and world > 0 else None,
-                      bool(meta and meta.get("train_state") and ckpt.train_states))
-
-
-def run_config(ins: Inspection, directory: Path) -> dict:
-    """Run-level columns from a checkpoint's meta: configs, target steps, size of the model."""
-    meta = ins.meta or {}
-    mc = meta.get("model_config") if isinstance(meta.get("model_config"), dict) else {}
-    uc = meta.get("user_config") if isinstance(meta.get("user_config"), dict) else {}
-    try:
-        num = resolve_from_meta(meta)
-    except (TypeError, ValueError, KeyError, ArithmeticError):
-        num = None
-    tbs = meta.get("total_batch_size") or uc.get("total_batch_size")
-    out = {"model_config": mc, "user_config": uc, "config_step": ins.step, "num_iterations": num,
-           "world_size": meta.get("world_size") if isinstance(meta.get("world_size"), int) else ins.world_size,
-           "total_batch_size": tbs if isinstance(tbs, int) and tbs > 0 else None,
-           "depth": mc.get("n_layer") if isinstance(mc.get("n_layer"), int) else None,
-           "n_params": None, "flops_per_token": None, "generation": None}
-    if ins.complete:
-        try:  # the architecture generation needs the state dict's key names: read from the pickle only
-            shapes = cm.state_dict_shapes(ins.slot.checkpoint_files(directory))
-            config = GPTConfig.from_checkpoint(mc, {k: v.shape for k, v in shapes.items()})
-            out.update(n_params=param_counts(config)["total"], generation="classic" if config.is_classic else "current",
-                       flops_per_token=classic_flops_per_token(config) if config.is_classic else flops_per_token(config))
-        except (cm.CheckpointError, ValueError, TypeError, KeyError):
-            pass  # an unusual architecture: sizes stay unknown, the run is still indexed
+def _statements(db) -> dict:
+    """The batch writer's statements, built once per dialect: building and cache-keying them each
+    time costs more than executing them for a batch of 50 checkpoints."""
+    if db.dialect in _STATEMENTS:
+        return _STATEMENTS[db.dialect]
+    run_t, ckpt_t, file_t = Run.__table__, Checkpoint.__table__, CheckpointFile.__table__
+    act = sa.bindparam("b_act", type_=sa.Float)
+    ck = db.insert(ckpt_t)
+    fi = db.insert(file_t)
+    config = {k: sa.bindparam(f"b_{k}", type_=run_t.c[k].type) for k in _RUN_CONFIG_COLUMNS}
+    out = {
+        "run_update": sa.update(run_t).where(run_t.c.id == sa.bindparam("b_id")).values(
+            phase=sa.bindparam("b_phase"), tag=sa.bindparam("b_tag"), root_id=sa.bindparam("b_root"),
+            last_seen_at=sa.bindparam("b_now", type_=sa.Float), missing=False, has_metrics_file=sa.bindparam("b_has_metrics"),
+            last_activity_at=sa.case((run_t.c.last_activity_at.is_(None), act), (act > run_t.c.last_activity_at, act),
+                                     else_=run_t.c.last_activity_at)),
+        "run_seen": sa.update(run_t).where(run_t.c.id == sa.bindparam("b_id")).values(
+            last_seen_at=sa.bindparam("b_now", type_=sa.Float), dir_signature=sa.bindparam("b_signature"),
+            dir_checkpoints=sa.bindparam("b_count", type_=sa.Integer)),
+        "checkpoint_upsert": ck.on_conflict_do_update(index_elements=["run_id", "layout", "step"],
+                                                      set_={c: ck.excluded[c] for c in _CHECKPOINT_COLUMNS}),
+        "file_upsert": fi.on_conflict_do_update(index_elements=["checkpoint_id", "name"], set_={
+            "size": fi.excluded.size, "mtime_ns": fi.excluded.mtime_ns, "kind": fi.excluded.kind, "rank": fi.excluded.rank,
+            "missing": False}),
+        "file_vanished": sa.update(file_t).where(file_t.c.checkpoint_id == sa.bindparam("b_cid"),
+                                                 file_t.c.name == sa.bindparam("b_name")).values(missing=True),
+        # The newest complete checkpoint's config wins; an incomplete one only fills an empty config.
+        "config_complete": sa.update(run_t).where(run_t.c.id == sa.bindparam("b_id"), sa.or_(
+            run_t.c.config_step.is_(None), run_t.c.config_step <= sa.bindparam("b_guard", type_=sa.Integer))).values(config),
+        "config_incomplete": sa.update(run_t).where(run_t.c.id == sa.bindparam("b_id"), run_t.c.config_step.is_(None))
+        .values(config),
+    }
+    _STATEMENTS[db.dialect] = out
     return out
 
 
-# ---------------------------------------------------------------------- walking and stat
-
-
-def find_run_dirs(root: Path, on_problem: Callable[[str, str, str], None]) -> list[Path]:
-    """Folders under root (root included) holding checkpoint files or metrics.jsonl, sorted."""
-    runs, seen, stack = [], set(), [(root, 0)]
+def walk_runs(root: Path, on_problem: Callable[[str, str, str], None]) -> dict[Path, list[os.DirEntry]]:
+    """{folder: its entries} for folders under root (root included) holding checkpoint files or metrics.jsonl."""
+    runs, seen, stack = {}, set(), [(root, 0)]
     while stack:
         d, depth = stack.pop()
         try:
@@ -172,42 +105,88 @@ def find_run_dirs(root: Path, on_problem: Callable[[str, str, str], None]) -> li
                 raise ScanPathError(f"cannot read {d}: {e.strerror or e}") from None
             on_problem(str(d), "unreadable", f"cannot read folder {d}: {e.strerror or e}")
             continue
-        if any(_is_run_file(e.name) and e.is_file() for e in entries):
-            runs.append(d)
+        if any(is_run_file(e.name) and e.is_file() for e in entries):
+            runs[d] = entries
             continue
         if depth < MAX_DEPTH:
             stack += [(Path(e.path), depth + 1) for e in entries if not e.name.startswith(".") and e.is_dir()]
-    return sorted(runs)
+    return runs
 
 
-def stat_run_dir(d: Path) -> tuple[dict[tuple, Slot], os.stat_result | None, int]:
-    """The checkpoints in a run folder by key, the metrics.jsonl stat, and how many files were stat'ed."""
+def list_run_dir(d: Path, entries: list[os.DirEntry] | None = None) -> tuple[list[tuple[str, os.stat_result]], str]:
+    """(name, stat) of every file in a run folder, and the folder's fingerprint: its own inode and mtime
+    (which change when a file is added, removed or renamed) and each file's inode, size and mtime_ns
+    (which change when it is rewritten, appended to or truncated). Built from ints only, whose hashes
+    CPython does not randomise, so it can be compared with one stored by another process."""
+    dir_st = os.stat(d)
+    if entries is None:
+        with os.scandir(d) as it:
+            entries = list(it)
+    files = []
+    for entry in entries:
+        try:
+            if entry.is_file():
+                files.append((entry.name, entry.stat()))
+        except FileNotFoundError:
+            continue  # deleted between listing and stat
+    fingerprint = hash((dir_st.st_ino, dir_st.st_mtime_ns, frozenset((st.st_ino, st.st_size, st.st_mtime_ns) for _, st in files)))
+    return files, str(fingerprint)
+
+
+def group_slots(files: list[tuple[str, os.stat_result]]) -> tuple[dict[tuple, Slot], os.stat_result | None]:
+    """The checkpoints among a run folder's files by slot key, and the metrics.jsonl stat."""
     slots: dict[tuple, Slot] = {}
     metrics = None
-    count = 0
-    with os.scandir(d) as it:
-        for entry in it:
-            kind = _file_kind(entry.name)
-            if kind is None and entry.name != METRICS_FILE:
-                continue
-            try:
-                if not entry.is_file():
-                    continue
-                st = entry.stat()
-            except FileNotFoundError:
-                continue  # deleted between listing and stat
-            count += 1
-            if kind is None:
+    for name, st in files:
+        kind = file_kind(name)
+        if kind is None:
+            if name == METRICS_FILE:
                 metrics = st
-                continue
-            k, step, rank = kind
-            layout = "single_file" if k == "single_file" else "upstream"
-            slot = slots.setdefault((layout, step), Slot(layout, step))
-            slot.files[entry.name] = (k, rank, st.st_size, st.st_mtime_ns)
-    return slots, metrics, count
+            continue
+        k, step, rank = kind
+        layout = "single_file" if k == "single_file" else "upstream"
+        slot = slots.get((layout, step))
+        if slot is None:
+            slot = slots[(layout, step)] = Slot(layout, step)
+        slot.files[name] = (k, rank, st.st_size, st.st_mtime_ns)
+    return slots, metrics
 
 
-# ---------------------------------------------------------------------- the scan
+@dataclass
+class RunPlan:
+    """One run folder: what is on disk, what the registry holds, and what changed."""
+    path: Path
+    files: list[tuple[str, os.stat_result]]
+    fingerprint: str
+    slots: dict[tuple, Slot] = field(default_factory=dict)
+    metrics_stat: os.stat_result | None = None
+    run_id: int | None = None
+    unchanged: bool = False  # the folder's fingerprint matches the registry: nothing was grouped or loaded
+    stored_count: int = 0
+    known_keys: set = field(default_factory=set)  # (layout, step) of every checkpoint row, present or missing
+    present: dict = field(default_factory=dict)  # slot key -> (checkpoint id, files signature)
+    source: tuple | None = None  # (size, mtime_ns, inode) of metrics.jsonl when last read
+    written: bool = False  # its run row was updated by this scan
+
+    def __post_init__(self):
+        self.phase, self.tag = cm.phase_and_tag(self.path)
+
+    def changed(self) -> list[Slot]:
+        order = sorted(self.slots, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+        return [self.slots[k] for k in order if k not in self.present or self.present[k][1] != self.slots[k].signature()]
+
+    def gone(self) -> list[int]:
+        return [cid for key, (cid, _) in self.present.items() if key not in self.slots]
+
+    def metrics_changed(self) -> bool:
+        st = self.metrics_stat
+        return st is not None and self.source != (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def last_activity(self) -> float | None:
+        mtimes = [f[3] for slot in self.slots.values() for f in slot.files.values()]
+        if self.metrics_stat is not None:
+            mtimes.append(self.metrics_stat.st_mtime_ns)
+        return max(mtimes) / 1e9 if mtimes else None
 
 
 @dataclass
@@ -225,6 +204,9 @@ class _Counts:
     metric_bad_lines: int = 0
     problems: list = field(default_factory=list)  # (path, code, message)
 
+    def problem(self, path: str, code: str, message: str) -> None:
+        self.problems.append((path, code, message))
+
 
 def _resolve_root(path) -> Path:
     p = Path(os.fspath(path)).expanduser()
@@ -232,10 +214,15 @@ def _resolve_root(path) -> Path:
         raise ScanPathError(f"{p} does not exist")
     p = p.resolve()
     if p.is_file():
-        if not _is_run_file(p.name):
+        if not is_run_file(p.name):
             raise ScanPathError(f"{p} is a file, not a folder of checkpoints")
         p = p.parent
     return p
+
+
+def _chunks(items: list, n: int = 500):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
 
 
 def scan_path(store, path, progress: Progress | None = None):
@@ -243,46 +230,121 @@ def scan_path(store, path, progress: Progress | None = None):
     db = store.db
     root = _resolve_root(path)
     counts = _Counts()
-    report = counts.problems.append
-
-    def on_problem(p: str, code: str, message: str) -> None:
-        report((p, code, message))
-
-    run_dirs = find_run_dirs(root, on_problem)
+    run_dirs = walk_runs(root, counts.problem)
+    under = sa.or_(Run.path == str(root), Run.path.startswith(str(root).rstrip("/") + "/", autoescape=True))
     with db.session() as s:
-        known = {r.path: r for r in s.execute(sa.select(Run).where(
-            sa.or_(Run.path == str(root), Run.path.startswith(str(root).rstrip("/") + "/", autoescape=True)))).scalars()}
+        known = {p: (rid, missing) for p, rid, missing in s.execute(sa.select(Run.path, Run.id, Run.missing).where(under))}
     if not run_dirs and not known:
         raise NoCheckpointsError(f"no checkpoints under {root} (looked for model_NNNNNN.pt, meta_NNNNNN.json, "
                                  f"checkpoint.pt or {METRICS_FILE}, up to {MAX_DEPTH} folders deep)")
-    now = time.time()
-    root_id, scan_id = db.write(lambda s: _start_scan(s, db, root, now))
+    root_id, scan_id = db.write(lambda s: _start_scan(s, db, root, time.time()))
     try:
-        listings = []
-        for d in sorted(set(run_dirs) | {Path(p) for p in known if Path(p).is_dir()}):
-            try:
-                listings.append((d, *stat_run_dir(d)))
-            except OSError as e:
-                on_problem(str(d), "unreadable", f"cannot read folder {d}: {e.strerror or e}")
-        total = sum(len(slots) + 1 for _, slots, _, _ in listings)
-        done = 0
-        for d, slots, metrics_stat, n_stat in listings:
-            counts.files_stat += n_stat
-            counts.runs_found += 1
-            done = _scan_run(store, d, slots, metrics_stat, root_id, scan_id, counts, on_problem, progress, done, total)
-            done += 1
-            if progress:
-                progress(done, total, f"{d.name}: done")
-        for p, run in known.items():
-            if not Path(p).is_dir() and not run.missing:
-                counts.runs_missing += 1
-                counts.checkpoints_missing += db.write(lambda s, rid=run.id: _mark_run_missing(s, db, rid))
+        _scan(store, root_id, scan_id, run_dirs, known, counts, progress)
     except BaseException as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         db.write(lambda s: _finish_scan(s, scan_id, counts, "failed", msg))
         raise
     db.write(lambda s: _finish_scan(s, scan_id, counts, "ok", None))
     return store.scan_report(scan_id)
+
+
+def _scan(store, root_id: int, scan_id: int, run_dirs: dict[Path, list], known: dict, counts: _Counts, progress) -> None:
+    db = store.db
+    plans: dict[str, RunPlan] = {}
+    for d in sorted(set(run_dirs) | {Path(p) for p in known if Path(p).is_dir()}):
+        try:
+            files, fingerprint = list_run_dir(d, run_dirs.get(d))
+        except OSError as e:
+            counts.problem(str(d), "unreadable", f"cannot read folder {d}: {e.strerror or e}")
+            continue
+        plans[str(d)] = RunPlan(d, files, fingerprint)
+        counts.files_stat += len(files)
+    with db.session() as s:
+        _load_state(s, plans)
+    counts.runs_found = len(plans)
+    counts.runs_new = sum(1 for p in plans.values() if p.run_id is None)
+    total = sum(p.stored_count if p.unchanged else len(p.slots) for p in plans.values())
+    work = [(plan, plan.changed()) for plan in plans.values() if not plan.unchanged]
+    counts.checkpoints_seen = total
+    counts.checkpoints_unchanged = done = total - sum(len(c) for _, c in work)
+    last_report = 0.0
+
+    def report(message: str, force: bool = False) -> None:
+        nonlocal last_report
+        if progress and (force or time.monotonic() - last_report >= PROGRESS_EVERY_S):
+            last_report = time.monotonic()
+            progress(done, total, message)
+
+    report("comparing with the registry", force=True)
+    batch_runs: list[RunPlan] = []
+    batch: list[tuple[RunPlan, Inspection]] = []
+
+    def flush() -> None:
+        if not batch_runs:
+            return
+        new, changed, missing = db.write(lambda s: _write_batch(s, db, batch_runs, batch, root_id, scan_id, counts))
+        counts.checkpoints_new += new
+        counts.checkpoints_changed += changed
+        counts.checkpoints_missing += missing
+        batch_runs.clear()
+        batch.clear()
+
+    for plan, changed in work:
+        batch_runs.append(plan)
+        for slot in changed:
+            batch.append((plan, inspect_checkpoint(slot, plan.path)))
+            done += 1
+            report(f"{plan.phase}/{plan.tag}: step {slot.step if slot.step is not None else 'checkpoint.pt'}")
+            if len(batch) >= BATCH:
+                flush()
+                batch_runs.append(plan)
+    flush()
+    for plan in plans.values():
+        if not plan.unchanged and plan.metrics_changed():
+            lines, bad = sync_metrics_file(db, plan.run_id, str(plan.path / METRICS_FILE), counts.problem)
+            counts.metric_lines += lines
+            counts.metric_bad_lines += bad
+    for p, (rid, missing) in known.items():
+        if p not in plans and not Path(p).is_dir() and not missing:
+            counts.runs_missing += 1
+            counts.checkpoints_missing += db.write(lambda s, rid=rid: _mark_run_missing(s, db, rid))
+    # Only now, with every change of every run written, may the fingerprints say "indexed as is".
+    db.write(lambda s: s.connection().execute(_statements(db)["run_seen"], [
+        {"b_id": p.run_id, "b_now": time.time(), "b_signature": p.fingerprint,
+         "b_count": p.stored_count if p.unchanged else len(p.slots)} for p in plans.values()]) if plans else None)
+    report("done", force=True)
+
+
+def _load_state(s: Session, plans: dict[str, RunPlan]) -> None:
+    """What the registry holds for these runs, in a few bulk queries. A run whose folder fingerprint
+    is unchanged is settled here; only the others have their files grouped and checkpoints loaded."""
+    by_id: dict[int, RunPlan] = {}
+    conn = s.connection()  # plain rows: tens of thousands of them on a big tree
+    for chunk in _chunks(list(plans)):
+        for rid, path, signature, count, missing in conn.execute(sa.select(
+                Run.id, Run.path, Run.dir_signature, Run.dir_checkpoints, Run.missing).where(Run.path.in_(chunk))):
+            plan = plans[path]
+            plan.run_id = rid
+            if not missing and signature is not None and signature == plan.fingerprint:
+                plan.unchanged, plan.stored_count = True, count or 0
+            else:
+                by_id[rid] = plan
+    for plan in plans.values():
+        if not plan.unchanged:
+            plan.slots, plan.metrics_stat = group_slots(plan.files)
+    for chunk in _chunks(sorted(by_id)):
+        for cid, rid, layout, step, missing, signature in conn.execute(sa.select(
+                Checkpoint.id, Checkpoint.run_id, Checkpoint.layout, Checkpoint.step, Checkpoint.missing,
+                Checkpoint.files_signature).where(Checkpoint.run_id.in_(chunk))):
+            plan = by_id[rid]
+            plan.known_keys.add((layout, step))
+            if not missing:
+                key = ("single_file", None) if layout == "single_file" else ("upstream", step)
+                plan.present[key if key not in plan.present else ("duplicate", cid)] = (cid, signature)
+        for rid, size, mtime, inode in conn.execute(sa.select(
+                MetricSource.run_id, MetricSource.size, MetricSource.mtime_ns, MetricSource.inode)
+                .where(MetricSource.run_id.in_(chunk), MetricSource.kind == "jsonl")):
+            by_id[rid].source = (size, mtime, inode)
 
 
 def _start_scan(s: Session, db, root: Path, now: float) -> tuple[int, int]:
@@ -302,9 +364,9 @@ def _finish_scan(s: Session, scan_id: int, c: _Counts, status: str, error: str |
                  "checkpoints_unchanged", "checkpoints_missing", "files_stat", "metric_lines", "metric_bad_lines"):
         setattr(scan, name, getattr(c, name))
     scan.status, scan.error, scan.finished_at = status, error, time.time()
-    # Checkpoint problems were written with their batch; the rest (folders, metrics lines) now.
-    stored = {(p, code, m) for p, code, m in s.execute(sa.select(ScanProblem.path, ScanProblem.code, ScanProblem.message)
-                                                        .where(ScanProblem.scan_id == scan_id))}
+    # Checkpoint problems were written with their batch; the others (folders, metrics lines) now.
+    stored = set(s.execute(sa.select(ScanProblem.path, ScanProblem.code, ScanProblem.message)
+                           .where(ScanProblem.scan_id == scan_id)).all())
     rows = [{"scan_id": scan_id, "path": p, "code": code, "message": m, "created_at": time.time()}
             for p, code, m in dict.fromkeys(c.problems) if (p, code, m) not in stored]
     if rows:
@@ -313,7 +375,7 @@ def _finish_scan(s: Session, scan_id: int, c: _Counts, status: str, error: str |
 
 
 def _mark_run_missing(s: Session, db, run_id: int) -> int:
-    db.lock_run(s, run_id)
+    db.lock_runs(s, [run_id])
     s.execute(sa.update(Run).where(Run.id == run_id).values(missing=True))
     n = s.execute(sa.update(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.missing.is_(False))
                   .values(missing=True)).rowcount
@@ -322,152 +384,103 @@ def _mark_run_missing(s: Session, db, run_id: int) -> int:
     return n
 
 
-def _stored_state(s: Session, path: str):
-    """The run row, {slot key: (checkpoint id, {file name: (size, mtime_ns)})} of its present
-    checkpoints, and its metrics.jsonl source row (None when never seen)."""
-    run = s.execute(sa.select(Run).where(Run.path == path)).scalar_one_or_none()
-    if run is None:
-        return None, {}, None
-    ckpts = {c.id: c for c in s.execute(sa.select(Checkpoint).where(Checkpoint.run_id == run.id,
-                                                                   Checkpoint.missing.is_(False))).scalars()}
-    present: dict[tuple, tuple[int, dict]] = {}
-    for c in ckpts.values():
-        key = ("single_file", None) if c.layout == "single_file" else ("upstream", c.step)
-        present[key if key not in present else ("duplicate", c.id)] = (c.id, {})
-    by_id = {cid: files for cid, files in present.values()}
-    for cid, name, size, mtime in s.execute(sa.select(
-            CheckpointFile.checkpoint_id, CheckpointFile.name, CheckpointFile.size, CheckpointFile.mtime_ns).where(
-            CheckpointFile.run_id == run.id, CheckpointFile.missing.is_(False))):
-        if cid in by_id:
-            by_id[cid][name] = (size, mtime)
-    source = s.execute(sa.select(MetricSource).where(MetricSource.run_id == run.id,
-                                                     MetricSource.kind == "jsonl")).scalars().first()
-    return run, present, source
-
-
-def _scan_run(store, d: Path, slots: dict[tuple, Slot], metrics_stat, root_id: int, scan_id: int, counts: _Counts,
-              on_problem, progress: Progress | None, done: int, total: int) -> int:
-    db = store.db
-    path = str(d)
-    phase, tag = cm.phase_and_tag(d)
-    with db.session() as s:
-        run, present, source = _stored_state(s, path)
-    if run is None:
-        counts.runs_new += 1
-    changed = [slot for key, slot in sorted(slots.items(), key=lambda kv: (kv[0][0], kv[0][1] if kv[0][1] is not None else -1))
-               if key not in present or present[key][1] != {n: (f[2], f[3]) for n, f in slot.files.items()}]
-    gone = [cid for key, (cid, _) in present.items() if key not in slots]
-    counts.checkpoints_seen += len(slots)
-    counts.checkpoints_unchanged += len(slots) - len(changed)
-    done += len(slots) - len(changed)
-    mtimes = [f[3] for slot in slots.values() for f in slot.files.values()] + ([metrics_stat.st_mtime_ns] if metrics_stat else [])
-    run_values = {"path": path, "phase": phase, "tag": tag, "root_id": root_id, "last_seen_at": time.time(),
-                  "last_activity_at": max(mtimes) / 1e9 if mtimes else None, "has_metrics_file": metrics_stat is not None,
-                  "missing": False}
-    run_id = db.write(lambda s: _upsert_run(s, db, run_values, gone))
-    counts.checkpoints_missing += len(gone)
-    if progress:
-        progress(done, total, f"{phase}/{tag}: {len(changed)} new or changed checkpoints")
-    for i in range(0, len(changed), BATCH):
-        batch = [inspect_checkpoint(slot, d) for slot in changed[i:i + BATCH]]
-        with_meta = [b for b in batch if b.meta is not None]
-        best = max(with_meta, key=lambda b: (b.complete, b.step)) if with_meta else None
-        config = (best.complete, run_config(best, d)) if best else None
-        stats = db.write(lambda s, batch=batch, config=config: _write_batch(
-            s, db, run_id, d, batch, config, present, scan_id, metrics_stat is None))
-        counts.checkpoints_new += stats[0]
-        counts.checkpoints_changed += stats[1]
-        counts.checkpoints_missing += stats[2]
-        for b in batch:
-            for p in b.problems:
-                on_problem(str(d / (p["file"] or "")), p["code"], f"{d.name}@{b.step}: {p['message']}")
-        done += len(batch)
-        if progress:
-            progress(done, total, f"{phase}/{tag}: inspected {min(i + BATCH, len(changed))}/{len(changed)}")
-    if metrics_stat is not None and (source is None or (source.size, source.mtime_ns, source.inode) !=
-                                     (metrics_stat.st_size, metrics_stat.st_mtime_ns, metrics_stat.st_ino)):
-        lines, bad = sync_metrics_file(db, run_id, str(d / METRICS_FILE), on_problem)
-        counts.metric_lines += lines
-        counts.metric_bad_lines += bad
-    return done
-
-
-def _upsert_run(s: Session, db, values: dict, gone: list[int]) -> int:
-    now = values["last_seen_at"]
-    s.execute(db.insert(Run.__table__).on_conflict_do_nothing(index_elements=["path"]),
-              [{**values, "first_seen_at": now}])
-    run = s.execute(sa.select(Run).where(Run.path == values["path"])).scalar_one()
-    db.lock_run(s, run.id)
-    s.refresh(run)
-    for k, v in values.items():
-        if k == "last_activity_at" and v is not None and run.last_activity_at is not None:
-            v = max(v, run.last_activity_at)
-        setattr(run, k, v)
-    if gone:
-        s.execute(sa.update(Checkpoint).where(Checkpoint.id.in_(gone)).values(missing=True))
-        s.execute(sa.update(CheckpointFile).where(CheckpointFile.checkpoint_id.in_(gone)).values(missing=True))
-    return run.id
-
-
-def _write_batch(s: Session, db, run_id: int, d: Path, batch: list[Inspection], config: tuple[bool, dict] | None,
-                 present: dict, scan_id: int, meta_history: bool) -> tuple[int, int, int]:
-    """Upsert one batch of inspected checkpoints and their files; returns (new, changed, marked missing)."""
-    db.lock_run(s, run_id)
+def _write_batch(s: Session, db, plans: list[RunPlan], items: list[tuple[RunPlan, Inspection]], root_id: int,
+                 scan_id: int, counts: _Counts) -> tuple[int, int, int]:
+    """Write one batch: run rows, inspected checkpoints with their files and problems, vanished
+    checkpoints, the runs' configs and meta-derived val_bpb points. Returns (new, changed, marked missing)."""
     now = time.time()
-    existing = {(c.layout, c.step): c for c in s.execute(sa.select(Checkpoint).where(
-        Checkpoint.run_id == run_id, Checkpoint.step.in_(sorted({b.step for b in batch})))).scalars()}
-    new = changed = superseded = 0
-    for b in batch:
-        files = b.slot.files
-        values = dict(step=b.step, layout=b.slot.layout, segment=b.segment, val_bpb=b.val_bpb, meta=b.meta,
-                      complete=b.complete, resumable=b.complete and not b.problems, missing=False,
-                      has_train_state=b.has_train_state, world_size=b.world_size, problems=b.problems,
-                      size_bytes=sum(f[2] for f in files.values()), mtime_ns=max(f[3] for f in files.values()),
-                      inspected_at=now)
-        row = existing.get((b.slot.layout, b.step))
-        if row is None:
-            row = Checkpoint(run_id=run_id, first_seen_at=now, **values)
-            s.add(row)
-            s.flush()
-            new += 1
-        else:
-            for k, v in values.items():
-                setattr(row, k, v)
-            changed += 1
-        ins = db.insert(CheckpointFile.__table__)
-        s.execute(ins.on_conflict_do_update(index_elements=["checkpoint_id", "name"], set_={
-            "size": ins.excluded.size, "mtime_ns": ins.excluded.mtime_ns, "kind": ins.excluded.kind,
-            "rank": ins.excluded.rank, "missing": False}), [
-            {"run_id": run_id, "checkpoint_id": row.id, "name": n, "kind": f[0], "rank": f[1], "size": f[2],
-              "mtime_ns": f[3], "missing": False, "first_seen_at": now} for n, f in sorted(files.items())])
-        s.execute(sa.update(CheckpointFile).where(CheckpointFile.checkpoint_id == row.id,
-                                                  CheckpointFile.name.not_in(sorted(files))).values(missing=True))
-        if b.slot.layout == "single_file":
-            # checkpoint.pt was rewritten with another step: the previous step's record stays, as missing
-            older = s.execute(sa.update(Checkpoint).where(
-                Checkpoint.run_id == run_id, Checkpoint.layout == "single_file", Checkpoint.id != row.id,
-                Checkpoint.missing.is_(False)).values(missing=True)).rowcount
-            s.execute(sa.update(CheckpointFile).where(CheckpointFile.run_id == run_id, CheckpointFile.checkpoint_id != row.id,
-                                                      CheckpointFile.name == cm.SINGLE_FILE).values(missing=True))
-            superseded += older
-        if b.problems:
-            s.execute(sa.insert(ScanProblem), [
-                {"scan_id": scan_id, "run_id": run_id, "checkpoint_id": row.id, "path": str(d / (p["file"] or "")),
-                 "code": p["code"], "message": f"{d.name}@{b.step}: {p['message']}", "created_at": now} for p in b.problems])
-    if config is not None:
-        # The run's config follows its newest complete checkpoint (a resume may change flags); an
-        # incomplete checkpoint's meta is used only until a complete one is seen.
-        complete, values = config
-        run = s.get(Run, run_id)
-        if run.config_step is None or (complete and values["config_step"] >= run.config_step):
-            for k, v in values.items():
-                setattr(run, k, v)
-            if not complete:
-                run.config_step = None
-    if meta_history:
-        points = [("val_bpb", b.step, b.segment, b.val_bpb, b.slot.files[f"meta_{b.step:06d}.json"][3] / 1e9
-                   if f"meta_{b.step:06d}.json" in b.slot.files else None)
-                  for b in batch if b.val_bpb is not None and b.step >= 0
-                  and not any(p["code"] in ("step_mismatch", "bad_meta") for p in b.problems)]
-        ingest_points(s, db, run_id, points)
-    return new, changed, superseded
+    run_t = Run.__table__
+    plans = list({id(p): p for p in plans}.values())
+    new_runs = [{"path": str(p.path), "phase": p.phase, "tag": p.tag, "root_id": root_id, "first_seen_at": now,
+                 "last_seen_at": now, "last_activity_at": p.last_activity(), "has_metrics_file": p.metrics_stat is not None,
+                 "missing": False} for p in plans if p.run_id is None]
+    if new_runs:
+        s.execute(db.insert(run_t).on_conflict_do_nothing(index_elements=["path"]), new_runs)
+    ids = dict(s.execute(sa.select(Run.path, Run.id).where(Run.path.in_([str(p.path) for p in plans]))).all())
+    for p in plans:
+        p.run_id = ids[str(p.path)]
+    db.lock_runs(s, sorted(ids.values()))
+    fresh = [p for p in plans if not p.written]
+    conn, st = s.connection(), _statements(db)
+    if fresh:
+        conn.execute(st["run_update"], [
+            {"b_id": p.run_id, "b_phase": p.phase, "b_tag": p.tag, "b_root": root_id, "b_now": now,
+             "b_has_metrics": p.metrics_stat is not None, "b_act": p.last_activity()} for p in fresh])
+    gone = [cid for p in fresh for cid in p.gone()]
+    for p in fresh:
+        p.written = True
+    new = changed = 0
+    if items:
+        rows = []
+        for p, ins in items:
+            files = ins.slot.files
+            rows.append({"run_id": p.run_id, "layout": ins.slot.layout, "step": ins.step, "segment": ins.segment,
+                         "val_bpb": ins.val_bpb, "meta": ins.meta, "complete": ins.complete, "resumable": ins.resumable,
+                         "missing": False, "has_train_state": ins.has_train_state, "world_size": ins.world_size(p.path),
+                         "problems": ins.problems, "size_bytes": sum(f[2] for f in files.values()),
+                         "mtime_ns": max(f[3] for f in files.values()), "files_signature": ins.slot.signature(),
+                         "first_seen_at": now, "inspected_at": now})
+            if (ins.slot.layout, ins.step) in p.known_keys:
+                changed += 1
+            else:
+                new += 1
+        conn.execute(st["checkpoint_upsert"], rows)
+        run_ids = sorted({p.run_id for p, _ in items})
+        steps = sorted({ins.step for _, ins in items})
+        cids = {(r, lay, st): c for c, r, lay, st in s.execute(sa.select(
+            Checkpoint.id, Checkpoint.run_id, Checkpoint.layout, Checkpoint.step).where(
+            Checkpoint.run_id.in_(run_ids), Checkpoint.step.in_(steps)))}
+        conn.execute(st["file_upsert"], [
+            {"run_id": p.run_id, "checkpoint_id": cids[(p.run_id, ins.slot.layout, ins.step)], "name": n, "kind": f[0],
+             "rank": f[1], "size": f[2], "mtime_ns": f[3], "missing": False, "first_seen_at": now}
+            for p, ins in items for n, f in sorted(ins.slot.files.items())])
+        problems = []
+        rechecked = {}  # checkpoint id -> the file names on disk now, for checkpoints indexed before
+        for p, ins in items:
+            cid = cids[(p.run_id, ins.slot.layout, ins.step)]
+            before = p.present.get(ins.slot.key)
+            if before is not None and before[0] != cid:
+                gone.append(before[0])  # checkpoint.pt rewritten with another step: the old step stays, as missing
+            elif before is not None:
+                rechecked[cid] = ins.slot.files
+            problems += [{"scan_id": scan_id, "run_id": p.run_id, "checkpoint_id": cid, "path": str(p.path / (x["file"] or "")),
+                          "code": x["code"], "message": f"{p.path.name}@{ins.step}: {x['message']}", "created_at": now}
+                         for x in ins.problems]
+        vanished_files = [{"b_cid": cid, "b_name": name} for chunk in _chunks(sorted(rechecked)) for cid, name in s.execute(
+            sa.select(CheckpointFile.checkpoint_id, CheckpointFile.name).where(
+                CheckpointFile.checkpoint_id.in_(chunk), CheckpointFile.missing.is_(False))) if name not in rechecked[cid]]
+        if vanished_files:
+            conn.execute(st["file_vanished"], vanished_files)
+        if problems:
+            s.execute(sa.insert(ScanProblem), problems)
+            for x in problems:
+                counts.problem(x["path"], x["code"], x["message"])
+        _update_configs(conn, st, items)
+    missing = 0
+    if gone:
+        missing = s.execute(sa.update(Checkpoint).where(Checkpoint.id.in_(gone), Checkpoint.missing.is_(False))
+                            .values(missing=True)).rowcount
+        s.execute(sa.update(CheckpointFile).where(CheckpointFile.checkpoint_id.in_(gone)).values(missing=True))
+    return new, changed, missing
+
+
+def _update_configs(conn, st: dict, items: list[tuple[RunPlan, Inspection]]) -> None:
+    """A run's config follows its newest complete checkpoint (a resume may change flags); an incomplete
+    checkpoint's meta is used only while no complete one is known. The condition is in the UPDATE, so
+    concurrent scanners cannot put an older config back."""
+    best: dict[int, tuple[RunPlan, Inspection]] = {}
+    for p, ins in items:
+        if ins.meta is not None:
+            cur = best.get(p.run_id)
+            if cur is None or (ins.complete, ins.step) > (cur[1].complete, cur[1].step):
+                best[p.run_id] = (p, ins)
+    rows = {True: [], False: []}
+    for run_id, (p, ins) in best.items():
+        values = {f"b_{k}": v for k, v in run_config(ins, p.path).items()}
+        values.update(b_id=run_id, b_guard=ins.step)
+        if not ins.complete:
+            values["b_config_step"] = None
+        rows[ins.complete].append(values)
+    for complete, batch in rows.items():
+        if batch:
+            conn.execute(st["config_complete" if complete else "config_incomplete"], batch)

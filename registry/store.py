@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from registry import metrics
+from registry import history
 from registry.db import Database
 from registry.entities import (
     BestCheckpoint,
@@ -57,6 +57,7 @@ from registry.models import (
     Scan,
     ScanProblem,
 )
+from registry.models import MetricPoint as PointRow
 from registry.models import MetricSeries as SeriesRow
 
 ACTIVE_WINDOW_S = 600.0
@@ -175,32 +176,15 @@ class RegistryStore:
                 sa.func.max(sa.case((sa.and_(Checkpoint.missing.is_(False), Checkpoint.complete.is_(True)), Checkpoint.step))),
                 sa.func.max(sa.case((Checkpoint.missing.is_(False), Checkpoint.step))),
             ).where(Checkpoint.run_id.in_(ids)).group_by(Checkpoint.run_id))}
-            val = {row[0]: row[1:] for row in s.execute(sa.select(
-                SeriesRow.run_id, SeriesRow.min_value, SeriesRow.min_step, SeriesRow.last_value, SeriesRow.last_step)
-                .where(SeriesRow.key == "val_bpb", SeriesRow.run_id.in_(ids), SeriesRow.n > 0))}
-            steps = {row[0]: row[1:] for row in s.execute(sa.select(
-                SeriesRow.run_id, sa.func.max(MetricSegment.last_step), sa.func.count(sa.distinct(MetricSegment.segment)))
-                .join(MetricSegment, MetricSegment.series_id == SeriesRow.id)
-                .where(SeriesRow.run_id.in_(ids)).group_by(SeriesRow.run_id))}
-            no_series = [i for i in ids if i not in val]
-            ckpt_val: dict[int, list[tuple[int, int, float]]] = {}
-            if no_series:
-                for rid, step, seg, v in s.execute(sa.select(Checkpoint.run_id, Checkpoint.step, Checkpoint.segment,
-                                                             Checkpoint.val_bpb).where(
-                        Checkpoint.run_id.in_(no_series), Checkpoint.val_bpb.is_not(None))):
-                    ckpt_val.setdefault(rid, []).append((seg, step, v))
+            val = history.val_summaries(s, runs)
+            steps = dict(s.execute(sa.select(SeriesRow.run_id, sa.func.max(MetricSegment.last_step))
+                                   .join(MetricSegment, MetricSegment.series_id == SeriesRow.id)
+                                   .where(SeriesRow.run_id.in_(ids)).group_by(SeriesRow.run_id)).all())
             out = []
             for r in runs:
                 present, complete, missing, latest_complete, newest = agg.get(r.id, (0, 0, 0, None, None))
-                if r.id in val:
-                    best, best_step, last, last_step = val[r.id]
-                elif r.id in ckpt_val:
-                    b = min(ckpt_val[r.id], key=lambda t: t[2])
-                    la = max(ckpt_val[r.id])
-                    best, best_step, last, last_step = b[2], b[1], la[2], la[1]
-                else:
-                    best = best_step = last = last_step = None
-                metric_step, segments = steps.get(r.id, (None, 0))
+                best, best_step, last, last_step, segments = val[r.id]
+                metric_step = steps.get(r.id)
                 latest = max((x for x in (newest, metric_step) if x is not None and x >= 0), default=None)
                 out.append(RunSummary(
                     id=r.id, path=r.path, phase=r.phase, tag=r.tag, label=f"{r.phase}/{r.tag}",
@@ -324,9 +308,9 @@ class RegistryStore:
         ref = str(ref).strip()
         p = Path(ref).expanduser()
         if os.sep in ref and p.is_file():
-            from registry.scanner import _file_kind
+            from registry.inspection import file_kind
 
-            kind = _file_kind(p.name)
+            kind = file_kind(p.name)
             if kind is None:
                 raise CheckpointNotIndexedError(f"{p} is not a checkpoint file")
             run = self.resolve_run(str(p.resolve().parent))
@@ -387,8 +371,8 @@ class RegistryStore:
                 sid = s.execute(sa.select(SeriesRow.id).where(SeriesRow.run_id == r.id, SeriesRow.key == metric)).scalar()
                 if sid is not None:
                     got = dict(((st, g), v) for st, g, v in s.execute(sa.select(
-                        metrics.PointRow.step, metrics.PointRow.segment, metrics.PointRow.value).where(
-                        metrics.PointRow.series_id == sid, metrics.PointRow.step.in_(sorted({c.step for c in usable})))))
+                        PointRow.step, PointRow.segment, PointRow.value).where(
+                        PointRow.series_id == sid, PointRow.step.in_(sorted({c.step for c in usable})))))
                     values = {c.id: got[(c.step, c.segment)] for c in usable if got.get((c.step, c.segment)) is not None}
         if not values:
             keys = ", ".join(k.key for k in self.metric_keys(r)) or "none"
@@ -399,29 +383,24 @@ class RegistryStore:
     # ------------------------------------------------------------------ metrics
 
     def metric_keys(self, run) -> list[MetricKeyInfo]:
-        rid = self._run_id(run)
+        """Every metric of a run with its count, extremes, last point and segments."""
+        r = self.resolve_run(run)
         with self.db.session() as s:
-            return metrics.metric_keys(s, rid)
+            return history.metric_keys(s, r.id, r.has_metrics_file)
 
     def metric_history(self, run, keys: Iterable[str] | str | None = None, max_points: int = 2000,
                        step_min: int | None = None, step_max: int | None = None) -> list[MetricSeries]:
         """Series of a run (all keys by default), each downsampled on the server to at most max_points
         points that keep every block's minimum and maximum; points sorted by (segment, step)."""
         r = self.resolve_run(run)
-        keys = [keys] if isinstance(keys, str) else keys
+        keys = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
         with self.db.session() as s:
-            q = sa.select(SeriesRow.id, SeriesRow.key).where(SeriesRow.run_id == r.id, SeriesRow.n > 0)
-            if keys is not None:
-                q = q.where(SeriesRow.key.in_(list(keys)))
-            found = dict(s.execute(q.order_by(SeriesRow.key)).all())
-            if keys is not None and (unknown := [k for k in keys if k not in found.values()]):
-                have = ", ".join(k.key for k in metrics.metric_keys(s, r.id)) or "none"
-                raise RegistryError(f"{r.label} has no metric {unknown[0]!r} (metrics: {have})")
-            out = []
-            for sid, key in found.items():
-                pts, total, down, segs = metrics.series_history(s, sid, max_points, step_min, step_max)
-                out.append(MetricSeries(r.id, r.label, key, tuple(pts), total, down, segs))
-        return out
+            try:
+                found = history.run_series(s, r.id, r.has_metrics_file, keys, max_points, step_min, step_max)
+            except KeyError as e:
+                have = ", ".join(k.key for k in history.metric_keys(s, r.id, r.has_metrics_file)) or "none"
+                raise RegistryError(f"{r.label} has no metric {e.args[0]!r} (metrics: {have})") from None
+        return [MetricSeries(r.id, r.label, key, tuple(pts), total, down, segs) for key, pts, total, down, segs in found]
 
     # ------------------------------------------------------------------ configs
 

@@ -171,12 +171,16 @@ def test_single_file_checkpoint_layout(store, tmp_path):
     assert store.resolve_checkpoint(str(run / "checkpoint.pt")).step == 200
 
 
-def test_progress_callback_and_file_path(store, tmp_path):
+def test_progress_callback_and_file_path(store, tmp_path, monkeypatch):
     runs = base_tree(tmp_path / "base")
     calls = []
+    monkeypatch.setattr(scanner, "PROGRESS_EVERY_S", 0.0)
     store.scan(tmp_path / "base", progress=lambda done, total, msg: calls.append((done, total, msg)))
-    assert calls and all(0 <= d <= t for d, t, _ in calls) and calls[-1][0] == calls[-1][1] == 5  # 3 checkpoints + 2 runs
-    assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls)
+    assert [(d, t) for d, t, _ in calls] == [(0, 3), (1, 3), (2, 3), (3, 3), (3, 3)]  # one per checkpoint
+    assert calls[1][2] == "base/d1: step 10" and calls[-1][2] == "done"
+    calls.clear()
+    store.scan(tmp_path / "base", progress=lambda done, total, msg: calls.append((done, total, msg)))
+    assert [(d, t) for d, t, _ in calls] == [(3, 3), (3, 3)]  # nothing to inspect: done at once
     report = store.scan(runs["base"] / "model_000010.pt")  # a checkpoint file: its folder is scanned
     assert report.root == str(runs["base"]) and report.runs_found == 1
 

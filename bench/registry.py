@@ -1,0 +1,177 @@
+"""
+Registry benchmark: the scanner and the history query against issue 5's targets, both sides measured
+in this one run on this machine.
+
+1. First scan of 10,000 checkpoints (20 runs x 500 steps; tiny real torch.save model and optimizer
+   files copied from one saved pair, a meta JSON each, and a 2,000-line metrics.jsonl per run).
+2. Re-scan with nothing changed (target: at most 5% of the first scan).
+3. The feature guide's approach, torch.load of every checkpoint to read its metadata, against our
+   scan, on 50 single-file checkpoints of ~20 MB (target: ours at least 100x faster).
+4. History of one metric series of 1,000,000 points downsampled to 2,000 (target: at most 100 ms).
+
+Usage: python -m bench.registry [--dir DIR] [--keep]. Ends with `name: value` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS, STEPS = 20, 500
+BIG_CHECKPOINTS = 50
+HISTORY_POINTS = 1_000_000
+
+
+def build_small_tree(root: Path) -> int:
+    """20 runs x 500 checkpoints, each a real (tiny) torch.save model + optimizer shard + meta."""
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16, window_pattern="L")
+    proto = root / "_proto"
+    proto.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(GPT(cfg).state_dict(), proto / "model.pt")
+    torch.save({"state": {}, "param_groups": [{"lr": 0.02, "params": [0]}]}, proto / "optim.pt")
+    count = 0
+    for r in range(RUNS):
+        run = root / "base_checkpoints" / f"d{r + 1}"
+        run.mkdir(parents=True)
+        lines = []
+        for i in range(STEPS):
+            step = (i + 1) * 10
+            shutil.copyfile(proto / "model.pt", run / f"model_{step:06d}.pt")
+            shutil.copyfile(proto / "optim.pt", run / f"optim_{step:06d}_rank0.pt")
+            meta = {"step": step, "val_bpb": 3.0 - step / 10_000, "model_config": cfg.upstream_dict(),
+                    "user_config": {"depth": 1, "num_iterations": STEPS * 10, "run": f"bench{r}"},
+                    "device_batch_size": 4, "max_seq_len": 16, "total_batch_size": 64, "world_size": 1,
+                    "num_iterations": STEPS * 10, "resume_segment": 1, "train_state": False, "workbench_version": 1}
+            (run / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2))
+            count += 1
+        for step in range(2000):
+            lines.append(json.dumps({"step": step, "segment": 1, "wall_time": 1.7e9 + step, "train_loss": 5 - step / 1000,
+                                     "lrm": 1.0, "tok_per_sec": 1000.0, "dt_ms": 12.0}) + "\n")
+        (run / "metrics.jsonl").write_text("".join(lines))
+    shutil.rmtree(proto)
+    return count
+
+
+def build_big_tree(root: Path) -> float:
+    """50 single-file checkpoints (the guide's layout: {model, metadata, optimizers}) of ~20 MB."""
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(sequence_len=256, vocab_size=8192, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L")
+    torch.manual_seed(0)
+    state = GPT(cfg).state_dict()
+    sizes = []
+    for i in range(BIG_CHECKPOINTS):
+        d = root / f"run{i:02d}"
+        d.mkdir(parents=True)
+        meta = {"step": 1000 + i, "val_bpb": 2.0 + i / 100, "model_config": cfg.upstream_dict(),
+                "user_config": {"depth": 4, "num_iterations": 5000}, "device_batch_size": 8, "max_seq_len": 256}
+        torch.save({"model": state, "metadata": meta, "optimizers": [{"state": {}, "param_groups": []}]}, d / "checkpoint.pt")
+        sizes.append((d / "checkpoint.pt").stat().st_size)
+    return statistics.mean(sizes) / 1e6
+
+
+def guide_get_checkpoint_info(path: Path) -> dict:
+    """The feature guide's `get_checkpoint_info`: load the whole checkpoint to read its metadata
+    (weights_only=True: never run a pickle from disk)."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    metadata = checkpoint.get("metadata", {})
+    return {k: metadata.get(k) for k in ("step", "val_bpb", "model_config", "user_config", "device_batch_size", "max_seq_len")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", help="work folder (default: a temporary one, removed afterwards)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    from registry import open_store
+    from registry.scanner import scan_path
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench-registry-"))
+    work.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, object] = {}
+    try:
+        t = time.perf_counter()
+        n = build_small_tree(work / "small")
+        print(f"built {n} checkpoints in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        store = open_store(work / "small.sqlite")
+        t = time.perf_counter()
+        first = scan_path(store, work / "small")
+        figures["first_scan_10k_s"] = round(time.perf_counter() - t, 3)
+        assert first.checkpoints_new == n and first.metric_lines == RUNS * 2000, first
+        t = time.perf_counter()
+        again = scan_path(store, work / "small")
+        figures["rescan_10k_s"] = round(time.perf_counter() - t, 3)
+        assert again.checkpoints_unchanged == n and again.checkpoints_new == again.checkpoints_changed == 0, again
+        figures["rescan_fraction"] = round(figures["rescan_10k_s"] / figures["first_scan_10k_s"], 4)
+        store.close()
+
+        t = time.perf_counter()
+        mb = build_big_tree(work / "big")
+        print(f"built {BIG_CHECKPOINTS} checkpoints of {mb:.1f} MB in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        paths = sorted((work / "big").glob("*/checkpoint.pt"))
+        t = time.perf_counter()
+        infos = [guide_get_checkpoint_info(p) for p in paths]
+        figures["torch_load_50_s"] = round(time.perf_counter() - t, 4)
+        store = open_store(work / "big.sqlite")
+        t = time.perf_counter()
+        report = scan_path(store, work / "big")
+        figures["our_scan_50_s"] = round(time.perf_counter() - t, 4)
+        assert report.checkpoints_new == BIG_CHECKPOINTS, report
+        ours = {c.step: c.val_bpb for r in store.list_runs() for c in store.checkpoints(r.id)}
+        assert ours == {i["step"]: i["val_bpb"] for i in infos}, "both approaches must read the same metadata"
+        figures["checkpoint_mb"] = round(mb, 1)
+        figures["scan_speedup_vs_torch_load"] = round(figures["torch_load_50_s"] / figures["our_scan_50_s"], 1)
+        store.close()
+
+        store = open_store(work / "history.sqlite")
+        run = work / "history" / "base_checkpoints" / "d1"
+        run.mkdir(parents=True)
+        shutil.copytree(work / "small" / "base_checkpoints" / "d1", run, dirs_exist_ok=True)
+        (run / "metrics.jsonl").unlink()
+        scan_path(store, run)
+        run_id = store.resolve_run(str(run)).id
+        from registry import metrics
+
+        t = time.perf_counter()
+        chunk = 100_000
+        for i in range(0, HISTORY_POINTS, chunk):
+            pts = [("train_loss", s, 1, 3.0 + ((s * 7919) % 1000) / 1000, 1.7e9 + s) for s in range(i, i + chunk)]
+            with store.db.session(write=True) as s:
+                store.db.lock_run(s, run_id)
+                metrics.ingest_points(s, store.db, run_id, pts)
+        figures["ingest_1m_points_s"] = round(time.perf_counter() - t, 2)
+        timings = []
+        for _ in range(7):
+            t = time.perf_counter()
+            [series] = store.metric_history(run_id, "train_loss", max_points=2000)
+            timings.append(time.perf_counter() - t)
+        assert series.total_points == HISTORY_POINTS and 0 < len(series.points) <= 2000
+        figures["history_1m_points_returned"] = len(series.points)
+        figures["history_1m_to_2k_first_ms"] = round(timings[0] * 1000, 2)
+        figures["history_1m_to_2k_ms"] = round(statistics.median(timings) * 1000, 2)
+        store.close()
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    for k, v in figures.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

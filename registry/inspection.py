@@ -1,0 +1,224 @@
+"""
+Inspecting one checkpoint for the scanner: which files it has, its metadata, its quick-check
+problems, and what it says about its run (configs, target steps, model size). Metadata only: never
+torch, never tensor data, never the pickle's code.
+
+The common case takes the fast path (`registry.archive`): the meta JSON parses with the right step
+and required keys, every archive (model, optimizer shards for the world size, training states when
+the meta says so) has a readable central directory, or a single-file checkpoint's pickle yields its
+metadata. Anything else goes to `checkpoint_manager.quick_problems` / `read_meta`, the reference
+implementation, so every problem code and message comes from there (a test checks that both paths
+agree on intact and broken checkpoints).
+
+This module writes nothing (scanner.py does) and does not walk folders.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanochat import checkpoint_manager as cm
+from nanochat.model_config import GPTConfig, classic_flops_per_token, flops_per_token, param_counts
+from nanochat.schedule import resolve_from_meta
+from registry import archive
+
+METRICS_FILE = "metrics.jsonl"
+
+
+_KIND_CODES = {"model": 1, "meta": 2, "optimizer": 3, "train_state": 4, "single_file": 5}
+# checkpoint_manager's four file-name patterns (MODEL_RE, META_RE, OPTIM_RE, TRAIN_STATE_RE) as one
+# regex, so classifying the 30,000 names of a big tree costs one match each (a test checks they agree).
+_NAME_RE = re.compile(r"^(?:model_(\d+)\.pt|meta_(\d+)\.json|optim_(\d+)(?:_rank(\d+))?\.pt|trainstate_(\d+)_rank(\d+)\.pt)$")
+
+
+def file_kind(name: str) -> tuple[str, int | None, int | None] | None:
+    """(kind, step, rank) of a checkpoint file name, None for other files."""
+    m = _NAME_RE.match(name)
+    if m is None:
+        return ("single_file", None, None) if name == cm.SINGLE_FILE else None
+    model, meta, optim, optim_rank, state, state_rank = m.groups()
+    if model is not None:
+        return "model", int(model), None
+    if meta is not None:
+        return "meta", int(meta), None
+    if optim is not None:
+        return "optimizer", int(optim), int(optim_rank or 0)
+    return "train_state", int(state), int(state_rank)
+
+
+def is_run_file(name: str) -> bool:
+    return name == METRICS_FILE or file_kind(name) is not None
+
+
+@dataclass
+class Slot:
+    """The files of one checkpoint as found on disk: key ("upstream", step) or ("single_file", None)."""
+    layout: str
+    step: int | None
+    files: dict[str, tuple[str, int | None, int, int]] = field(default_factory=dict)  # name -> (kind, rank, size, mtime_ns)
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return self.layout, self.step
+
+    def signature(self) -> str:
+        """A fingerprint of the files (kind, rank, size, mtime_ns): equal fingerprints mean nothing to re-read.
+        Built from ints only, whose hashes CPython does not randomise, so it is stable across processes;
+        a Python whose hash differs just re-inspects everything once."""
+        return str(hash(frozenset((_KIND_CODES[f[0]], -1 if f[1] is None else f[1], f[2], f[3]) for f in self.files.values())))
+
+    def checkpoint_files(self, directory: Path, step: int | None = None) -> cm.CheckpointFiles:
+        parts: dict = {"optimizer_shards": {}, "train_states": {}}
+        for name, (kind, rank, _, _) in self.files.items():
+            if kind in ("model", "single_file"):
+                parts["model"] = directory / name
+            elif kind == "meta":
+                parts["meta"] = directory / name
+            elif kind == "optimizer":
+                parts["optimizer_shards"][rank] = directory / name
+            elif kind == "train_state":
+                parts["train_states"][rank] = directory / name
+        return cm.CheckpointFiles(directory=directory, step=self.step if step is None else step, layout=self.layout, **parts)
+
+
+@dataclass
+class Inspection:
+    slot: Slot
+    step: int  # -1 when unknown (a single file whose metadata cannot be read)
+    meta: dict | None
+    problems: list[dict]  # [{code, message, blocks, file}] as checkpoint_manager.Problem
+    shapes: dict | None = None  # state-dict shapes when they were read on the way (single file)
+
+    @property
+    def complete(self) -> bool:
+        return not any(p["blocks"] == "load" for p in self.problems)
+
+    @property
+    def resumable(self) -> bool:
+        return not self.problems
+
+    @property
+    def val_bpb(self) -> float | None:
+        """The meta's val_bpb; None when the meta contradicts its file name (whose step would it be?)."""
+        if any(p["code"] in ("step_mismatch", "bad_meta") for p in self.problems):
+            return None
+        v = (self.meta or {}).get("val_bpb")
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    @property
+    def segment(self) -> int:
+        seg = (self.meta or {}).get("resume_segment")
+        return seg if isinstance(seg, int) and not isinstance(seg, bool) and seg >= 1 else 1
+
+    def world_size(self, directory: Path) -> int | None:
+        if self.slot.layout != "upstream":
+            return None
+        world = cm.expected_world_size(self.slot.checkpoint_files(directory), self.meta)
+        return world if world > 0 else None
+
+    @property
+    def has_train_state(self) -> bool:
+        return bool(self.meta and self.meta.get("train_state") and any(f[0] == "train_state" for f in self.slot.files.values()))
+
+
+def _problems(items) -> list[dict]:
+    return [{"code": p.code, "message": p.message, "blocks": p.blocks, "file": p.file} for p in items]
+
+
+def _archive_ok(path: Path | None) -> bool:
+    if path is None:
+        return False
+    try:
+        archive.check_archive(path)
+        return True
+    except archive.ArchiveError:
+        return False
+
+
+def _fast_upstream_ok(ckpt: cm.CheckpointFiles, meta) -> bool:
+    """True only when quick_problems would find nothing (the reference decides every other case)."""
+    if not isinstance(meta, dict) or any(k not in meta for k in cm.REQUIRED_META_KEYS) or meta["step"] != ckpt.step:
+        return False
+    world = cm.expected_world_size(ckpt, meta)
+    if world < 1 or not _archive_ok(ckpt.model):
+        return False
+    if not all(_archive_ok(ckpt.optimizer_shards.get(r)) for r in range(world)):
+        return False
+    return not meta.get("train_state") or all(_archive_ok(ckpt.train_states.get(r)) for r in range(world))
+
+
+def inspect_checkpoint(slot: Slot, directory: Path) -> Inspection:
+    """Read one checkpoint's metadata and run the quick checks."""
+    if slot.layout == "single_file":
+        return _inspect_single_file(slot, directory)
+    ckpt = slot.checkpoint_files(directory)
+    meta = None
+    if ckpt.meta is not None:
+        try:
+            meta = json.loads(ckpt.meta.read_bytes())
+        except (OSError, ValueError):
+            meta = None  # the reference reader names the problem below
+    if _fast_upstream_ok(ckpt, meta):
+        return Inspection(slot, ckpt.step, meta, [])
+    meta = meta if isinstance(meta, dict) else None
+    return Inspection(slot, ckpt.step, meta, _problems(cm.quick_problems(ckpt, meta) if meta is not None else cm.quick_problems(ckpt)))
+
+
+def _inspect_single_file(slot: Slot, directory: Path) -> Inspection:
+    ckpt = slot.checkpoint_files(directory)
+    try:
+        tree = archive.read_tree(ckpt.model)
+        meta, shapes = tree.get("metadata"), archive.state_dict_shapes(tree.get("model"))
+        if isinstance(meta, dict) and all(k in meta for k in cm.REQUIRED_META_KEYS) and isinstance(meta["step"], int) and shapes:
+            return Inspection(slot, meta["step"], meta, [], shapes)
+    except (archive.ArchiveError, AttributeError):
+        pass
+    try:
+        meta = cm.read_meta(ckpt)
+    except cm.CheckpointError:
+        meta = None
+    step = meta["step"] if meta is not None and isinstance(meta.get("step"), int) else None
+    ckpt = slot.checkpoint_files(directory, step)
+    problems = _problems(cm.quick_problems(ckpt, meta) if meta is not None else cm.quick_problems(ckpt))
+    shapes = None
+    if meta is not None and not problems:  # metadata fine: is there a model in it?
+        try:
+            shapes = {k: tuple(v.shape) for k, v in cm.state_dict_shapes(ckpt).items()}
+            if not shapes:
+                problems = [{"code": "empty_state_dict", "message": f"{ckpt.model.name} holds an empty state dict",
+                             "blocks": "load", "file": ckpt.model.name}]
+        except cm.CheckpointError as e:
+            problems = [{"code": e.code, "message": str(e), "blocks": "load", "file": ckpt.model.name}]
+    return Inspection(slot, step if step is not None else -1, meta, problems, shapes)
+
+
+def run_config(ins: Inspection, directory: Path) -> dict:
+    """Run-level columns from a checkpoint: configs, target steps, world size, model size."""
+    meta = ins.meta or {}
+    mc = meta.get("model_config") if isinstance(meta.get("model_config"), dict) else {}
+    uc = meta.get("user_config") if isinstance(meta.get("user_config"), dict) else {}
+    try:
+        num = resolve_from_meta(meta)
+    except (TypeError, ValueError, KeyError, ArithmeticError):
+        num = None
+    tbs = meta.get("total_batch_size") or uc.get("total_batch_size")
+    world = meta.get("world_size")
+    out = {"model_config": mc, "user_config": uc, "config_step": ins.step, "num_iterations": num,
+           "world_size": world if isinstance(world, int) and world > 0 else ins.world_size(directory),
+           "total_batch_size": tbs if isinstance(tbs, int) and tbs > 0 else None,
+           "depth": mc.get("n_layer") if isinstance(mc.get("n_layer"), int) else None,
+           "n_params": None, "flops_per_token": None, "generation": None}
+    if ins.complete:
+        try:  # the architecture generation needs the state dict's key names, read from the pickle only
+            shapes = ins.shapes
+            if shapes is None:
+                shapes = archive.state_dict_shapes(archive.read_tree(ins.slot.checkpoint_files(directory).model))
+            config = GPTConfig.from_checkpoint(mc, shapes)
+            out.update(n_params=param_counts(config)["total"], generation="classic" if config.is_classic else "current",
+                       flops_per_token=classic_flops_per_token(config) if config.is_classic else flops_per_token(config))
+        except (archive.ArchiveError, ValueError, TypeError, KeyError):
+            pass  # an unusual architecture: sizes stay unknown, the run is still indexed
+    return out
