@@ -225,12 +225,15 @@ def config_problems(ckpt: CheckpointFiles, meta: dict) -> list[Problem]:
 
 def quick_problems(ckpt: CheckpointFiles) -> list[Problem]:
     """`checkpoint_manager.quick_problems` plus the config/state-dict consistency check."""
-    meta = None
+    meta, meta_error = None, None
     try:
         meta = cm.read_meta(ckpt)
-    except CheckpointError:
-        pass  # reported by cm.quick_problems with its code
+    except CheckpointError as e:
+        meta_error = e  # reported by cm.quick_problems with its code (except for single files, below)
     problems = cm.quick_problems(ckpt, meta)
+    if meta_error is not None and ckpt.layout == "single_file" and not problems:
+        # a single file's metadata lives in its pickle: one that cannot be read is that file's problem
+        problems.append(Problem(meta_error.code, str(meta_error), "load", ckpt.model.name))
     model_broken = ckpt.model is None or any(p.file == ckpt.model.name and p.blocks == "load" for p in problems)
     if meta is not None and not model_broken and not any(p.code in ("bad_meta",) for p in problems):
         problems += config_problems(ckpt, meta)

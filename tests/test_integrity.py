@@ -368,3 +368,15 @@ def test_silent_change_with_same_size_and_mtime_is_named_as_such(run):
     deep = integrity.deep_check(ckpt_of(run), previous=recorded)
     assert codes(deep) == ["changed_since_indexed"] and deep.problems[0].blocks == "resume"
     assert "same size and mtime, different bytes" in deep.problems[0].message
+
+
+def test_single_file_checkpoint_that_would_run_code(tmp_path):
+    d = tmp_path / "single"
+    d.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": _RunsCode(f"touch {marker}")}, "metadata": {"step": 1}}, d / "checkpoint.pt")
+    (ckpt,) = cm.list_checkpoints(d)
+    quick, deep = integrity.quick_check(ckpt), integrity.deep_check(ckpt)
+    assert codes(quick) == ["unsafe_pickle"] and codes(deep) == ["unsafe_pickle"] and not marker.exists()
+    torch.save({"model": {}, "metadata": "not a dict"}, d / "checkpoint.pt")
+    assert codes(integrity.quick_check(ckpt)) == ["missing_meta"]
