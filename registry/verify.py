@@ -209,7 +209,8 @@ def known_results(store, run_ref) -> dict[int, IntegrityResult]:
 
 def plan_indexed_resume(store, run_ref: str, target_steps: int | None = None, deep: bool = False) -> resume.ResumePlan:
     """`resume.plan_resume` for a run the registry knows (or a folder, indexed first): stored deep
-    results that still match the files are reused, and every check that runs is recorded."""
+    results that still match the files are reused (also by a quick plan), and every check that runs
+    is recorded."""
     p = Path(run_ref).expanduser()
     if p.exists():
         run_dir = resume.find_run_dir(p)
@@ -222,7 +223,9 @@ def plan_indexed_resume(store, run_ref: str, target_steps: int | None = None, de
             raise ScanPathError(f"{run.label}'s folder {run.path} no longer exists (its history is kept in the registry)")
         run_dir = Path(run.path)
         store.scan(run_dir)
-    known = known_results(store, str(run_dir.resolve())) if deep else None
+    # stored deep results that still match the files count even for a quick plan: a CRC failure found
+    # yesterday is not forgotten because today's check is the quick one
+    known = known_results(store, str(run_dir.resolve()))
     index = _Index(store)
     return resume.plan_resume(run_dir, target_steps=target_steps, deep=deep, known=known,
                               check=lambda c, d: check_and_record(store, c, d, index=index).result)

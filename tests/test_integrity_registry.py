@@ -89,3 +89,15 @@ def test_bad_targets(store, tmp_path, base):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ScanPathError, match="not a checkpoint file"):
         verify.verify(store, str(tmp_path / "notes.txt"))
+
+
+def test_quick_plan_remembers_a_deep_failure(store, base):
+    run = base / "base_checkpoints" / "d2"
+    path = run / "model_000020.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+    assert verify.plan_indexed_resume(store, str(run)).step == 20  # the quick check alone cannot see it
+    assert verify.verify(store, str(run), deep=True).codes == {"crc_mismatch": 1}
+    plan = verify.plan_indexed_resume(store, "base/d2")  # quick, but the stored deep result still applies
+    assert plan.step == 10 and plan.skipped[0].problems[0].code == "crc_mismatch"
