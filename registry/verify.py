@@ -24,7 +24,7 @@ from pathlib import Path
 from nanochat import checkpoint_manager as cm
 from nanochat.checkpoint_manager import CheckpointFiles, Problem
 from registry import integrity, resume
-from registry.errors import ScanPathError
+from registry.errors import RunNotFoundError, ScanPathError
 from registry.integrity import FileDigest, IntegrityResult
 
 Progress = Callable[[int], None]  # units done since the last call: bytes (deep) or checkpoints (quick)
@@ -207,14 +207,14 @@ def known_results(store, run_ref) -> dict[int, IntegrityResult]:
     return out
 
 
-def plan_indexed_resume(store, run_ref: str, target_steps: int | None = None, deep: bool = False) -> resume.ResumePlan:
-    """`resume.plan_resume` for a run the registry knows (or a folder, indexed first): stored deep
-    results that still match the files are reused (also by a quick plan), and every check that runs
-    is recorded."""
+def plan_indexed_resume(store, run_ref: str, target_steps: int | None = None, deep: bool = False,
+                        record: bool = True) -> resume.ResumePlan:
+    """`resume.plan_resume` for a run the registry knows (or a folder): stored deep results that still
+    match the files are reused (also by a quick plan). With `record` (the CLI) the folder is scanned
+    first and every check that runs is stored; `record=False` (a page rendering a plan) writes nothing."""
     p = Path(run_ref).expanduser()
     if p.exists():
         run_dir = resume.find_run_dir(p)
-        store.scan(run_dir)
     elif looks_like_path(run_ref):
         raise ScanPathError(f"{p} does not exist")
     else:
@@ -222,10 +222,16 @@ def plan_indexed_resume(store, run_ref: str, target_steps: int | None = None, de
         if not Path(run.path).is_dir():
             raise ScanPathError(f"{run.label}'s folder {run.path} no longer exists (its history is kept in the registry)")
         run_dir = Path(run.path)
+    if record:
         store.scan(run_dir)
     # stored deep results that still match the files count even for a quick plan: a CRC failure found
     # yesterday is not forgotten because today's check is the quick one
-    known = known_results(store, str(run_dir.resolve()))
+    try:
+        known = known_results(store, str(run_dir.resolve()))
+    except RunNotFoundError:
+        known = {}  # a folder the registry has not indexed (record=False): nothing stored to reuse
+    if not record:
+        return resume.plan_resume(run_dir, target_steps=target_steps, deep=deep, known=known)
     index = _Index(store)
     return resume.plan_resume(run_dir, target_steps=target_steps, deep=deep, known=known,
                               check=lambda c, d: check_and_record(store, c, d, index=index).result)

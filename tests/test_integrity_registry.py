@@ -101,3 +101,14 @@ def test_quick_plan_remembers_a_deep_failure(store, base):
     assert verify.verify(store, str(run), deep=True).codes == {"crc_mismatch": 1}
     plan = verify.plan_indexed_resume(store, "base/d2")  # quick, but the stored deep result still applies
     assert plan.step == 10 and plan.skipped[0].problems[0].code == "crc_mismatch"
+
+
+def test_plan_without_recording_writes_nothing(store, base, tmp_path):
+    run = base / "base_checkpoints" / "d2"
+    verify.verify(store, str(run), deep=True)
+    before = store.summary().integrity_results
+    plan = verify.plan_indexed_resume(store, "base/d2", record=False)
+    assert plan.step == 20 and plan.integrity_level == "deep" and store.summary().integrity_results == before
+    save_step(tmp_path / "other" / "base_checkpoints" / "d9", 5, 3.0)  # never indexed
+    assert verify.plan_indexed_resume(store, str(tmp_path / "other"), record=False).step == 5
+    assert "d9" not in {r.tag for r in store.list_runs()}
