@@ -48,9 +48,12 @@ def _edge(session: Session, sid: int, segment: int, lo: int, hi: int, last: bool
     return MetricPoint(*row) if row else None
 
 
-def _level_for(lo: int, hi: int, blocks: int) -> int:
-    """The finest rollup level at which [lo, hi] spans at most `blocks` blocks."""
-    return next((lv for lv in LEVELS if (hi >> lv) - (lo >> lv) + 1 <= blocks), LEVELS[-1])
+RAW_LEVELS = tuple(range(0, LEVELS[-1] + 1))  # raw rows can be bucketed finer than the stored rollups
+
+
+def _level_for(lo: int, hi: int, blocks: int, levels: tuple[int, ...] = LEVELS) -> int:
+    """The finest level at which [lo, hi] spans at most `blocks` blocks of 2**level steps."""
+    return next((lv for lv in levels if (hi >> lv) - (lo >> lv) + 1 <= blocks), levels[-1])
 
 
 def _thin(picked: dict[int, MetricPoint], budget: int) -> list[MetricPoint]:
@@ -62,7 +65,7 @@ def _thin(picked: dict[int, MetricPoint], budget: int) -> list[MetricPoint]:
 
 def _bucket(rows: list[MetricPoint], budget: int, lo: int, hi: int) -> list[MetricPoint]:
     """What the rollups give, computed from raw rows: each block's min and max point, plus both ends."""
-    level = _level_for(lo, hi, max(1, (budget - 2) // 2))
+    level = _level_for(lo, hi, max(1, (budget - 2) // 2), RAW_LEVELS)
     lows: dict[int, MetricPoint] = {}
     highs: dict[int, MetricPoint] = {}
     for p in rows:

@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from registry import metrics
-from registry.models import MetricPoint, MetricSource
+from registry.entities import MetricPoint as MetricPoint_
+from registry.models import MetricPoint, MetricRollup, MetricSource
 from tests.registry_kit import append_metrics, make_checkpoint, metrics_line, train_lines
 
 
@@ -184,3 +185,29 @@ def test_parse_metrics_line_contract():
                      ('{"step": 1.5}', "integer"), ('{"step": true}', "integer"), ("{", "not valid JSON")):
         with pytest.raises(ValueError, match=why):
             metrics.parse_metrics_line(bad)
+
+
+def test_rollups_give_what_raw_bucketing_gives(store, run_dir):
+    """A segment crossing ROLLUP_MIN in small chunks gets rollups equal to bucketing its raw rows."""
+    from registry import history
+
+    store.scan(run_dir)
+    rng = random.Random(1)
+    values = {(s, 1): rng.uniform(0, 10) for s in range(0, 3 * metrics.ROLLUP_MIN, 3)}  # steps every 3
+    items = sorted(values.items())
+    run_id = store.resolve_run("d1").id
+    for i in range(0, len(items), 700):  # crosses the threshold in the middle of a chunk
+        with store.db.session(write=True) as s:
+            store.db.lock_run(s, run_id)
+            metrics.ingest_points(s, store.db, run_id, [("x", st, g, v, None) for (st, g), v in items[i:i + 700]])
+    raw = [MetricPoint_(st, v, 1, None) for (st, _), v in items]
+    for n in (1000, 300, 40):
+        [series] = store.metric_history("d1", "x", max_points=n)
+        assert series.total_points == len(values) and series.downsampled
+        expected = history._bucket(raw, n, raw[0].step, raw[-1].step)  # the same blocks, levels from 4 up
+        if n <= 300:  # both choose the same level here, so the same points
+            assert [(p.step, p.value) for p in series.points] == [(p.step, p.value) for p in expected], n
+        assert len(series.points) <= n
+    with store.db.session() as s:
+        stored = s.execute(sa.select(sa.func.sum(MetricRollup.n)).where(MetricRollup.level == 4)).scalar()
+    assert stored == len(values)  # every point counted once in the rollups

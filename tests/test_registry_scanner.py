@@ -264,3 +264,41 @@ def test_garbage_meta_and_step_mismatch(store, tmp_path):
     assert {p.code for p in store.scan_report(report.scan_id).problems} == {"bad_meta_json", "step_mismatch"}
     # the run keeps its config from the last good checkpoint
     assert store.resolve_run("d1").model_config == tiny_model().config.upstream_dict()
+
+
+def test_in_place_changes_are_seen_although_the_folder_is_unchanged(store, tmp_path):
+    """Upstream writes files in place: the folder's mtime stays, each file's size or mtime tells."""
+    run = tmp_path / "base_checkpoints" / "d1"
+    for step in (10, 20):
+        make_checkpoint(run, step)
+    store.scan(tmp_path)
+    folder_mtime = run.stat().st_mtime_ns
+    model = run / "model_000020.pt"
+    with open(model, "r+b") as f:  # cut short in place (a copy interrupted, a disk full)
+        f.truncate(100)
+    report = store.scan(tmp_path)
+    assert run.stat().st_mtime_ns == folder_mtime and report.checkpoints_changed == 1
+    assert [p.code for p in store.checkpoints("d1")[1].problems] == ["truncated"]
+    meta = run / "meta_000010.json"
+    text = meta.read_text()
+    meta.write_text(text.replace('"val_bpb": 3.0', '"val_bpb": 2.9'))  # same length, new content and mtime
+    st = meta.stat()
+    os.utime(meta, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    report = store.scan(tmp_path)
+    assert report.checkpoints_changed == 1 and store.checkpoints("d1")[0].val_bpb == 2.9
+    assert store.scan(tmp_path).checkpoints_unchanged == 2
+
+
+def test_rewritten_upstream_meta_changes_its_val_bpb_history(store, upstream_copy):
+    base = upstream_copy("current")
+    store.scan(base)
+    meta_path = base / "base_checkpoints" / "d2" / "meta_000300.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "val_bpb": 1.5}))
+    store.scan(base)
+    [series] = store.metric_history("d2", "val_bpb")
+    assert [(p.step, p.value) for p in series.points] == [(300, 1.5)]  # no stale point from the first scan
+    assert store.resolve_run("d2").best_val_bpb == 1.5
+    meta_path.write_text(json.dumps({**meta, "step": 301}))  # now the meta contradicts its file name
+    store.scan(base)
+    assert store.metric_history("d2") == [] and store.resolve_run("d2").best_val_bpb is None
