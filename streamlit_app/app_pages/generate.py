@@ -1,0 +1,161 @@
+"""Generate: sample from a checkpoint and see, token by token, how sure the model was and what else it could
+have said; branch from any alternative and keep both continuations side by side."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from nanochat.checkpoint_manager import CheckpointError
+from nanochat.tokenizer import TokenizerError
+from registry.errors import RegistryError
+from streamlit_app import charts, data, frames, traces, ui
+
+TOP_N = 20  # alternatives traced per step (the bars); the grid shows the first `alternatives` of them
+WINDOW = 20  # generated steps per chart view
+DEFAULT_PROMPT = "To be, or not to be, that is the"
+
+ui.header("Generate", "What does this checkpoint say, how sure is it at each token, and what else could it have said?")
+url = ui.registry_url()
+runs = ui.load_runs(url)
+try:
+    choices = data.model_choices(url)
+except RegistryError as e:
+    ui.show_error(e)
+    st.stop()
+if choices.empty:
+    st.info("No loadable checkpoint in the registry (every one is incomplete or deleted). Scan a folder with complete "
+            "checkpoints on the Runs page.", icon=":material/inbox:")
+    st.stop()
+
+# ---------------------------------------------------------------------- what to sample from, and how
+loadable = [r for r in runs if r.id in set(choices["run_id"])]
+names = frames.run_names(runs)
+c_run, c_step, c_chat = st.columns([3, 2, 1.3], vertical_alignment="bottom")
+run_id = ui.run_picker(loadable, container=c_run)
+steps = [int(s) for s in choices[choices["run_id"] == run_id].sort_values("step", ascending=False)["step"]]
+step = c_step.selectbox("Step", steps, format_func=lambda s: f"step {s:,}", key="step", bind="query-params",
+                        help="Complete checkpoints of this run, newest first")
+row = choices[(choices["run_id"] == run_id) & (choices["step"] == step)].iloc[0]
+phase = next(r.phase for r in runs if r.id == run_id)
+chat = c_chat.toggle("Chat prompt", value=phase in ("sft", "rl"), key="chat", bind="query-params",
+                     help="Wrap the prompt as a user turn (<|user_start|>…<|assistant_start|>), as SFT/RL models expect")
+prompt = st.text_area("Prompt", DEFAULT_PROMPT, height=80, key="prompt", bind="query-params")
+
+with st.sidebar:
+    st.markdown("**Sampling**")
+    temperature = st.slider("Temperature", 0.0, 2.0, 0.8, 0.05, key="t", bind="query-params", help="0 = greedy (argmax)")
+    top_k = st.number_input("Top-k (0 = off)", 0, 100_000, 50, key="k", bind="query-params")
+    top_p = st.slider("Top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="p", bind="query-params")
+    seed = st.number_input("Seed", 0, 2**31 - 1, 42, key="seed", bind="query-params")
+    max_tokens = st.number_input("Max new tokens", 1, 512, 48, key="n", bind="query-params")
+    alternatives = st.slider("Alternatives per step", 1, 10, 5, key="alts", bind="query-params")
+    st.caption("Filters apply in this order: temperature, top-k, top-p. Same seed, same settings: same text.")
+
+if not prompt.strip():
+    st.info("Type a prompt to generate from.", icon=":material/edit:")
+    st.stop()
+settings = (float(temperature), int(top_k) or None, float(top_p), 0.0, int(seed))
+directory, stamp = str(row["directory"]), data.model_stamp(str(row["directory"]), step)
+base_key = (directory, step, stamp, prompt, chat, settings, int(max_tokens))
+# Branches belong to one generation (same checkpoint, prompt and settings); they live in the session.
+branches = st.session_state.setdefault("branches", {}).setdefault(repr(base_key), [])  # [{"name", "from", "step", ...}]
+
+
+def run(forced: tuple = ()) -> traces.Generation:
+    return data.generate(directory, step, stamp, prompt, chat, settings, int(max_tokens), TOP_N, forced)
+
+
+try:
+    with st.spinner(f"Loading {names[run_id]} @ step {step:,} and generating…"):
+        main = run()
+        gens = [("main", main)] + [(b["name"], run(b["forced"])) for b in branches]
+except (RegistryError, CheckpointError, TokenizerError, data.SamplingError) as e:
+    ui.show_error(e, "The prompt is longer than this model's context: shorten it." if "context" in str(e) else None)
+    st.stop()
+
+# ---------------------------------------------------------------------- the answer first
+view = "main"
+if len(gens) > 1:
+    options = [n for n, _ in gens]
+    if st.session_state.get("view") not in options:
+        st.session_state["view"] = options[-1]
+    view = st.radio("Charts show", options, horizontal=True, key="view",
+                    format_func=lambda n: "main generation" if n == "main" else n)
+gen = dict(gens)[view]
+stats = traces.stats(gen)
+t1, t2, t3, t4 = st.columns(4)
+t1.metric("Generated", f"{stats['tokens']} tokens", "stopped at end token" if gen.finish_reason == "stop" else "reached max tokens",
+          delta_color="off", delta_arrow="off", border=True, help=f"after a {gen.prompt_tokens}-token prompt")
+t2.metric("Mean log-probability", f"{stats['mean_logprob']:.3f}" if stats["mean_logprob"] is not None else "—",
+          f"perplexity {stats['perplexity']:.2f}" if stats["perplexity"] else None, delta_color="off", delta_arrow="off",
+          border=True, help="Of the generated tokens under the model (temperature 1, no filters), nats per token")
+t3.metric("Mean entropy", f"{stats['mean_entropy']:.3f} nats" if stats["mean_entropy"] is not None else "—",
+          "average over the steps", delta_color="off", delta_arrow="off", border=True)
+t4.metric("Distinct bigrams", f"{stats['distinct_2']:.0%}" if stats["distinct_2"] is not None else "—",
+          f"{stats['repeated_3grams']} repeated trigrams", delta_color="off", delta_arrow="off", border=True)
+
+text_cols = st.columns(min(len(gens), 3))
+for i, (name, g) in enumerate(gens):
+    with text_cols[i % len(text_cols)].container(border=True):
+        b = next((b for b in branches if b["name"] == name), None)
+        st.markdown(f"**{'Main generation' if b is None else name.capitalize()}**" + ("" if b is None else
+                    f" · from {b['from']} at step {b['step'] + 1}: `{traces.visible(b['token'])}`"))
+        st.markdown(traces.shaded_html(g, prompt, since=None if b is None else b["step"]), unsafe_allow_html=True)
+st.caption(f"{traces.settings_label(gen.settings)} · darker = more likely under the model; hover a token for its "
+           "probabilities" + (" · underlined: the branch's own continuation" if branches else ""))
+
+# ---------------------------------------------------------------------- per-step alternatives
+st.subheader("Per-step alternatives")
+n_steps = len(gen.steps)
+first = 0
+if n_steps > WINDOW:
+    first = st.slider("First step shown", 1, n_steps - WINDOW + 1, 1, key="from") - 1
+picked = (st.session_state.get("gen_chart") or {}).get("selection", {}).get("cell") or []
+if picked and picked != st.session_state.get("gen_last_pick"):
+    st.session_state["gen_last_pick"] = picked
+    st.session_state["inspect"] = int(picked[0]["step"])  # a clicked cell selects its step below
+st.session_state["inspect"] = min(max(1, int(st.session_state.get("inspect", 1))), max(n_steps, 1))
+inspect = st.session_state["inspect"]
+alts = traces.alternatives_frame(gen, alternatives, first, first + WINDOW)
+st.altair_chart(charts.generation_chart(alts, selected_step=inspect), on_select="rerun", key="gen_chart",
+                selection_mode="cell", width="stretch")
+st.caption("Columns are generated steps; the top row is the token sampled, the rows below the most likely tokens "
+           "(darker blue = more probable under the model, grey = removed by top-k/top-p, red outline = the one sampled). "
+           "Click a cell to inspect that step below.")
+st.markdown("**Entropy per step** (how spread the model's distribution is, in nats)")
+st.altair_chart(charts.entropy_chart(traces.steps_frame(gen).iloc[first:first + WINDOW]), width="stretch")
+
+# ---------------------------------------------------------------------- one step, and branching
+if not n_steps:
+    st.stop()
+st.subheader("Inspect a step and branch")
+inspect = st.columns([1, 4])[0].number_input("Step", 1, n_steps, key="inspect")
+s = gen.steps[inspect - 1]
+left, right = st.columns([3, 2])
+with left:
+    st.markdown(f"Step {inspect}: sampled **`{traces.visible(s.text)}`** with model p = {s.model_prob:.3f} (sampling "
+                f"p = {s.sampled_prob:.3f}, rank {s.rank}{', forced by the branch' if s.forced else ''}); entropy "
+                f"{s.entropy:.3f} nats.")
+    st.altair_chart(charts.distribution_chart(traces.distribution_frame(gen, inspect - 1)), width="stretch")
+    st.caption(f"The top {len(s.alternatives)} tokens by model probability: blue as the model sees them, orange as "
+               "sampling saw them after temperature and filters; faded bars were filtered out.")
+with right:
+    others = [a for a in s.alternatives if a.token_id != s.token_id][:10]
+    if not others:
+        st.caption("No alternative was traced at this step.")
+    else:
+        pick = st.radio("Continue instead with", list(range(len(others))), key=f"branch_alt_{inspect}",
+                        format_func=lambda i: f"`{traces.visible(others[i].text)}`  p={others[i].model_prob:.3f}"
+                        + ("" if others[i].kept else " (filtered out)"))
+        if st.button("Branch from here", type="primary", icon=":material/call_split:"):
+            alt_token = others[pick]
+            prefix = tuple((j, t.token_id) for j, t in enumerate(gen.steps[:inspect - 1]))
+            branches.append({"name": f"branch {len(branches) + 1}", "from": view, "step": inspect - 1,
+                             "token": alt_token.text, "forced": prefix + ((inspect - 1, alt_token.token_id),)})
+            st.session_state["view"] = branches[-1]["name"]
+            st.rerun()
+        st.caption("The branch keeps this generation's tokens up to the step, emits the chosen token there, and "
+                   "continues with the same settings and seed. Every branch stays listed above.")
+        if branches and st.button("Clear branches", icon=":material/delete_sweep:"):
+            branches.clear()
+            st.rerun()

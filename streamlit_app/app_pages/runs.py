@@ -1,0 +1,129 @@
+"""Runs (home): the registry at a glance, the runs table, and the curves of the selected runs."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import streamlit as st
+
+from registry.errors import RegistryError
+from streamlit_app import charts, data, frames, ui
+
+LIVE_EVERY_S = 5
+X_LABELS = {"step": "step", "tokens": "tokens", "flops": "FLOPs", "time": "wall time"}
+
+ui.header("Runs", "Which runs are training, which is best, and how are their curves going?")
+url = ui.registry_url()
+runs = ui.load_runs(url)
+try:
+    summary = data.summary(url)
+    table = data.runs_table(url)
+except RegistryError as e:
+    ui.show_error(e)
+    st.stop()
+
+# ---------------------------------------------------------------------- the answer first
+by_id = {r.id: r for r in runs}
+names = frames.run_names(runs)
+scored = [r for r in runs if r.best_val_bpb is not None]
+best = min(scored, key=lambda r: r.best_val_bpb) if scored else None
+training = summary.runs_by_status.get("training", 0)
+t1, t2, t3, t4 = st.columns(4)
+t1.metric("Runs", summary.runs, f"{training} training now" if training else "none training", delta_color="off",
+          delta_arrow="off", border=True)
+t2.metric("Best val bpb", f"{best.best_val_bpb:.4f}" if best else "—",
+          f"{names[best.id]} @ step {best.best_val_bpb_step:,}" if best and best.best_val_bpb_step is not None else None,
+          delta_color="off", delta_arrow="off", border=True, help="Lowest validation bits per byte of any run (lower is better).")
+t3.metric("Checkpoints", f"{summary.complete_checkpoints:,}",
+          f"{summary.incomplete_checkpoints} incomplete" if summary.incomplete_checkpoints else "all complete",
+          delta_color="inverse" if summary.incomplete_checkpoints else "off", delta_arrow="off", border=True,
+          help="Complete checkpoints on disk; incomplete ones (crash while saving) cannot be loaded.")
+last = summary.last_scan
+t4.metric("Last scan", frames.age(last.finished_at) if last else "never",
+          f"{summary.metric_points:,} metric points indexed", delta_color="off", delta_arrow="off", border=True)
+
+with st.expander("Scan a folder for new runs and checkpoints", icon=":material/folder_open:"):
+    ui.scan_control(url)
+
+# ---------------------------------------------------------------------- curves
+ids = [r.id for r in runs]
+c_runs, c_x = st.columns([3, 2], vertical_alignment="bottom")
+c_ema, c_log, c_live = st.columns([3, 1, 1], vertical_alignment="center")
+chosen = c_runs.multiselect("Runs to plot", ids, default=ids[:1], format_func=lambda i: names[i], key="runs",
+                            bind="query-params", max_selections=12, placeholder="Pick runs to plot")
+x = c_x.segmented_control("x axis", list(X_LABELS), default="step", format_func=X_LABELS.get, key="x", bind="query-params") or "step"
+ema = c_ema.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="ema", bind="query-params",
+                   help="Exponential moving average of the train loss (0 = raw). The raw curve stays faint behind it.")
+log = c_log.toggle("Log-scale loss", key="log", bind="query-params", help="Logarithmic y axis for the train loss")
+live = c_live.toggle("Live refresh", value=any(by_id[i].status == "training" for i in chosen), key="live", bind="query-params",
+                     help=f"Re-scan the selected runs and redraw every {LIVE_EVERY_S} s while they train")
+
+
+@st.fragment(run_every=LIVE_EVERY_S if live else None)
+def curves(chosen: list[int], x: str, ema: float, log: bool, live: bool) -> None:
+    if not chosen:
+        st.info("Pick one or more runs above to plot their curves.", icon=":material/touch_app:")
+        return
+    try:
+        if live:
+            data.refresh_runs(url, [by_id[i].path for i in chosen])
+        df = data.metrics(url, tuple(chosen))
+    except RegistryError as e:
+        ui.show_error(e)
+        return
+    if df.empty:
+        st.info("The selected runs have no metrics yet (no metrics.jsonl, and no val_bpb in their metas). "
+                "Import an upstream training log with `python -m registry import-log FILE --run RUN`.", icon=":material/trending_up:")
+        return
+    resumes = frames.resume_points(df)
+    left, right = st.columns(2)
+    for col, key, title, smoothing, log_y in ((left, "val_bpb", "Validation bits per byte", 0.0, False),
+                                             (right, "train_loss", "Train loss", ema, log)):
+        with col:
+            st.markdown(f"**{title}**")
+            if (df["key"] == key).any():
+                st.altair_chart(charts.metric_chart(df, key, x, smoothing, log_y, resumes), width="stretch")
+            else:
+                st.info(f"No {key} points for these runs (upstream runs without metrics.jsonl only have val_bpb "
+                        "from their checkpoints).", icon=":material/trending_down:")
+    notes = []
+    if not resumes.empty:
+        notes.append("dashed rules mark resumes (a new segment of the same run, same colour)")
+    if x in ("tokens", "flops") and df["tokens"].isna().any():
+        notes.append("runs without a recorded batch size are left out of the token/FLOP axes")
+    stored = df.attrs.get("stored_points")
+    if stored and stored > len(df):
+        notes.append(f"showing {len(df):,} of {stored:,} points (downsampled in the registry; minima and maxima kept)")
+    notes.append("drag to pan, scroll to zoom, double-click to reset" + (f"; live: redrawn every {LIVE_EVERY_S} s" if live else ""))
+    st.caption(" · ".join(notes).capitalize())
+
+
+curves(chosen, x, ema, log, live)
+
+# ---------------------------------------------------------------------- the table
+st.subheader("All runs")
+table = table.assign(open=[f"checkpoints?run={quote(n, safe='')}" for n in table["run"]])
+st.dataframe(
+    table, hide_index=True, width="stretch",
+    column_order=["run", "status", "depth", "parameters", "steps", "progress", "best_val_bpb", "best_step", "last_val_bpb",
+                  "checkpoints", "segments", "last_update", "open"],
+    column_config={
+        "run": st.column_config.TextColumn("phase/tag", pinned=True, help="training phase (base, sft, rl) / model tag"),
+        "status": st.column_config.TextColumn("status", width="small", help="training: files changed in the last 10 minutes; "
+                                              "finished: reached its target steps; stopped: ended early (resumable); "
+                                              "incomplete: the newest checkpoint is broken"),
+        "depth": st.column_config.NumberColumn("depth", format="%d", width="small"),
+        "parameters": st.column_config.NumberColumn("params", format="compact", width="small"),
+        "steps": st.column_config.TextColumn("steps / target", width="small"),
+        "progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0.0, max_value=1.0, width="small"),
+        "best_val_bpb": st.column_config.NumberColumn("best bpb", format="%.4f", width="small",
+                                                      help="best validation bits per byte (lower is better)"),
+        "best_step": st.column_config.NumberColumn("at step", format="%d", width="small"),
+        "last_val_bpb": st.column_config.NumberColumn("last bpb", format="%.4f", width="small"),
+        "checkpoints": st.column_config.NumberColumn("ckpts", format="%d", width="small", help="checkpoints on disk"),
+        "segments": st.column_config.NumberColumn("segments", format="%d", width="small",
+                                                  help="launches: 2 or more means it was resumed"),
+        "last_update": st.column_config.DatetimeColumn("updated", format="distance", width="small"),
+        "open": st.column_config.LinkColumn("", display_text="checkpoints ↗", width="small", help="This run's checkpoints"),
+    })
+st.caption(f"{len(table)} runs, newest activity first. Registry `{url}`.")

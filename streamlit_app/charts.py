@@ -1,0 +1,274 @@
+"""
+Every chart of the app, as pure functions DataFrame -> Altair chart (testable without Streamlit).
+
+Conventions (APP_UX.md): a run keeps one colour everywhere (`run_color`: by registry id, not by
+position in a selection); resume segments share their run's colour and get a dashed rule at the
+resume step; every mark has a tooltip; curves zoom (an interval selection bound to the scales); axes
+carry units and numbers are formatted (1.2M, 3.45). The frames come from `frames.py` / `traces.py`;
+this module does no I/O and knows nothing about the registry or the engine.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+from streamlit_app.frames import CHECKPOINT_STATES, STATE_COLORS
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+# x axes of the run curves: frame column, axis title, d3 format
+X_AXES = {
+    "step": ("step", "step", ",d"),
+    "tokens": ("tokens", "tokens seen", "~s"),
+    "flops": ("flops", "training FLOPs", "~s"),
+    "time": ("elapsed_s", "wall time since the run started", None),
+}
+METRIC_TITLES = {
+    "val_bpb": "val bpb (bits/byte)",
+    "train_loss": "train loss (nats/token)",
+    "lrm": "LR multiplier",
+    "tok_per_sec": "throughput (tokens/s)",
+    "dt_ms": "step time (ms)",
+}
+SI = "replace(replace(format(datum.value, '~s'), 'G', 'B'), 'P', 'Q')"  # tokens/FLOPs: 1.2M, 3.4B
+
+
+def run_color(run_id: int) -> str:
+    return PALETTE[(int(run_id) - 1) % len(PALETTE)]
+
+
+def run_scale(df: pd.DataFrame) -> alt.Scale:
+    """Colour scale mapping each run's name to its fixed colour (df has run_id and run columns)."""
+    pairs = df[["run_id", "run"]].drop_duplicates().sort_values("run_id")
+    return alt.Scale(domain=list(pairs["run"]), range=[run_color(i) for i in pairs["run_id"]])
+
+
+def smooth(df: pd.DataFrame, weight: float) -> pd.Series:
+    """TensorBoard's debiased EMA (weight 0 = raw, 0.99 = very smooth), per run and segment."""
+    if weight <= 0 or df.empty:
+        return df["value"]
+    return df.groupby(["run_id", "segment"])["value"].transform(lambda s: s.ewm(alpha=1 - weight, adjust=True).mean())
+
+
+def _time_unit(seconds: pd.Series) -> tuple[float, str]:
+    top = float(seconds.max()) if len(seconds) else 0.0
+    if top >= 2 * 3600:
+        return 3600.0, "h"
+    if top >= 120:
+        return 60.0, "min"
+    return 1.0, "s"
+
+
+def _x(df: pd.DataFrame, x: str, unit: tuple[float, str] | None = None) -> tuple[pd.DataFrame, alt.X]:
+    column, title, fmt = X_AXES[x]
+    df = df.copy()
+    if x == "time":
+        div, name = unit or _time_unit(df[column])
+        df["x"] = df[column] / div
+        return df, alt.X("x:Q", title=f"{title} ({name})", axis=alt.Axis(format="~f"))
+    df["x"] = df[column]
+    axis = alt.Axis(labelExpr=SI) if fmt == "~s" else alt.Axis(format=fmt, tickMinStep=1)
+    return df, alt.X("x:Q", title="optimizer step" if x == "step" else title, axis=axis)
+
+
+def metric_chart(df: pd.DataFrame, key: str, x: str = "step", smoothing: float = 0.0, log: bool = False,
+                 resumes: pd.DataFrame | None = None, height: int = 320) -> alt.LayerChart:
+    """One metric of several runs against step / tokens / FLOPs / wall time. Each (run, segment) is its
+    own line in the run's colour; resumes are dashed rules; with smoothing the raw curve stays faint."""
+    data = df[df["key"] == key].dropna(subset=[X_AXES[x][0]])
+    unit = _time_unit(df["elapsed_s"]) if x == "time" else None
+    data, xenc = _x(data, x, unit)
+    data["smoothed"] = smooth(data, smoothing)
+    scale = run_scale(df) if not df.empty else alt.Scale()
+    color = alt.Color("run:N", scale=scale, legend=alt.Legend(title=None, orient="bottom"))
+    ytitle = METRIC_TITLES.get(key, key) + (", log scale" if log else "")
+    yscale = alt.Scale(type="log" if log else "linear", zero=False, nice=not log)
+    tooltip = [alt.Tooltip("run:N"), alt.Tooltip("segment:Q", title="resume segment"), alt.Tooltip("step:Q", format=",d"),
+               alt.Tooltip("value:Q", title=key, format=".4f"), alt.Tooltip("tokens:Q", format=",d"),
+               alt.Tooltip("flops:Q", title="FLOPs", format=".3s"), alt.Tooltip("elapsed_s:Q", title="seconds since start", format=",.0f")]
+    if smoothing > 0:
+        tooltip.insert(4, alt.Tooltip("smoothed:Q", title=f"{key} (EMA {smoothing:g})", format=".4f"))
+    base = alt.Chart(data).encode(x=xenc, color=color, detail="segment:N")
+    zoom = alt.selection_interval(bind="scales", name=f"zoom_{key}")
+    few = len(data) <= 60 * max(1, data["run_id"].nunique())
+    # the bold line first: the shared legend takes its look from the first layer
+    layers = [base.mark_line(strokeWidth=2, point=few).encode(y=alt.Y("smoothed:Q", scale=yscale, title=ytitle), tooltip=tooltip)]
+    if smoothing > 0:
+        layers.append(base.mark_line(opacity=0.25, strokeWidth=1).encode(y=alt.Y("value:Q", scale=yscale, title=ytitle)))
+    # invisible points: a tooltip wherever the pointer is near a point, not only on the thin line
+    layers.append(base.mark_circle(size=70, opacity=0.001).encode(y=alt.Y("smoothed:Q", scale=yscale), tooltip=tooltip))
+    if resumes is not None and not resumes.empty:
+        r, _ = _x(resumes.dropna(subset=[X_AXES[x][0]]), x, unit)
+        r = r[r["run_id"].isin(data["run_id"].unique())]
+        rule = alt.Chart(r).mark_rule(strokeDash=[5, 4], strokeWidth=1.5).encode(
+            x="x:Q", color=alt.Color("run:N", scale=scale, legend=None),
+            tooltip=[alt.Tooltip("run:N"), alt.Tooltip("segment:Q", title="resume segment"),
+                     alt.Tooltip("step:Q", title="resumed at step", format=",d")])
+        label = alt.Chart(r).mark_text(align="left", dx=3, dy=-4, baseline="top", fontSize=10, y=0).encode(
+            x="x:Q", text=alt.value("resumed"), color=alt.Color("run:N", scale=scale, legend=None))
+        layers += [rule, label]
+    return alt.layer(layers[0].add_params(zoom), *layers[1:]).properties(height=height)
+
+
+def checkpoint_chart(df: pd.DataFrame, color: str, height: int = 300) -> alt.LayerChart:
+    """val_bpb of a run's checkpoints by step, each point coloured by its integrity state."""
+    data = df.dropna(subset=["step"])
+    states = [s for s in CHECKPOINT_STATES if s in set(data["state"])] or list(CHECKPOINT_STATES)
+    base = alt.Chart(data).encode(x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1),
+                                          scale=alt.Scale(padding=10)))
+    line = base.transform_filter("isValid(datum.val_bpb)").mark_line(color=color, strokeWidth=2).encode(
+        y=alt.Y("val_bpb:Q", title="val bpb (bits/byte)", scale=alt.Scale(zero=False)))
+    points = base.transform_filter("isValid(datum.val_bpb)").mark_circle(size=110, opacity=1, stroke="white", strokeWidth=1).encode(
+        y="val_bpb:Q",
+        color=alt.Color("integrity:N", title="integrity", scale=alt.Scale(
+            domain=[CHECKPOINT_STATES[s] for s in states], range=[STATE_COLORS[s] for s in states]),
+            legend=alt.Legend(orient="bottom")),
+        tooltip=[alt.Tooltip("step:Q", format=",d"), alt.Tooltip("val_bpb:Q", format=".4f"), "integrity:N",
+                 alt.Tooltip("size_mb:Q", title="size (MB)", format=",.1f"), alt.Tooltip("saved:T", format="%Y-%m-%d %H:%M"),
+                 "problems:N"])
+    zoom = alt.selection_interval(bind="scales", encodings=["x"], name="zoom_ckpt")
+    return alt.layer(line.add_params(zoom), points).properties(height=height)
+
+
+def lr_chart(lr: pd.DataFrame, phases: pd.DataFrame, resume_step: int | None, resume_lr: float | None,
+             reached_step: int | None = None, height: int = 280) -> alt.LayerChart:
+    """The LR multiplier over the run, phases shaded, the resume step marked."""
+    phase_colors = alt.Scale(domain=["warmup", "constant", "warmdown"], range=["#fde68a", "#e5e7eb", "#bfdbfe"])
+    bands = alt.Chart(phases).mark_rect(opacity=0.55).encode(
+        x="start:Q", x2="end:Q", color=alt.Color("phase:N", scale=phase_colors, title="schedule phase",
+                                                 legend=alt.Legend(orient="bottom")),
+        tooltip=["phase:N", alt.Tooltip("start:Q", format=",d"), alt.Tooltip("end:Q", format=",d")])
+    line = alt.Chart(lr).mark_line(color="#111827", strokeWidth=2).encode(
+        x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1)),
+        y=alt.Y("lr_multiplier:Q", title="LR multiplier (× peak LR)", scale=alt.Scale(domain=[0, 1.05])),
+        tooltip=[alt.Tooltip("step:Q", format=",d"), alt.Tooltip("lr_multiplier:Q", format=".4f"), "phase:N"])
+    layers = [bands, line]
+    if reached_step is not None and resume_step is not None and reached_step > resume_step:
+        lost = pd.DataFrame([{"start": resume_step, "end": reached_step, "what": "trained again after the resume"}])
+        layers.append(alt.Chart(lost).mark_rect(color="#ef4444", opacity=0.18).encode(
+            x="start:Q", x2="end:Q", tooltip=[alt.Tooltip("what:N", title=""), alt.Tooltip("start:Q", format=",d"),
+                                              alt.Tooltip("end:Q", format=",d")]))
+    if resume_step is not None:
+        mark = pd.DataFrame([{"step": resume_step, "lr_multiplier": resume_lr if resume_lr is not None else 0.0,
+                              "label": f"resume at step {resume_step:,}"}])
+        layers.append(alt.Chart(mark).mark_rule(color="#dc2626", strokeDash=[6, 4], strokeWidth=2).encode(
+            x="step:Q", tooltip=[alt.Tooltip("label:N", title=""), alt.Tooltip("lr_multiplier:Q", format=".4f")]))
+        layers.append(alt.Chart(mark).mark_point(color="#dc2626", size=120, filled=True).encode(
+            x="step:Q", y="lr_multiplier:Q", tooltip=[alt.Tooltip("label:N", title=""), alt.Tooltip("lr_multiplier:Q", format=".4f")]))
+        right_half = resume_step > 0.6 * max(float(lr["step"].max()), 1.0)
+        layers.append(alt.Chart(mark).mark_text(color="#dc2626", align="right" if right_half else "left",
+                                                dx=-10 if right_half else 10, dy=-12, fontWeight="bold").encode(
+            x="step:Q", y="lr_multiplier:Q", text="label:N"))
+    return alt.layer(*layers).properties(height=height)
+
+
+def integrity_map(df: pd.DataFrame, height_per_run: int = 26) -> alt.Chart:
+    """Every checkpoint of every run as a square at (step, run), coloured by integrity state."""
+    data = df.dropna(subset=["step"])
+    states = [s for s in CHECKPOINT_STATES if s in set(data["state"])] or list(CHECKPOINT_STATES)
+    zoom = alt.selection_interval(bind="scales", encodings=["x"], name="zoom_map")
+    return alt.Chart(data).mark_square(size=90, opacity=0.95).encode(
+        x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1), scale=alt.Scale(padding=10)),
+        y=alt.Y("run:N", title=None, sort=alt.EncodingSortField("run_id", order="descending")),
+        color=alt.Color("integrity:N", title="integrity", scale=alt.Scale(
+            domain=[CHECKPOINT_STATES[s] for s in states], range=[STATE_COLORS[s] for s in states])),
+        tooltip=["run:N", alt.Tooltip("step:Q", format=",d"), "integrity:N", "problems:N",
+                 alt.Tooltip("checked:T", title="last checked", format="%Y-%m-%d %H:%M"), alt.Tooltip("val_bpb:Q", format=".4f")],
+    ).add_params(zoom).properties(height=alt.Step(height_per_run))
+
+
+GRID_LABELS_PX = 64  # the y-axis label column of both generation charts, so their step columns line up
+
+
+def generation_chart(alts: pd.DataFrame, selected_step: int | None = None) -> alt.LayerChart:
+    """Per-step alternatives: one column per generated step, the sampled token on top, the top-N by
+    model probability below; colour = model probability, the sampled cell outlined in red, tokens the
+    filters removed in grey. Clicking a cell selects (step, row) (selection "cell")."""
+    order = ["sampled"] + sorted({r for r in alts["row"] if r != "sampled"}, key=lambda r: int(r[1:]))
+    x = alt.X("step:O", title=None, axis=alt.Axis(labelAngle=0, orient="top"))
+    pick = alt.selection_point(fields=["step", "row"], name="cell", on="click", clear=False)
+    tooltip = [alt.Tooltip("step:O"), alt.Tooltip("row:N", title="row"), alt.Tooltip("token:N"), alt.Tooltip("token_id:Q", title="id"),
+               alt.Tooltip("model_prob:Q", title="model p (T=1)", format=".3f"),
+               alt.Tooltip("sampled_prob:Q", title="sampling p", format=".3f"), alt.Tooltip("kept:N", title="kept by filters")]
+    y = alt.Y("row:N", sort=order, title=None, axis=alt.Axis(minExtent=GRID_LABELS_PX, maxExtent=GRID_LABELS_PX))
+    base = alt.Chart(alts).encode(x=x, y=y)
+    outlined = "datum.is_sampled && datum.row != 'sampled'"
+    cells = base.mark_rect(cornerRadius=3).encode(
+        color=alt.when("datum.kept").then(alt.Color("model_prob:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), legend=None))
+        .otherwise(alt.value("#e5e7eb")),
+        stroke=alt.when(outlined).then(alt.value("#dc2626")).otherwise(alt.value("white")),
+        strokeWidth=alt.when(outlined).then(alt.value(2.5)).otherwise(alt.value(1)),
+        tooltip=tooltip,
+    ).add_params(pick)
+    text = base.mark_text(fontSize=11, limit=44).encode(
+        text="token:N",
+        color=alt.when("datum.kept && datum.model_prob > 0.55").then(alt.value("white"))
+        .when("datum.kept").then(alt.value("#111827")).otherwise(alt.value("#9ca3af")),
+        tooltip=tooltip)
+    layers = [cells, text]
+    if selected_step is not None and selected_step in set(alts["step"]):
+        sel = pd.DataFrame([{"step": selected_step}])
+        layers.append(alt.Chart(sel).mark_rect(fill=None, stroke="#111827", strokeWidth=1.5, strokeDash=[3, 2]).encode(x="step:O"))
+    return alt.layer(*layers).properties(width="container", height=alt.Step(32))
+
+
+def entropy_chart(steps: pd.DataFrame) -> alt.Chart:
+    """The model's entropy at each generated step, columns aligned with `generation_chart`."""
+    return alt.Chart(steps).mark_bar(color="#6b7280").encode(
+        x=alt.X("step:O", title="generated step", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("entropy:Q", title="nats", axis=alt.Axis(minExtent=GRID_LABELS_PX, maxExtent=GRID_LABELS_PX, tickCount=3)),
+        tooltip=[alt.Tooltip("step:O"), alt.Tooltip("token:N"), alt.Tooltip("entropy:Q", title="entropy (nats)", format=".3f"),
+                 alt.Tooltip("entropy_bits:Q", title="entropy (bits)", format=".3f")],
+    ).properties(width="container", height=130)
+
+
+def distribution_chart(df: pd.DataFrame, height_per_token: int = 26) -> alt.Chart:
+    """The traced top-N of one step: model vs sampling probability per token, filtered-out greyed."""
+    order = list(dict.fromkeys(df.sort_values("rank")["token"]))
+    return alt.Chart(df).mark_bar(cornerRadiusEnd=2).encode(
+        y=alt.Y("token:N", sort=order, title=None),
+        yOffset=alt.YOffset("distribution:N"),
+        x=alt.X("prob:Q", title="probability", axis=alt.Axis(format=".0%")),
+        color=alt.Color("distribution:N", title=None, scale=alt.Scale(range=["#1f77b4", "#ff7f0e"]),
+                        legend=alt.Legend(orient="bottom")),
+        opacity=alt.condition("datum.kept", alt.value(1.0), alt.value(0.3)),
+        stroke=alt.condition("datum.is_sampled", alt.value("#dc2626"), alt.value(None)),
+        tooltip=["token:N", "distribution:N", alt.Tooltip("prob:Q", format=".4f"), alt.Tooltip("kept:N", title="kept by filters"),
+                 alt.Tooltip("token_id:Q", title="id")],
+    ).properties(height=max(120, len(order) * height_per_token))
+
+
+def compare_chart(stats: pd.DataFrame, height: int = 260) -> alt.LayerChart:
+    """Each column of a comparison as a point: diversity (distinct-2) against likelihood (mean log-prob)."""
+    base = alt.Chart(stats).encode(
+        x=alt.X("distinct_2:Q", title="distinct-2 (unique bigrams / bigrams)", scale=alt.Scale(zero=False, padding=20)),
+        y=alt.Y("mean_logprob:Q", title="mean log-probability (nats/token)", scale=alt.Scale(zero=False, padding=20)),
+        tooltip=["column:N", alt.Tooltip("mean_logprob:Q", format=".3f"), alt.Tooltip("mean_entropy:Q", format=".3f"),
+                 alt.Tooltip("distinct_2:Q", format=".3f"), alt.Tooltip("repeated_3grams:Q", title="repeated trigrams"),
+                 alt.Tooltip("tokens:Q")])
+    points = base.mark_circle(size=140, color="#1f77b4", opacity=0.85)
+    labels = base.mark_text(align="left", dx=9, fontSize=12, color="#374151").encode(text="short:N")
+    return alt.layer(points, labels).properties(height=height)
+
+
+def breakdown_chart(parts: pd.DataFrame, title: str, fmt: str = "~s") -> alt.LayerChart:
+    """Horizontal bars of named parts (columns part, value, shown)."""
+    base = alt.Chart(parts).encode(y=alt.Y("part:N", sort="-x", title=None),
+                                   x=alt.X("value:Q", title=title, axis=alt.Axis(labelExpr=SI) if fmt == "~s" else alt.Axis(format=fmt)),
+                                   tooltip=["part:N", alt.Tooltip("shown:N", title=title)])
+    return alt.layer(base.mark_bar(color="#1f77b4", cornerRadiusEnd=2),
+                     base.mark_text(align="left", dx=4, color="#374151").encode(text="shown:N")).properties(
+        height=34 * len(parts))
+
+
+def depth_chart(sweep: pd.DataFrame, depth: int, height: int = 260) -> alt.LayerChart:
+    """Parameters and training tokens by depth (log scale), the chosen depth marked."""
+    long = sweep.melt(id_vars=["depth"], value_vars=["parameters", "training tokens"], var_name="quantity").dropna()
+    base = alt.Chart(long).encode(
+        x=alt.X("depth:Q", title="depth (layers)"),
+        y=alt.Y("value:Q", title="count (log scale)", scale=alt.Scale(type="log"), axis=alt.Axis(labelExpr=SI)),
+        color=alt.Color("quantity:N", title=None, legend=alt.Legend(orient="bottom")),
+        tooltip=["depth:Q", "quantity:N", alt.Tooltip("value:Q", format=".3s")])
+    rule = alt.Chart(pd.DataFrame([{"depth": depth}])).mark_rule(color="#dc2626", strokeDash=[5, 4]).encode(
+        x="depth:Q", tooltip=[alt.Tooltip("depth:Q", title="chosen depth")])
+    return alt.layer(base.mark_line(point=True), rule).properties(height=height)

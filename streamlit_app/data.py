@@ -1,0 +1,448 @@
+"""
+The app's one data module: which registry is open, and every read and write the pages make, cached.
+
+Every `st.cache_data` / `st.cache_resource` of the app lives here (each with a ttl and max_entries), so
+a page only reads its widgets, calls functions of this module and renders. Reads go through the
+registry's store API (`registry.open_store`, frozen dataclasses out) and are turned into DataFrames by
+`frames.py`; writes (scan, integrity checks, a deep resume plan) go through the registry too and then
+clear the registry caches. Models are loaded once per checkpoint file (cache_resource) and sampled
+through `nanochat.engine`; both are imported inside the functions that need them, so importing this
+module (and the app's entry point) never imports torch.
+
+Not here: SQL (the registry's business), sampling math (the engine's), layout (pages), drawing
+(`charts.py`). Errors are the named exceptions of those layers; pages catch them at their edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from registry import open_store
+from registry.errors import ScanPathError
+from streamlit_app import frames, traces
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_FILE = Path(__file__).resolve().parent / "app.py"
+DEMO_DIR = ROOT / ".demo"
+REGISTRY_FILE = "registry.sqlite"
+ENV_URL = "NANOCHAT_REGISTRY_URL"
+ENV_BASE = "NANOCHAT_BASE_DIR"
+TTL_S = 10  # registry reads: short, so a scan from the CLI or another tab shows up within seconds
+LIVE_TTL_S = 3  # metric history while a run trains
+MAX_POINTS = 2000  # per series, downsampled by the registry (extremes kept)
+Progress = Callable[[int, int, str], None]  # (done, total, message)
+
+
+def __getattr__(name: str):
+    # nanochat.engine imports torch; a page names data.SamplingError in its except clause, which is
+    # evaluated only when an exception is being matched, so torch is imported no earlier than needed.
+    if name == "SamplingError":
+        from nanochat.engine import SamplingError
+
+        return SamplingError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------- which registry
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryTarget:
+    url: str  # a SQLite path or a database URL, as open_store takes it
+    source: str  # how it was chosen, shown in the sidebar
+    scan_default: str  # the folder the scan box starts with
+    problem: str | None = None  # why it cannot be opened; pages show this instead of their content
+
+
+def app_args(argv: list[str] | None = None) -> list[str]:
+    """The arguments after `--` in `streamlit run streamlit_app/app.py -- ...`; [] in any other process
+    (AppTest runs the script inside pytest, whose arguments are not ours)."""
+    argv = sys.argv if argv is None else argv
+    if argv and Path(argv[0]).resolve() == APP_FILE:
+        return list(argv[1:])
+    return []
+
+
+def _parse(args: list[str]) -> tuple[dict[str, str], str | None]:
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name not in ("--base-dir", "--db"):
+            return out, f"unknown app argument {arg!r}: use -- --base-dir DIR or -- --db URL"
+        if not eq:
+            if i + 1 >= len(args):
+                return out, f"{name} needs a value"
+            value, i = args[i + 1], i + 1
+        out[name] = value
+        i += 1
+    return out, None
+
+
+def _sqlite_target(path: Path, source: str, scan_default: Path, missing_hint: str | None = None) -> RegistryTarget:
+    path = path.expanduser()
+    problem = None
+    if missing_hint and not path.exists():
+        problem = missing_hint
+    elif not path.parent.is_dir():
+        problem = f"{path.parent} does not exist (from {source}): create it or point the app at an existing folder"
+    return RegistryTarget(str(path), source, str(scan_default.expanduser()), problem)
+
+
+def registry_target(args: list[str] | None = None, environ: Mapping[str, str] | None = None) -> RegistryTarget:
+    """--db URL, else --base-dir DIR (DIR/registry.sqlite), else $NANOCHAT_REGISTRY_URL, else
+    $NANOCHAT_BASE_DIR/registry.sqlite, else the demo's .demo/registry.sqlite. The scan box starts at
+    the base dir (the registry file's folder for a SQLite path)."""
+    env = os.environ if environ is None else environ
+    flags, problem = _parse(app_args() if args is None else args)
+    base_env = Path(env[ENV_BASE]).expanduser() if env.get(ENV_BASE) else None
+    home = base_env or Path("~/.cache/nanochat").expanduser()
+    if problem:
+        return RegistryTarget("", "app arguments", str(home), problem)
+    if "--db" in flags or env.get(ENV_URL):
+        source = "--db" if "--db" in flags else f"${ENV_URL}"
+        url = flags.get("--db") or env[ENV_URL]
+        if "://" in url:
+            return RegistryTarget(url, source, str(home))
+        return _sqlite_target(Path(url), source, Path(url).expanduser().parent if not base_env else base_env)
+    if "--base-dir" in flags:
+        base = Path(flags["--base-dir"]).expanduser()
+        if not base.is_dir():
+            return RegistryTarget(str(base / REGISTRY_FILE), "--base-dir", str(base),
+                                  f"--base-dir {base} does not exist: give the folder that holds base_checkpoints/")
+        return _sqlite_target(base / REGISTRY_FILE, "--base-dir", base)
+    if base_env is not None:
+        if not base_env.is_dir():
+            return RegistryTarget(str(base_env / REGISTRY_FILE), f"${ENV_BASE}", str(base_env),
+                                  f"${ENV_BASE}={base_env} does not exist")
+        return _sqlite_target(base_env / REGISTRY_FILE, f"${ENV_BASE}", base_env)
+    return _sqlite_target(DEMO_DIR / REGISTRY_FILE, "demo", DEMO_DIR, missing_hint=(
+        f"No registry yet: the demo registry {DEMO_DIR / REGISTRY_FILE} does not exist. Build the demo with "
+        "`make app` (or `python -m scripts.demo`), or open your own runs with "
+        "`streamlit run streamlit_app/app.py -- --base-dir DIR` (or set NANOCHAT_BASE_DIR)."))
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def store(url: str):
+    """The open registry (one per URL and process, shared by every session; the store is thread-safe)."""
+    return open_store(url)
+
+
+def clear_registry_caches() -> None:
+    """After a write: every cached registry read is stale (models and generations are not)."""
+    for fn in (summary, runs, runs_table, metrics, checkpoints_table, checkpoint_detail, config_diff, resume_plan,
+               all_checkpoints, integrity_history):
+        fn.clear()
+
+
+# ---------------------------------------------------------------------- runs
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def summary(url: str):
+    return store(url).summary()
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def runs(url: str) -> list:
+    """RunSummary list, newest activity first."""
+    return store(url).list_runs()
+
+
+def run_names(url: str) -> dict[int, str]:
+    return frames.run_names(runs(url))
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def runs_table(url: str) -> pd.DataFrame:
+    found = runs(url)
+    return frames.runs_frame(found, frames.run_names(found))
+
+
+@st.cache_data(ttl=LIVE_TTL_S, max_entries=64, show_spinner=False)
+def metrics(url: str, run_ids: tuple[int, ...], keys: tuple[str, ...] = ("val_bpb", "train_loss"),
+            max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """Long frame of the runs' series (downsampled by the registry to max_points each)."""
+    s = store(url)
+    found = runs(url)
+    by_id = {r.id: r for r in found}
+    series = []
+    for rid in run_ids:
+        if rid not in by_id:
+            continue
+        have = [k for k in keys if k in {info.key for info in s.metric_keys(rid)}]
+        if have:
+            series += s.metric_history(rid, have, max_points=max_points)
+    df = frames.metric_frame(series, by_id, frames.run_names(found))
+    df.attrs["stored_points"] = sum(x.total_points for x in series)
+    return df
+
+
+def refresh_runs(url: str, paths: list[str]) -> None:
+    """Re-scan the given run folders (incremental: unchanged files cost a stat) for live curves."""
+    s = store(url)
+    for p in paths:
+        if Path(p).is_dir():
+            s.scan(p)
+    for fn in (metrics, runs, runs_table, summary):
+        fn.clear()
+
+
+def scan(url: str, path: str, progress: Progress | None = None):
+    """Index a folder (ScanReport); ScanPathError / NoCheckpointsError for a bad path."""
+    if not path or not path.strip():
+        raise ScanPathError("give a folder to scan (a nanochat base dir, or any folder with checkpoints)")
+    report = store(url).scan(path.strip(), progress)
+    clear_registry_caches()
+    return report
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def checkpoints_table(url: str, run_id: int) -> pd.DataFrame:
+    return frames.checkpoints_frame(store(url).checkpoints(run_id), run_names(url))
+
+
+@st.cache_data(ttl=TTL_S, max_entries=8, show_spinner=False)
+def all_checkpoints(url: str) -> pd.DataFrame:
+    """Every checkpoint of every run, with its integrity state (Integrity, Generate, Compare)."""
+    names = run_names(url)
+    s = store(url)
+    frames_ = [frames.checkpoints_frame(s.checkpoints(r.id), names) for r in runs(url)]
+    frames_ = [f for f in frames_ if not f.empty]
+    return pd.concat(frames_, ignore_index=True) if frames_ else frames.checkpoints_frame([])
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointView:
+    detail: object  # registry.entities.CheckpointDetail
+    on_disk: dict  # file name -> exists now (a file can vanish after the last scan)
+
+    @property
+    def gone(self) -> list[str]:
+        return [name for name, there in self.on_disk.items() if not there]
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def checkpoint_detail(url: str, checkpoint_id: int) -> CheckpointView:
+    detail = store(url).checkpoint_detail(checkpoint_id)
+    return CheckpointView(detail, {f.name: Path(f.path).exists() for f in detail.files})
+
+
+@st.cache_data(ttl=60, max_entries=32, show_spinner=False)
+def config_diff(url: str, a: str, b: str):
+    """ConfigDiff of two runs (their ids) or two checkpoints ("RUN_ID@STEP")."""
+    return store(url).diff(a, b)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def integrity_history(url: str, checkpoint_id: int) -> pd.DataFrame:
+    return frames.integrity_history_frame(store(url).integrity_history(checkpoint_id))
+
+
+# ---------------------------------------------------------------------- resume
+
+
+def _run_dir(url: str, run_id: int) -> str:
+    run = store(url).get_run(run_id)
+    if not Path(run.path).is_dir():
+        raise ScanPathError(f"{run.label}'s folder {run.path} no longer exists (its history is kept in the registry)")
+    return run.path
+
+
+@st.cache_data(ttl=30, max_entries=16, show_spinner=False)
+def resume_plan(url: str, run_id: int, target_steps: int | None = None):
+    """The planner's report from the files, reusing deep results the registry holds while the files are
+    unchanged; quick checks run as needed and are not recorded (viewing a page writes nothing)."""
+    from registry import resume, verify
+
+    path = _run_dir(url, run_id)
+    known = verify.known_results(store(url), path)
+    return resume.plan_resume(path, target_steps=target_steps, known=known)
+
+
+def deep_resume_plan(url: str, run_id: int, target_steps: int | None = None):
+    """Deep-check (recorded in the registry) and plan: `python -m registry resume RUN --deep`."""
+    from registry import verify
+
+    plan = verify.plan_indexed_resume(store(url), _run_dir(url, run_id), target_steps=target_steps, deep=True)
+    clear_registry_caches()
+    return plan
+
+
+# ---------------------------------------------------------------------- integrity
+
+
+def verify_runs(url: str, run_ids: list[int], deep: bool, progress: Progress | None = None) -> pd.DataFrame:
+    """Check every checkpoint of the runs (recorded in the registry) and return one row per checkpoint.
+    progress(done, total, text) after each checkpoint (deep: also while reading its bytes)."""
+    from registry import integrity, verify
+
+    s = store(url)
+    targets = []
+    for rid in run_ids:
+        path = _run_dir(url, rid)
+        root, found = verify.resolve_target(s, path)
+        targets.append((path, found))
+    total = sum(len(found) for _, found in targets)
+    total_bytes = sum(integrity.checkpoint_bytes(c) for _, found in targets for c in found) if deep else 0
+    state = {"done": 0, "bytes": 0}
+
+    def tell(extra: str = "") -> None:
+        if progress:
+            text = f"checked {state['done']}/{total} checkpoints{extra}"
+            progress(state["done"], total, text)
+
+    def on_bytes(n: int) -> None:
+        state["bytes"] += n
+        if deep and total_bytes:
+            tell(f" · {state['bytes'] / 1e6:,.0f} / {total_bytes / 1e6:,.0f} MB read")
+
+    def on_result(_checked) -> None:
+        state["done"] += 1
+        tell()
+
+    results = []
+    try:
+        for path, found in targets:
+            report = verify.verify(s, path, deep=deep, progress=on_bytes if deep else None, on_result=on_result,
+                                   checkpoints=found)
+            results += report.results
+    finally:
+        clear_registry_caches()
+    rows = [{"run": r.run, "step": r.result.step, "level": r.result.level, "result": "✓ ok" if r.result.ok else "⚠ problems",
+             "problems": ", ".join(r.result.codes),
+             "messages": "; ".join(f"{p.code}: {p.message}" for p in r.result.problems),
+             "duration_s": r.result.duration_s, "mb_read": r.result.bytes_read / 1e6} for r in results]
+    return pd.DataFrame(rows, columns=["run", "step", "level", "result", "problems", "messages", "duration_s", "mb_read"])
+
+
+# ---------------------------------------------------------------------- models and sampling
+
+
+def model_stamp(directory: str, step: int | None) -> tuple:
+    """(size, mtime_ns) of the model file: part of the model cache key, so a rewritten file reloads."""
+    name = f"model_{step:06d}.pt" if step is not None else "checkpoint.pt"
+    try:
+        st_ = os.stat(Path(directory) / name)
+    except OSError:
+        return ()
+    return (st_.st_size, st_.st_mtime_ns)
+
+
+@st.cache_resource(max_entries=3, ttl=3600, show_spinner=False)
+def model(directory: str, step: int | None, stamp: tuple):
+    """(LoadedModel, Engine) of one checkpoint, loaded once (weights_only) and shared by all sessions."""
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+
+    loaded = load_model(directory, step=step)
+    return loaded, Engine(loaded.model, loaded.tokenizer)
+
+
+def _token_text(tokenizer) -> Callable[[int], str]:
+    memo: dict[int, str] = {}
+
+    def text(i: int) -> str:
+        if i not in memo:
+            memo[i] = tokenizer.decode([i])
+        return memo[i]
+
+    return text
+
+
+@st.cache_data(ttl=3600, max_entries=128, show_spinner=False)
+def generate(directory: str, step: int | None, stamp: tuple, prompt: str, chat: bool, settings: tuple,
+             max_tokens: int, top_n: int, forced: tuple = ()) -> traces.Generation:
+    """One traced generation. settings: (temperature, top_k, top_p, min_p, seed); forced: ((step, token),
+    ...) makes the engine emit those tokens (a branch). Same arguments, same result: it is cached."""
+    from nanochat.engine import SamplingSettings, TraceOptions
+
+    loaded, engine = model(directory, step, stamp)
+    ids = engine.encode(prompt, chat=chat)
+    rows = engine.generate(ids, SamplingSettings(*settings), max_tokens, trace=TraceOptions(top_n=top_n),
+                           forced={0: dict(forced)} if forced else None)
+    gen = traces.from_row(rows[0], _token_text(loaded.tokenizer), forced)
+    return dataclasses.replace(gen, prompt_tokens=len(ids))
+
+
+@st.cache_data(ttl=3600, max_entries=32, show_spinner=False)
+def compare(directory: str, step: int | None, stamp: tuple, prompt: str, chat: bool, settings: tuple,
+            max_tokens: int) -> list[traces.Generation]:
+    """Every setting of `settings` (tuples as in `generate`) as one row of ONE batched engine call."""
+    from nanochat.engine import SamplingSettings, TraceOptions
+
+    loaded, engine = model(directory, step, stamp)
+    ids = engine.encode(prompt, chat=chat)
+    rows = engine.generate(ids, [SamplingSettings(*s) for s in settings], max_tokens, trace=TraceOptions(top_n=0))
+    text = _token_text(loaded.tokenizer)
+    return [dataclasses.replace(traces.from_row(r, text), prompt_tokens=len(ids)) for r in rows]
+
+
+def model_choices(url: str) -> pd.DataFrame:
+    """Checkpoints a model can be loaded from: complete and on disk (as far as the registry knows)."""
+    df = all_checkpoints(url)
+    ok = df[(df["state"] != "missing") & (df["state"] != "incomplete") & df["step"].notna()]
+    return ok.sort_values(["run_id", "step"]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------- the model calculator
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def model_estimate(generation: str, depth: int, aspect_ratio: int, head_dim: int, max_seq_len: int, vocab_size: int,
+                   window_pattern: str, device_batch_size: int, total_batch_size: int, param_data_ratio: float,
+                   num_iterations: int, world_size: int, activation_bytes: int = 2) -> dict:
+    """What base_train would build and run from these flags (nanochat.model_config + nanochat.schedule,
+    the functions training calls): config, parameters, FLOPs/token, memory per device, steps, tokens."""
+    from nanochat import model_config as mc
+    from nanochat import schedule as sch
+
+    classic = generation == "classic"
+    if classic:
+        cfg = mc.classic_config(depth, max_seq_len, vocab_size)
+        user = {"warmup_ratio": 0.0, "num_iterations": num_iterations, "target_param_data_ratio": param_data_ratio,
+                "total_batch_size": total_batch_size}
+        fpt = mc.classic_flops_per_token(cfg)
+    else:
+        cfg = mc.current_config(depth, aspect_ratio, head_dim, max_seq_len, vocab_size, window_pattern)
+        user = {"num_iterations": num_iterations, "target_param_data_ratio": param_data_ratio, "aspect_ratio": aspect_ratio,
+                "head_dim": head_dim, "total_batch_size": total_batch_size}
+        fpt = mc.flops_per_token(cfg)
+    counts = mc.param_counts(cfg)
+    tbs = total_batch_size if total_batch_size > 0 else (None if classic else sch.derive_total_batch_size(user, cfg))
+    steps = sch.resolve_num_iterations(user, cfg, tbs) if tbs else None
+    notes = []
+    per_step = device_batch_size * max_seq_len * world_size
+    if tbs and per_step and tbs % per_step:
+        notes.append(f"total batch {tbs:,} tokens is not a multiple of device batch × sequence × processes "
+                     f"({device_batch_size} × {max_seq_len} × {world_size} = {per_step:,}): base_train refuses this")
+    if tbs is None:
+        notes.append("classic nanochat needs an explicit total batch size")
+    if not steps:
+        notes.append("no training horizon: set num_iterations or a positive param:data ratio")
+    tokens = steps * tbs if steps and tbs else None
+    return {
+        "config": dataclasses.asdict(cfg), "head_dim": cfg.head_dim, "params": counts, "flops_per_token": fpt,
+        "memory": mc.training_memory_bytes(cfg, device_batch_size, activation_bytes), "total_batch_size": tbs,
+        "num_iterations": steps,
+        "tokens": tokens, "total_flops": tokens * fpt if tokens else None,
+        "tokens_per_param": tokens / counts["scaling" if not classic else "total"] if tokens else None,
+        "grad_accum": (tbs // per_step) if tbs and per_step and tbs % per_step == 0 else None, "notes": notes,
+    }
+
+
+def problem_codes() -> pd.DataFrame:
+    """Every integrity problem code with its meaning (registry.integrity.PROBLEM_CODES)."""
+    from registry.integrity import PROBLEM_CODES
+
+    return pd.DataFrame([{"code": k, "meaning": v} for k, v in PROBLEM_CODES.items()], columns=["code", "meaning"])

@@ -1,0 +1,188 @@
+"""
+Generations as plain data for the Generate and Compare pages: what the engine returned (tokens,
+per-step probabilities, alternatives, entropy), turned into picklable dataclasses, tables for the
+charts, text statistics, and the probability-shaded HTML of a text.
+
+Pure and torch-free: `from_row` reads an engine `RowResult` by attribute (duck-typed), so this module
+never imports `nanochat.engine`. Sampling happens in `data.py` (through the engine); drawing in
+`charts.py`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+VISIBLE = str.maketrans({" ": "·", "\n": "↵", "\t": "⇥", "\r": "␍"})
+REPEAT_N = 3  # repeated n-grams are counted over token trigrams
+
+
+def visible(text: str) -> str:
+    """Whitespace made visible: · space, ↵ newline, ⇥ tab, ␍ carriage return."""
+    return text.translate(VISIBLE)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    token_id: int
+    text: str
+    model_prob: float  # temperature 1, unfiltered
+    sampled_prob: float  # under the distribution the row sampled from (0: filtered out)
+    kept: bool  # survived the filters
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int  # 0-based generated position
+    token_id: int
+    text: str
+    model_prob: float
+    sampled_prob: float
+    rank: int
+    forced: bool
+    entropy: float  # nats, full vocabulary, temperature 1
+    alternatives: tuple[Alternative, ...]
+
+
+@dataclass(frozen=True)
+class Generation:
+    settings: dict  # temperature, top_k, top_p, min_p, seed
+    prompt_tokens: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    steps: tuple[Step, ...]
+    forced: tuple[tuple[int, int], ...] = ()  # (step, token id) the engine was told to emit
+
+    @property
+    def label(self) -> str:
+        return settings_label(self.settings)
+
+
+def settings_label(s: dict) -> str:
+    k = s.get("top_k") or "off"
+    text = f"T={s['temperature']:g} · top-k {k} · top-p {s['top_p']:g}"
+    if s.get("min_p"):
+        text += f" · min-p {s['min_p']:g}"
+    return f"{text} · seed {s['seed']}"
+
+
+def from_row(row, token_text: Callable[[int], str], forced: Iterable[tuple[int, int]] = ()) -> Generation:
+    """A Generation from an engine RowResult with a trace (any object with those attributes)."""
+    steps = []
+    for t in row.trace or ():
+        alts = tuple(Alternative(a.token_id, token_text(a.token_id), a.model_prob, a.sampled_prob, bool(a.kept))
+                     for a in t.alternatives)
+        steps.append(Step(t.step, t.token_id, token_text(t.token_id), t.model_prob, t.sampled_prob, t.rank,
+                          bool(t.forced), t.entropy, alts))
+    s = row.settings
+    settings = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p, "seed": s.seed}
+    return Generation(settings, 0, tuple(row.token_ids), row.text, row.finish_reason, tuple(steps), tuple(forced))
+
+
+# ---------------------------------------------------------------------- tables for the charts
+
+
+def alternatives_frame(gen: Generation, n_alternatives: int, first: int = 0, last: int | None = None) -> pd.DataFrame:
+    """One row per chart cell: for every step in [first, last), the sampled token (row "sampled") and
+    its top-n alternatives by model probability (rows "#1".."#n"). Steps are 1-based in the frame."""
+    rows = []
+    for st in gen.steps[first:last]:
+        rows.append({"step": st.index + 1, "row": "sampled", "order": 0, "token": visible(st.text), "token_id": st.token_id,
+                     "model_prob": st.model_prob, "sampled_prob": st.sampled_prob, "kept": True, "is_sampled": True,
+                     "forced": st.forced, "rank": st.rank})
+        for i, a in enumerate(st.alternatives[:n_alternatives], 1):
+            rows.append({"step": st.index + 1, "row": f"#{i}", "order": i, "token": visible(a.text), "token_id": a.token_id,
+                         "model_prob": a.model_prob, "sampled_prob": a.sampled_prob, "kept": a.kept,
+                         "is_sampled": a.token_id == st.token_id, "forced": st.forced and a.token_id == st.token_id,
+                         "rank": i})
+    cols = ["step", "row", "order", "token", "token_id", "model_prob", "sampled_prob", "kept", "is_sampled", "forced", "rank"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def steps_frame(gen: Generation) -> pd.DataFrame:
+    """Per generated step: token, probabilities, rank and entropy (nats and bits)."""
+    rows = [{"step": s.index + 1, "token": visible(s.text), "token_id": s.token_id, "model_prob": s.model_prob,
+             "sampled_prob": s.sampled_prob, "rank": s.rank, "forced": s.forced, "entropy": s.entropy,
+             "entropy_bits": s.entropy / math.log(2)} for s in gen.steps]
+    return pd.DataFrame(rows, columns=["step", "token", "token_id", "model_prob", "sampled_prob", "rank", "forced",
+                                       "entropy", "entropy_bits"])
+
+
+def distribution_frame(gen: Generation, step: int) -> pd.DataFrame:
+    """The traced top-N at one 0-based step, twice per token: model and sampling probability."""
+    st = gen.steps[step]
+    rows = []
+    for i, a in enumerate(st.alternatives, 1):
+        label = f"{i}. {visible(a.text)}"
+        for which, p in (("model (T=1, unfiltered)", a.model_prob), ("sampling (after filters)", a.sampled_prob)):
+            rows.append({"rank": i, "token": label, "token_id": a.token_id, "distribution": which, "prob": p,
+                         "kept": a.kept, "is_sampled": a.token_id == st.token_id})
+    return pd.DataFrame(rows, columns=["rank", "token", "token_id", "distribution", "prob", "kept", "is_sampled"])
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def distinct_n(tokens: Sequence[int], n: int = 2) -> float | None:
+    """Distinct n-grams / all n-grams of a token sequence (None when shorter than n)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repeated_ngrams(tokens: Sequence[int], n: int = REPEAT_N) -> int:
+    """How many n-gram occurrences repeat an earlier one (0 = no n-gram appears twice)."""
+    counts = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return sum(c - 1 for c in counts.values() if c > 1)
+
+
+def stats(gen: Generation) -> dict:
+    """mean log-probability (nats/token, under the model), mean entropy (nats), distinct-2 and repeated
+    trigrams, over the generated tokens (a final stop token included: the model chose it)."""
+    probs = [s.model_prob for s in gen.steps]
+    logps = [math.log(p) if p > 0 else -math.inf for p in probs]
+    ents = [s.entropy for s in gen.steps]
+    tokens = list(gen.token_ids)
+    return {
+        "tokens": len(tokens),
+        "mean_logprob": sum(logps) / len(logps) if logps else None,
+        "perplexity": math.exp(-sum(logps) / len(logps)) if logps and all(math.isfinite(x) for x in logps) else None,
+        "mean_entropy": sum(ents) / len(ents) if ents else None,
+        "distinct_2": distinct_n(tokens, 2),
+        "repeated_3grams": repeated_ngrams(tokens, REPEAT_N),
+        "finish": gen.finish_reason,
+    }
+
+
+# ---------------------------------------------------------------------- text with probabilities
+
+
+def _span(text: str, p: float, title: str, mark: bool) -> str:
+    body = html.escape(text).replace("\n", "↵<br>")
+    alpha = 0.12 + 0.73 * max(0.0, min(1.0, p))
+    border = "border-bottom:2px solid #d62728;" if mark else ""
+    return (f'<span title="{html.escape(title, quote=True)}" style="background:rgba(31,119,180,{alpha:.2f});'
+            f'border-radius:3px;padding:1px 0;{border}">{body}</span>')
+
+
+def shaded_html(gen: Generation, prompt: str | None = None, since: int | None = None) -> str:
+    """The prompt (plain, grey) then each generated token shaded by its model probability (darker =
+    more likely); hovering a token shows its probabilities and rank. Tokens from step `since` on are
+    underlined (where a branch diverges). All text is HTML-escaped."""
+    parts = []
+    if prompt:
+        parts.append(f'<span style="color:#6b7280">{html.escape(prompt).replace(chr(10), "<br>")}</span>')
+    for s in gen.steps:
+        if gen.finish_reason == "stop" and s.index == len(gen.steps) - 1:  # the stop token itself
+            parts.append('<span style="color:#6b7280;font-size:0.8em">■ end of text</span>')
+            continue
+        title = (f"step {s.index + 1}: {visible(s.text)!s} · p={s.model_prob:.3f} (sampling p={s.sampled_prob:.3f}) · "
+                 f"rank {s.rank}" + (" · forced (branch)" if s.forced else ""))
+        parts.append(_span(s.text, s.model_prob, title, since is not None and s.index >= since))
+    return ('<div style="font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.95rem;line-height:1.9;'
+            'white-space:pre-wrap;word-break:break-word">' + "".join(parts) + "</div>")
