@@ -7,6 +7,7 @@ in this one run on this machine.
 2. Re-scan with nothing changed (target: at most 5% of the first scan).
 3. The feature guide's approach, torch.load of every checkpoint to read its metadata, against our
    scan, on 50 single-file checkpoints of ~20 MB (target: ours at least 100x faster).
+   Also on 5 single-file checkpoints of ~235 MB (no target: it shows how the gap grows with size).
 4. History of one metric series of 1,000,000 points downsampled to 2,000 (target: at most 100 ms).
 
 Usage: python -m bench.registry [--dir DIR] [--keep]. Ends with `name: value` lines.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 RUNS, STEPS = 20, 500
 BIG_CHECKPOINTS = 50
+LARGE_CHECKPOINTS = 5
 HISTORY_POINTS = 1_000_000
 
 
@@ -63,17 +65,21 @@ def build_small_tree(root: Path) -> int:
     return count
 
 
-def build_big_tree(root: Path) -> float:
-    """50 single-file checkpoints (the guide's layout: {model, metadata, optimizers}) of ~20 MB."""
+def build_big_tree(root: Path, count: int = BIG_CHECKPOINTS, large: bool = False) -> float:
+    """Single-file checkpoints (the guide's layout: {model, metadata, optimizers}) of ~20 MB (a 5M-parameter
+    model), or of ~235 MB with `large` (a classic d8, 59M parameters, still small for nanochat)."""
     import torch
 
     from nanochat.gpt import GPT, GPTConfig
 
-    cfg = GPTConfig(sequence_len=256, vocab_size=8192, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L")
+    if large:
+        cfg = GPTConfig.classic(sequence_len=512, vocab_size=32768, n_layer=8, n_head=4, n_kv_head=4, n_embd=512)
+    else:
+        cfg = GPTConfig(sequence_len=256, vocab_size=8192, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L")
     torch.manual_seed(0)
     state = GPT(cfg).state_dict()
     sizes = []
-    for i in range(BIG_CHECKPOINTS):
+    for i in range(count):
         d = root / f"run{i:02d}"
         d.mkdir(parents=True)
         meta = {"step": 1000 + i, "val_bpb": 2.0 + i / 100, "model_config": cfg.upstream_dict(),
@@ -137,6 +143,23 @@ def main() -> int:
         figures["checkpoint_mb"] = round(mb, 1)
         figures["scan_speedup_vs_torch_load"] = round(figures["torch_load_50_s"] / figures["our_scan_50_s"], 1)
         store.close()
+        shutil.rmtree(work / "big")
+
+        # torch.load grows with the file, our scan does not: the same comparison at a size closer to real runs.
+        mb = build_big_tree(work / "large", LARGE_CHECKPOINTS, large=True)
+        paths = sorted((work / "large").glob("*/checkpoint.pt"))
+        t = time.perf_counter()
+        for p in paths:
+            guide_get_checkpoint_info(p)
+        figures["torch_load_5x_large_s"] = round(time.perf_counter() - t, 4)
+        store = open_store(work / "large.sqlite")
+        t = time.perf_counter()
+        scan_path(store, work / "large")
+        figures["our_scan_5x_large_s"] = round(time.perf_counter() - t, 4)
+        figures["large_checkpoint_mb"] = round(mb, 1)
+        figures["scan_speedup_vs_torch_load_large"] = round(figures["torch_load_5x_large_s"] / figures["our_scan_5x_large_s"], 1)
+        store.close()
+        shutil.rmtree(work / "large")
 
         store = open_store(work / "history.sqlite")
         run = work / "history" / "base_checkpoints" / "d1"

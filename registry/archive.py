@@ -24,7 +24,7 @@ import zlib
 
 from nanochat.torchfile import DTYPE_NAMES, SAFE_GLOBALS, STORAGE_DTYPES
 
-TAIL = 1 << 16  # the end of the file read at once: the central directory of a state dict fits in it
+TAIL = 1 << 14  # the end of the file read at once: a state dict's central directory usually fits in it
 _EOCD = b"PK\x05\x06"
 _EOCD64_LOCATOR = b"PK\x06\x07"
 _CENTRAL = b"PK\x01\x02"

@@ -239,16 +239,19 @@ def scan_path(store, path, progress: Progress | None = None):
                                  f"checkpoint.pt or {METRICS_FILE}, up to {MAX_DEPTH} folders deep)")
     root_id, scan_id = db.write(lambda s: _start_scan(s, db, root, time.time()))
     try:
-        _scan(store, root_id, scan_id, run_dirs, known, counts, progress)
+        plans = _scan(store, root_id, scan_id, run_dirs, known, counts, progress)
     except BaseException as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        db.write(lambda s: _finish_scan(s, scan_id, counts, "failed", msg))
+        db.write(lambda s: _finish_scan(s, db, scan_id, counts, "failed", msg, []))
         raise
-    db.write(lambda s: _finish_scan(s, scan_id, counts, "ok", None))
+    db.write(lambda s: _finish_scan(s, db, scan_id, counts, "ok", None, plans))
+    if progress:
+        progress(counts.checkpoints_seen, counts.checkpoints_seen, "done")
     return store.scan_report(scan_id)
 
 
-def _scan(store, root_id: int, scan_id: int, run_dirs: dict[Path, list], known: dict, counts: _Counts, progress) -> None:
+def _scan(store, root_id: int, scan_id: int, run_dirs: dict[Path, list], known: dict, counts: _Counts,
+          progress) -> list[RunPlan]:
     db = store.db
     plans: dict[str, RunPlan] = {}
     for d in sorted(set(run_dirs) | {Path(p) for p in known if Path(p).is_dir()}):
@@ -308,11 +311,7 @@ def _scan(store, root_id: int, scan_id: int, run_dirs: dict[Path, list], known: 
         if p not in plans and not Path(p).is_dir() and not missing:
             counts.runs_missing += 1
             counts.checkpoints_missing += db.write(lambda s, rid=rid: _mark_run_missing(s, db, rid))
-    # Only now, with every change of every run written, may the fingerprints say "indexed as is".
-    db.write(lambda s: s.connection().execute(_statements(db)["run_seen"], [
-        {"b_id": p.run_id, "b_now": time.time(), "b_signature": p.fingerprint,
-         "b_count": p.stored_count if p.unchanged else len(p.slots)} for p in plans.values()]) if plans else None)
-    report("done", force=True)
+    return list(plans.values())
 
 
 def _load_state(s: Session, plans: dict[str, RunPlan]) -> None:
@@ -358,7 +357,11 @@ def _start_scan(s: Session, db, root: Path, now: float) -> tuple[int, int]:
     return root_row.id, scan.id
 
 
-def _finish_scan(s: Session, scan_id: int, c: _Counts, status: str, error: str | None) -> None:
+def _finish_scan(s: Session, db, scan_id: int, c: _Counts, status: str, error: str | None, plans: list[RunPlan]) -> None:
+    if plans:  # only now, with every change of every run written, may the fingerprints say "indexed as is"
+        s.connection().execute(_statements(db)["run_seen"], [
+            {"b_id": p.run_id, "b_now": time.time(), "b_signature": p.fingerprint,
+             "b_count": p.stored_count if p.unchanged else len(p.slots)} for p in plans])
     scan = s.get(Scan, scan_id)
     for name in ("runs_found", "runs_new", "runs_missing", "checkpoints_seen", "checkpoints_new", "checkpoints_changed",
                  "checkpoints_unchanged", "checkpoints_missing", "files_stat", "metric_lines", "metric_bad_lines"):
@@ -398,6 +401,8 @@ def _write_batch(s: Session, db, plans: list[RunPlan], items: list[tuple[RunPlan
         s.execute(db.insert(run_t).on_conflict_do_nothing(index_elements=["path"]), new_runs)
     ids = dict(s.execute(sa.select(Run.path, Run.id).where(Run.path.in_([str(p.path) for p in plans]))).all())
     for p in plans:
+        if p.run_id is None:
+            p.written = True  # just inserted with this scan's values (or by a concurrent scanner, with the same)
         p.run_id = ids[str(p.path)]
     db.lock_runs(s, sorted(ids.values()))
     fresh = [p for p in plans if not p.written]
