@@ -7,8 +7,9 @@ CUDA is initialised), Python's `random` and NumPy's legacy global generator. Num
 holding a uint32 array; it is stored as ("MT19937", int64 tensor, pos, has_gauss, cached_gaussian) made
 of tensors and plain numbers, because the weights-only unpickler refuses NumPy objects.
 
-`RunState` bundles one rank's file: RNG, the data loader's `state_dict()` and the loop state that is not
-in the meta (the step of the last evaluation, so a resume does not evaluate the resume step twice).
+`make_train_state` bundles one rank's file: RNG, the data loader's `state_dict()`, the CPU thread count
+(reductions depend on it) and the loop state that is not in the meta (the step of the last evaluation,
+so a resume does not evaluate the resume step twice).
 
 It does not decide what is saved when (the training script) nor where (checkpoint_manager).
 """
@@ -61,8 +62,10 @@ def _python_state_from_plain(d: dict):
 
 
 def make_train_state(*, rank: int, world_size: int, step: int, loader_state: dict, last_eval_step: int | None) -> dict:
+    # CPU kernels reduce in an order that depends on the thread count: a resume is bit-exact only with
+    # the same count, so it is recorded (the trainer warns when it differs).
     return {"format": STATE_FORMAT, "version": 1, "rank": rank, "world_size": world_size, "step": step,
-            "rng": capture_rng(), "loader": loader_state,
+            "rng": capture_rng(), "loader": loader_state, "cpu_threads": torch.get_num_threads(),
             "last_eval_step": -1 if last_eval_step is None else int(last_eval_step)}
 
 

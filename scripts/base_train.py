@@ -28,6 +28,7 @@ makes that rank SIGKILL itself right after writing that file, to prove saves are
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -310,8 +311,23 @@ def apply_retention(ckpt_dir: Path, keep_last: int, protected: set[int]) -> list
 # ---------------------------------------------------------------------- training
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of unmapping it: the step's large tensors (logits and
+    their gradients, tens of MB) are otherwise mapped, faulted in and unmapped again on every micro-step,
+    which cost ~20% of a CPU step in the kernel (measured: 4.3 s of sys per 16 s of user, 0.5 s with this)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not give the top of the heap back
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GB come from the heap, not mmap
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def main(argv: list[str] | None = None) -> int:
     args, explicit = parse_args(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     from nanochat import distributed
 
     try:
@@ -393,6 +409,11 @@ def train(args, explicit: set[str], dist_info) -> int:
         smooth_loss, total_time = float(loop.get("smooth_train_loss", 0.0)), float(loop.get("total_training_time", 0.0))
         last_eval_step = ts["last_eval_step"] if ts["last_eval_step"] >= 0 else None
         restore_rng(ts["rng"])
+        threads = ts.get("cpu_threads")
+        if device.type == "cpu" and threads and threads != torch.get_num_threads() and dist_info.master:
+            print(f"note: {ckpt.label} was trained with {threads} CPU thread(s) per process and this launch uses "
+                  f"{torch.get_num_threads()}: the continuation will differ in the last bits (OMP_NUM_THREADS={threads} "
+                  "makes the resume bit-exact)", file=sys.stderr, flush=True)
     start_step = step
     resumed = plan.resume is not None
     if resumed and step >= plan.num_iterations:
@@ -491,16 +512,9 @@ def train(args, explicit: set[str], dist_info) -> int:
         t0 = time.time()
         lrm = schedule.lr_multiplier(step)
         optimizer.set_schedule(lrm, muon_momentum(step, n, schedule.warmdown_ratio), muon_weight_decay(step, n, wd))
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(plan.grad_accum):
-            x, y = loader.next_batch()
-            loss = fwd(x, y)
-            loss_sum += loss.detach()
-            (loss / plan.grad_accum).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = train_step(fwd, optimizer, loader, plan.grad_accum)
         # One collective per step: the mean loss over ranks and whether any rank was asked to stop.
-        shared = torch.stack([loss_sum / plan.grad_accum, torch.tensor(float(stop.signal_name is not None), device=device)])
+        shared = torch.stack([loss, torch.tensor(float(stop.signal_name is not None), device=device)])
         distributed.all_reduce_sum(shared)
         train_loss = shared[0].item() / world
         if shared[1].item() > 0 and stop.signal_name is None:
@@ -527,6 +541,20 @@ def train(args, explicit: set[str], dist_info) -> int:
     if metrics:
         metrics.close()
     return 0
+
+
+def train_step(fwd, optimizer, loader, grad_accum: int):
+    """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss (a tensor).
+    Batches are fetched here, not prefetched, so the loader's saved position is exactly the next batch."""
+    loss_sum = None
+    for _ in range(grad_accum):
+        x, y = loader.next_batch()
+        loss = fwd(x, y)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        (loss / grad_accum).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss_sum / grad_accum
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -46,3 +46,15 @@ def upstream_copy(tmp_path):
 
 # Registry fixtures (store, store_url) for every test module; see tests/registry_kit.py.
 pytest_plugins = ["tests.registry_kit"]
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """The demo base dir (scripts/demo.py, profile "test"), built once per session: shards, tokenizer,
+    three tiny real runs (one SIGKILLed and resumed: two segments) and registry.sqlite. Read-only:
+    copy it before changing anything."""
+    from scripts.demo import build_demo
+
+    base = tmp_path_factory.mktemp("demo_base")
+    build_demo(base, profile="test")
+    return base

@@ -1,0 +1,117 @@
+"""The demo builder (scripts/demo.py) through the shared `demo_base` fixture (profile "test"): the layout
+the app and the registry tests rely on, a real crash with two resume segments, and idempotence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat import checkpoint_manager as cm
+from scripts.demo import PROFILES, DemoError, build_demo, corpus_documents
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = PROFILES["test"]
+
+
+def test_layout_is_a_nanochat_base_dir(demo_base):
+    assert (demo_base / "tokenizer" / "tokenizer.json").is_file() and (demo_base / "tokenizer" / "token_bytes.pt").is_file()
+    shards = sorted((demo_base / "base_data").glob("*.parquet"))
+    assert len(shards) >= 2 and not list((demo_base / "base_data").glob("*.tmp"))
+    val = pq.read_table(shards[-1]).column("text").to_pylist()
+    assert val and all(len(t) <= 2000 for t in val)
+    assert pq.ParquetFile(shards[-1]).num_row_groups >= 2  # two processes can share the validation shard
+    assert sorted(p.name for p in (demo_base / "base_checkpoints").iterdir()) == sorted(r.tag for r in PROFILE.runs)
+    assert (demo_base / "registry.sqlite").is_file()
+
+
+def test_every_run_finished_with_checkpoints_every_few_steps(demo_base):
+    for spec in PROFILE.runs:
+        run = demo_base / "base_checkpoints" / spec.tag
+        steps = [c.step for c in cm.list_checkpoints(run) if not cm.quick_problems(c)]
+        assert steps == list(range(spec.save_every, spec.steps + 1, spec.save_every)), spec.tag
+        meta = cm.read_meta(cm.find_last_complete(run, resumable=True))
+        assert meta["step"] == meta["num_iterations"] == spec.steps
+        assert meta["model_config"]["n_layer"] == spec.depth and meta["train_state"] is True
+        assert isinstance(meta["val_bpb"], float)
+    depths = {spec.depth for spec in PROFILE.runs if spec.kill_after_step is None}
+    assert len(depths) == 2  # two finished runs of different depth
+
+
+def test_the_crashed_run_was_really_killed_and_resumed(demo_base):
+    spec = next(s for s in PROFILE.runs if s.kill_after_step is not None)
+    run = demo_base / "base_checkpoints" / spec.tag
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = [r["step"] for r in rows if r["segment"] == 1 and "train_loss" in r]
+    second = [r["step"] for r in rows if r["segment"] == 2 and "train_loss" in r]
+    resumed_from = min(second)
+    assert resumed_from % spec.save_every == 0 and resumed_from <= spec.kill_after_step
+    assert max(first) >= spec.kill_after_step > resumed_from  # steps trained, lost in the kill, trained again
+    assert max(second) == spec.steps - 1
+    assert cm.read_meta(cm.find_last_complete(run))["resume_segment"] == 2
+
+
+def test_registry_lists_the_demo_runs(demo_base):
+    from registry import open_store
+
+    with open_store(str(demo_base / "registry.sqlite")) as store:
+        runs = {r.tag: r for r in store.list_runs()}
+    assert set(runs) == {s.tag for s in PROFILE.runs}
+    for spec in PROFILE.runs:
+        assert runs[spec.tag].latest_checkpoint_step == spec.steps
+        assert runs[spec.tag].num_iterations == spec.steps
+
+
+def test_second_build_reuses_everything(demo_base, tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_base, copy)
+    before = {str(p.relative_to(copy)): p.stat().st_mtime_ns for p in copy.rglob("*")
+              if p.is_file() and p.name != "registry.sqlite" and "registry.sqlite" not in p.name}
+    result = build_demo(copy, profile="test")
+    assert result.reused and all(r.reused for r in result.runs)
+    after = {str(p.relative_to(copy)): p.stat().st_mtime_ns for p in copy.rglob("*")
+             if p.is_file() and p.name != "registry.sqlite" and "registry.sqlite" not in p.name}
+    assert after == before
+    assert result.sample.startswith("KING HENRY.\n") and len(result.sample) > len("KING HENRY.\n")
+
+
+def test_an_interrupted_build_is_completed_by_the_next_one(demo_base, tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_base, copy)
+    run = copy / "base_checkpoints" / PROFILE.final_tag
+    last = PROFILE.runs[-1].steps
+    for f in run.glob(f"*_{last:06d}*"):
+        f.unlink()  # as if the build was stopped before the final checkpoint
+    result = build_demo(copy, profile="test")
+    final = next(r for r in result.runs if r.tag == PROFILE.final_tag)
+    assert not final.reused and final.step == last and final.segments == 2
+
+
+def test_other_profile_in_the_same_directory_is_refused(demo_base, tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_base, copy)
+    with pytest.raises(DemoError, match="holds the 'test' demo"):
+        build_demo(copy, profile="full")
+
+
+def test_cli_prints_runs_and_a_sample(demo_base, tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_base, copy)
+    res = subprocess.run([sys.executable, "-m", "scripts.demo", "--base-dir", str(copy), "--profile", "test"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for spec in PROFILE.runs:
+        assert f"run {spec.tag}" in res.stdout
+    assert "sample from" in res.stdout and "demo ready in" in res.stdout and "(reused)" in res.stdout
+
+
+def test_corpus_documents_are_speech_sized_and_keep_the_plays_in_order():
+    docs = corpus_documents(limit_chars=300_000)
+    assert docs[0][0] == "alls_well_that_ends_well"
+    assert all(len(d) <= 2000 for _, d in docs)
+    assert sum(len(d) for _, d in docs) > 250_000
