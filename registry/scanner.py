@@ -8,10 +8,11 @@ How one scan goes:
    `metrics.jsonl` is a run; the walk does not descend into runs. A path that does not exist or cannot
    be read, or a folder with no run (that the registry did not know either), raises before anything
    is written.
-2. Stat: one `stat` per file, compared with what the registry holds (loaded in a few bulk queries).
-   A checkpoint whose files all match in (size, mtime_ns) is not opened at all. The others are
-   inspected (`inspection.inspect_checkpoint`: meta JSON, zip central directories, optimizer shards
-   for the world size; never `torch.load`).
+2. Stat: one `stat` per file. A run folder whose fingerprint (its own mtime, and every file's inode,
+   size and mtime_ns) equals the one stored by the last scan costs nothing more. In the others, each
+   checkpoint's files are compared with what the registry holds (a few bulk queries); a checkpoint
+   whose files all match is not opened. The rest are inspected (`inspection.inspect_checkpoint`: meta
+   JSON, zip central directories, optimizer shards for the world size; never `torch.load`).
 3. Writes: one short transaction per batch of at most BATCH inspected checkpoints (across runs),
    holding the locks of the runs it touches, so the registry is never half-written and concurrent
    scanners serialise per run. Vanished checkpoints and files are marked missing, vanished runs too;
@@ -34,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from nanochat import checkpoint_manager as cm
-from registry.errors import NoCheckpointsError, ScanPathError
+from registry.errors import NoCheckpointsError, RegistryError, ScanPathError
 from registry.inspection import METRICS_FILE, Inspection, Slot, file_kind, inspect_checkpoint, is_run_file, run_config
 from registry.metrics import sync_metrics_file
 from registry.models import Checkpoint, CheckpointFile, MetricSource, Root, Run, Scan, ScanProblem
@@ -53,8 +54,7 @@ _STATEMENTS: dict[str, dict] = {}
 
 
 def _statements(db) -> dict:
-    """The batch writer's statements, built once per dialect: building and cache-keying them each
-    time costs more than executing them for a batch of 50 checkpoints."""
+    """The batch writer's statements, built once per dialect (statements are immutable and reusable)."""
     if db.dialect in _STATEMENTS:
         return _STATEMENTS[db.dialect]
     run_t, ckpt_t, file_t = Run.__table__, Checkpoint.__table__, CheckpointFile.__table__
@@ -242,7 +242,10 @@ def scan_path(store, path, progress: Progress | None = None):
         plans = _scan(store, root_id, scan_id, run_dirs, known, counts, progress)
     except BaseException as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        db.write(lambda s: _finish_scan(s, db, scan_id, counts, "failed", msg, []))
+        try:
+            db.write(lambda s: _finish_scan(s, db, scan_id, counts, "failed", msg, []))
+        except RegistryError:
+            pass  # the database itself is failing: the original error is the one to report
         raise
     db.write(lambda s: _finish_scan(s, db, scan_id, counts, "ok", None, plans))
     if progress:
@@ -390,7 +393,7 @@ def _mark_run_missing(s: Session, db, run_id: int) -> int:
 def _write_batch(s: Session, db, plans: list[RunPlan], items: list[tuple[RunPlan, Inspection]], root_id: int,
                  scan_id: int, counts: _Counts) -> tuple[int, int, int]:
     """Write one batch: run rows, inspected checkpoints with their files and problems, vanished
-    checkpoints, the runs' configs and meta-derived val_bpb points. Returns (new, changed, marked missing)."""
+    checkpoints and files, the runs' configs. Returns (new, changed, marked missing)."""
     now = time.time()
     run_t = Run.__table__
     plans = list({id(p): p for p in plans}.values())
@@ -432,7 +435,7 @@ def _write_batch(s: Session, db, plans: list[RunPlan], items: list[tuple[RunPlan
         conn.execute(st["checkpoint_upsert"], rows)
         run_ids = sorted({p.run_id for p, _ in items})
         steps = sorted({ins.step for _, ins in items})
-        cids = {(r, lay, st): c for c, r, lay, st in s.execute(sa.select(
+        cids = {(r, lay, step): c for c, r, lay, step in s.execute(sa.select(
             Checkpoint.id, Checkpoint.run_id, Checkpoint.layout, Checkpoint.step).where(
             Checkpoint.run_id.in_(run_ids), Checkpoint.step.in_(steps)))}
         conn.execute(st["file_upsert"], [

@@ -64,7 +64,6 @@ ACTIVE_WINDOW_S = 600.0
 PHASES = ("base", "sft", "rl")
 RUN_FIELDS = ("id", "phase", "tag", "label", "status", "depth", "n_params", "generation", "num_iterations", "world_size",
               "total_batch_size", "path", "missing")
-DIFF_META_SKIP = ()  # every meta key is compared; nested dicts are flattened to dotted keys
 
 
 def open_store(url_or_path: str | os.PathLike | None = None, create: bool = True) -> RegistryStore:
@@ -238,8 +237,8 @@ class RegistryStore:
             if ref.isdigit():
                 rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.id == int(ref))).all()
             p = Path(ref).expanduser()
-            if not rows and (os.sep in ref or ref.startswith(".")) and p.exists():
-                p = p.resolve()
+            if not rows and (os.sep in ref or ref.startswith(".")) and (p.exists() or p.is_absolute()):
+                p = p.resolve()  # a run folder, or a file in one; a vanished run is still found by its path
                 rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(
                     Run.path.in_([str(p), str(p.parent)]))).all()
                 rows = [r for r in rows if r.path == str(p)] or rows

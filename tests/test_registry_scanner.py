@@ -146,6 +146,7 @@ def test_vanished_files_marked_missing_history_kept(store, tmp_path):
     report = store.scan(tmp_path / "base")
     assert report.runs_missing == 1
     sft = store.resolve_run("sft/d1")
+    assert store.resolve_run(str(runs["sft"])) == sft  # a vanished run is still found by its path
     assert sft.missing and sft.status == "missing" and sft.missing_checkpoint_count == 1
     assert [p.value for p in store.metric_history(sft, "val_bpb")[0].points] == [1.9]
     # files come back: the checkpoint is present again
