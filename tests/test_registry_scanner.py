@@ -303,3 +303,29 @@ def test_rewritten_upstream_meta_changes_its_val_bpb_history(store, upstream_cop
     meta_path.write_text(json.dumps({**meta, "step": 301}))  # now the meta contradicts its file name
     store.scan(base)
     assert store.metric_history("d2") == [] and store.resolve_run("d2").best_val_bpb is None
+
+
+def test_interrupted_scan_keeps_whole_batches_only(store, tmp_path, monkeypatch):
+    """Ctrl-C in the middle: the batches written are whole, the scan is marked failed, the next scan finishes."""
+    run = tmp_path / "base_checkpoints" / "d1"
+    for step in range(10, 80, 10):
+        make_checkpoint(run, step)
+    monkeypatch.setattr(scanner, "BATCH", 2)
+    real, calls = scanner.inspect_checkpoint, []
+
+    def interrupted(slot, directory):
+        calls.append(slot.step)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(slot, directory)
+
+    monkeypatch.setattr(scanner, "inspect_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.scan(tmp_path)
+    monkeypatch.setattr(scanner, "inspect_checkpoint", real)
+    [failed] = store.scans()
+    assert (failed.status, failed.error) == ("failed", "KeyboardInterrupt")
+    assert [c.step for c in store.checkpoints("d1")] == [10, 20, 30, 40]  # two whole batches, nothing of the third
+    assert all(len(store.checkpoint_detail(c.id).files) == 3 for c in store.checkpoints("d1"))
+    report = store.scan(tmp_path)
+    assert (report.checkpoints_new, report.checkpoints_unchanged, report.status) == (3, 4, "ok")
