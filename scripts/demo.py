@@ -389,11 +389,15 @@ def build_demo(base_dir: str | os.PathLike = DEFAULT_DEMO_DIR, profile: str = "f
     return DemoResult(base, profile, runs, sample, base / "registry.sqlite", time.time() - t0, reused)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description="Build the demo runs and registry.")
     parser.add_argument("--base-dir", type=Path, default=DEFAULT_DEMO_DIR, help="where to build (default .demo/)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full", help="full demo or the tiny test one")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
     bars: dict[str, tqdm] = {}

@@ -7,6 +7,7 @@ import io
 import os
 import random
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,3 +275,17 @@ def test_resume_command_repeats_non_default_flags(monkeypatch):
                   "--model-tag 'x y' --resume-from-step 17"
     multi = base_train.resume_command(vars(args), world_size=4, step=17)
     assert "torchrun --standalone --nproc_per_node=4 -m scripts.base_train -- --device cpu" in multi
+
+
+def test_readme_documents_every_training_flag():
+    from scripts import demo, tok_train
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("<!-- section: training -->"):readme.index("<!-- end section: training -->")]
+    for module in (base_train, tok_train, demo):
+        for action in module.build_parser()._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}" in section or f" {flag} " in section or f"[{flag}" in section, \
+                        f"{module.__name__} {flag} is not documented in the README's training section"
+    assert "python -m bench.train" in readme
