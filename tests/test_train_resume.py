@@ -289,6 +289,21 @@ def test_sigterm_saves_prints_the_resume_command_and_that_command_resumes(base):
     assert complete_steps(base, tag) == [step, step + 2]
 
 
+def test_a_second_signal_exits_at_once_and_leaves_no_half_checkpoint(base):
+    tag = "term2"  # steps of 1,024 micro-batches (seconds): the second signal lands while the first is honoured
+    proc = subprocess.Popen(command(tag, "--total-batch-size", str(8 * 64 * 1024), "--eval-every", "-1",
+                                    "--save-every", "-1", "--num-iterations", "1000"),
+                            cwd=ROOT, env=env_for(base), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("model term2:")  # printed once the handlers are installed
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    assert "second signal (SIGTERM): exiting now" in err and "Resume with" not in out
+    assert complete_steps(base, tag) == []
+
+
 def test_keep_last_never_deletes_the_best_or_the_resume_point(base):
     """Three segments with --keep-last 2: a good start (best val_bpb at step 12), a continuation with
     absurd learning rates (much worse val_bpb) killed after writing step 20, then --resume from 20.
