@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nanochat import checkpoint_manager as cm
+from nanochat import torchfile
 from nanochat.checkpoint_manager import CheckpointFiles, Problem
 from nanochat.common import DEFAULT_BASE_DIR
 from nanochat.schedule import Schedule, is_classic_user_config, resolve_from_meta, schedule_from_user_config
@@ -261,6 +262,22 @@ def build_command(meta: dict, phase: str, tag: str, step: int, world_size: int, 
         "checkpoints; the workbench's trainer resumes only its own (exactly)")
 
 
+def cpu_threads(ckpt: CheckpointFiles) -> int | None:
+    """CPU threads per process a run of ours was trained with (recorded in its training state, read
+    without running the pickle); None for upstream checkpoints and for CUDA runs."""
+    path = ckpt.train_states.get(0)
+    if path is None:
+        return None
+    try:
+        state = torchfile.read_structure(path)
+    except torchfile.TorchFileError:
+        return None
+    if not isinstance(state, dict) or (isinstance(state.get("rng"), dict) and "torch_cuda" in state["rng"]):
+        return None
+    n = state.get("cpu_threads")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def command_line(argv: list[str] | tuple[str, ...], env: Mapping[str, str]) -> str:
     return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(a) for a in argv])
 
@@ -355,6 +372,11 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
     else:
         argv, env, mode, note, script_note = build_command(
             meta, phase, tag, step, world, base_dir, target if source == "override" else None)
+        threads = cpu_threads(chosen) if mode == "exact" else None
+        if threads is not None:
+            # CPU kernels reduce in an order that depends on the thread count: same count, same bits
+            env["OMP_NUM_THREADS"] = str(threads)
+            note += f"; OMP_NUM_THREADS={threads} as when it was trained"
     better_command = None
     if better_step is not None and argv:
         better_argv = [f"--resume-from-step={better_step}" if a == f"--resume-from-step={step}" else a for a in argv]

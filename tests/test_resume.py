@@ -236,3 +236,14 @@ def test_bad_paths_give_one_line_errors(tmp_path, run):
     with pytest.raises(resume.ResumePlanError, match="holds 2 runs"):
         resume.plan_resume(run.parent.parent)
     assert resume.plan_resume(run / "model_000020.pt").step == 30  # a file names its run
+
+
+def test_cpu_thread_count_of_our_training_goes_into_the_command(tmp_path):
+    d = tmp_path / "b" / "base_checkpoints" / "d2"
+    save_step(d, 10, 3.0)
+    cm.save_train_state(d, 10, 0, {"rng": {"torch_cpu": torch.get_rng_state()}, "cpu_threads": 3})
+    plan = resume.plan_resume(d)
+    assert plan.command_env["OMP_NUM_THREADS"] == "3" and " OMP_NUM_THREADS=3 python -m" in plan.command
+    cm.save_train_state(d, 10, 0, {"rng": {"torch_cpu": torch.get_rng_state(), "torch_cuda": [torch.get_rng_state()]},
+                                   "cpu_threads": 3})
+    assert "OMP_NUM_THREADS" not in resume.plan_resume(d).command_env  # a CUDA run: threads do not decide the bits

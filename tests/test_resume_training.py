@@ -68,7 +68,9 @@ def test_planned_command_resumes_a_crashed_run_exactly(base):
     assert [(s.step, [p.code for p in s.problems][0]) for s in plan.skipped] == [(8, "missing_meta")]
     assert plan.lr_multiplier == plan.schedule.lr_multiplier(4) and plan.schedule_phase == "constant"
     assert plan.reached_step == 8 and plan.step_time_s is not None and plan.eta_s == pytest.approx(8 * plan.step_time_s)
-    assert plan.command.startswith(f"NANOCHAT_BASE_DIR='{base}' python -m scripts.base_train ")
+    # trained with OMP_NUM_THREADS=1 (see train()): the command sets it, since the thread count changes the bits
+    assert plan.command.startswith(f"NANOCHAT_BASE_DIR='{base}' OMP_NUM_THREADS=1 python -m scripts.base_train ")
+    assert "OMP_NUM_THREADS=1 as when it was trained" in plan.mode_note
 
     done = shell(plan.command, base)
     assert done.returncode == 0, done.stderr[-2000:]
