@@ -25,21 +25,20 @@ from registry.errors import RegistryError  # noqa: E402
 from streamlit_app import data, frames  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PAGES = {
-    "Training": [
-        st.Page(HERE / "app_pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs", default=True),
-        st.Page(HERE / "app_pages/checkpoints.py", title="Checkpoints", icon=":material/inventory_2:", url_path="checkpoints"),
-        st.Page(HERE / "app_pages/resume.py", title="Resume", icon=":material/restart_alt:", url_path="resume"),
-        st.Page(HERE / "app_pages/integrity.py", title="Integrity", icon=":material/verified_user:", url_path="integrity"),
-    ],
-    "Sampling": [
-        st.Page(HERE / "app_pages/generate.py", title="Generate", icon=":material/auto_awesome:", url_path="generate"),
-        st.Page(HERE / "app_pages/compare.py", title="Compare", icon=":material/view_column:", url_path="compare"),
-    ],
-    "Planning": [
-        st.Page(HERE / "app_pages/calculator.py", title="Model calculator", icon=":material/calculate:", url_path="calculator"),
-    ],
-}
+
+
+def pages() -> dict[str, list]:
+    page = lambda file, title, icon, path, **kw: st.Page(HERE / "app_pages" / file, title=title, icon=f":material/{icon}:",
+                                                         url_path=path, **kw)
+    return {
+        "Training": [page("runs.py", "Runs", "monitoring", "runs", default=True),
+                     page("checkpoints.py", "Checkpoints", "inventory_2", "checkpoints"),
+                     page("resume.py", "Resume", "restart_alt", "resume"),
+                     page("integrity.py", "Integrity", "verified_user", "integrity")],
+        "Sampling": [page("generate.py", "Generate", "auto_awesome", "generate"),
+                     page("compare.py", "Compare", "view_column", "compare")],
+        "Planning": [page("calculator.py", "Model calculator", "calculate", "calculator")],
+    }
 
 
 def sidebar() -> None:
@@ -65,7 +64,12 @@ def sidebar() -> None:
             st.rerun()
 
 
-st.set_page_config(page_title="nanochat workbench", page_icon=":material/science:", layout="wide")
-page = st.navigation(PAGES)
-sidebar()
-page.run()
+def main() -> None:
+    st.set_page_config(page_title="nanochat workbench", page_icon=":material/science:", layout="wide")
+    page = st.navigation(pages())
+    sidebar()
+    page.run()
+
+
+if __name__ == "__main__":  # `streamlit run` (and AppTest) run this file as __main__; importing it does nothing
+    main()

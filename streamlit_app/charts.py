@@ -94,7 +94,8 @@ def metric_chart(df: pd.DataFrame, key: str, x: str = "step", smoothing: float =
     # the bold line first: the shared legend takes its look from the first layer
     layers = [base.mark_line(strokeWidth=2, point=few).encode(y=alt.Y("smoothed:Q", scale=yscale, title=ytitle), tooltip=tooltip)]
     if smoothing > 0:
-        layers.append(base.mark_line(opacity=0.25, strokeWidth=1).encode(y=alt.Y("value:Q", scale=yscale, title=ytitle)))
+        layers.append(base.mark_line(opacity=0.25, strokeWidth=1).encode(y=alt.Y("value:Q", scale=yscale, title=ytitle),
+                                                                          tooltip=tooltip))
     # invisible points: a tooltip wherever the pointer is near a point, not only on the thin line
     layers.append(base.mark_circle(size=70, opacity=0.001).encode(y=alt.Y("smoothed:Q", scale=yscale), tooltip=tooltip))
     if resumes is not None and not resumes.empty:

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import streamlit as st
 
+from nanochat.checkpoint_manager import CheckpointError
 from registry.errors import RegistryError
 from streamlit_app import data, frames
 
+SCAN_REPORT = "scan_report"  # session key: the last scan's report, shown once after the rerun it causes
 # What to do next, by the `code` of a nanochat.checkpoint_manager.CheckpointError.
 CHECKPOINT_HINTS = {
     "missing_file": "It was deleted or moved after the last scan: rescan its folder on the Runs page, or pick another checkpoint.",
+    "missing_model": "Its model file is gone (deleted after the last scan, or a save that never finished): rescan its folder on "
+                     "the Runs page, or pick another step.",
+    "missing_meta": "Its meta file is missing (a save that never finished, or files deleted after the last scan): rescan its "
+                    "folder on the Runs page, or pick another step.",
     "missing_tokenizer": "Put the run's tokenizer in <base dir>/tokenizer/ (tokenizer.json, or upstream's tokenizer.pkl), "
                          "or set NANOCHAT_BASE_DIR to the base dir that holds it, then reload.",
     "bad_tokenizer": "The tokenizer files are damaged: copy the run's tokenizer/ folder again.",
@@ -23,6 +29,11 @@ CHECKPOINT_HINTS = {
     "truncated": "The file is damaged or still being written: run a deep check on the Integrity page, or pick an earlier step.",
     "unsafe_pickle": "The file references code, so it is never loaded: run a deep check on the Integrity page for details.",
 }
+
+
+def scan_pending() -> bool:
+    """A scan just finished and its report is waiting to be shown (keep its control open)."""
+    return SCAN_REPORT in st.session_state
 
 
 def header(title: str, question: str) -> None:
@@ -34,6 +45,8 @@ def show_error(e: BaseException, what_next: str | None = None) -> None:
     """One named error as st.error: its one-line message, then what to do next."""
     message = str(e).strip() or type(e).__name__
     hint = what_next or CHECKPOINT_HINTS.get(getattr(e, "code", None) or "", "")
+    if not hint and isinstance(e, CheckpointError):
+        hint = "Pick another checkpoint, or rescan its folder on the Runs page if its files changed after the last scan."
     st.error(f"{message}" + (f"\n\n{hint}" if hint else ""), icon=":material/error:")
 
 
@@ -74,9 +87,9 @@ def scan_control(url: str, key: str = "scan", label: str = "Folder to scan") -> 
                           "or a base dir above them.")
             return
         bar.empty()
-        st.session_state[f"{key}_report"] = report
+        st.session_state[SCAN_REPORT] = report
         st.rerun()
-    report = st.session_state.pop(f"{key}_report", None)
+    report = st.session_state.pop(SCAN_REPORT, None)
     if report is not None:
         st.success(f"Scanned {report.root} in {report.duration_s or 0:.1f} s: {report.runs_found} runs ({report.runs_new} new), "
                    f"{report.checkpoints_seen} checkpoints ({report.checkpoints_new} new, {report.checkpoints_changed} changed, "

@@ -54,8 +54,8 @@ order = {r.id: i for i, r in enumerate(runs)}  # newest activity first
 latest_ids = sorted(latest["id"], key=lambda cid: order.get(rows_by_id[cid].run_id, 1 << 30))
 
 mode = st.segmented_control("Compare", ["settings", "checkpoints"], default="settings", key="mode", bind="query-params",
-                            format_func={"settings": "a grid of settings (one checkpoint)",
-                                         "checkpoints": "several checkpoints (one setting)"}.get) or "settings"
+                            help="settings: a grid of temperatures × top-k × top-p × seeds on one checkpoint; checkpoints: "
+                                 "several checkpoints at one setting") or "settings"
 prompt = st.text_area("Prompt", DEFAULT_PROMPT, height=68, key="prompt", bind="query-params")
 c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 2, 1.4])
 try:

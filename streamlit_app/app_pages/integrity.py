@@ -20,7 +20,9 @@ c_target, c_level, c_go = st.columns([3, 3, 1.4], vertical_alignment="bottom")
 target = c_target.selectbox("Check", [ALL] + [r.id for r in runs], format_func=lambda i: "every run" if i == ALL else names[i],
                             key="run", bind="query-params")
 level = c_level.segmented_control("Level", ["quick", "deep"], default="quick", key="level", bind="query-params",
-                                  format_func={"quick": "quick (metadata, ms)", "deep": "deep (every byte)"}.get) or "quick"
+                                  help="quick: metadata, zip directories and file sets, milliseconds, no tensor read; deep: "
+                                       "every byte (CRCs, NaN/Inf, safe pickle, sha256 compared with the last deep check)") \
+    or "quick"
 if c_go.button("Run checks", type="primary", icon=":material/play_arrow:", width="stretch"):
     ids = [r.id for r in runs if not r.missing] if target == ALL else [target]
     bar = st.progress(0.0, text="Listing checkpoints…")
