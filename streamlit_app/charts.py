@@ -10,6 +10,8 @@ this module does no I/O and knows nothing about the registry or the engine.
 
 from __future__ import annotations
 
+import html
+
 import altair as alt
 import pandas as pd
 
@@ -67,12 +69,12 @@ def _x(df: pd.DataFrame, x: str, unit: tuple[float, str] | None = None) -> tuple
         df["x"] = df[column] / div
         return df, alt.X("x:Q", title=f"{title} ({name})", axis=alt.Axis(format="~f"))
     df["x"] = df[column]
-    axis = alt.Axis(labelExpr=SI) if fmt == "~s" else alt.Axis(format=fmt, tickMinStep=1)
+    axis = alt.Axis(labelExpr=SI) if fmt == "~s" else alt.Axis(format=fmt, tickMinStep=1, tickCount=8)
     return df, alt.X("x:Q", title="optimizer step" if x == "step" else title, axis=axis)
 
 
 def metric_chart(df: pd.DataFrame, key: str, x: str = "step", smoothing: float = 0.0, log: bool = False,
-                 resumes: pd.DataFrame | None = None, height: int = 320) -> alt.LayerChart:
+                 resumes: pd.DataFrame | None = None, height: int = 300) -> alt.LayerChart:
     """One metric of several runs against step / tokens / FLOPs / wall time. Each (run, segment) is its
     own line in the run's colour; resumes are dashed rules; with smoothing the raw curve stays faint."""
     data = df[df["key"] == key].dropna(subset=[X_AXES[x][0]])
@@ -80,7 +82,7 @@ def metric_chart(df: pd.DataFrame, key: str, x: str = "step", smoothing: float =
     data, xenc = _x(data, x, unit)
     data["smoothed"] = smooth(data, smoothing)
     scale = run_scale(df) if not df.empty else alt.Scale()
-    color = alt.Color("run:N", scale=scale, legend=alt.Legend(title=None, orient="bottom"))
+    color = alt.Color("run:N", scale=scale, legend=None)  # one legend for all charts: `legend_html`
     ytitle = METRIC_TITLES.get(key, key) + (", log scale" if log else "")
     yscale = alt.Scale(type="log" if log else "linear", zero=False, nice=not log)
     tooltip = [alt.Tooltip("run:N"), alt.Tooltip("segment:Q", title="resume segment"), alt.Tooltip("step:Q", format=",d"),
@@ -105,7 +107,7 @@ def metric_chart(df: pd.DataFrame, key: str, x: str = "step", smoothing: float =
             x="x:Q", color=alt.Color("run:N", scale=scale, legend=None),
             tooltip=[alt.Tooltip("run:N"), alt.Tooltip("segment:Q", title="resume segment"),
                      alt.Tooltip("step:Q", title="resumed at step", format=",d")])
-        label = alt.Chart(r).mark_text(align="left", dx=3, dy=-4, baseline="top", fontSize=10, y=0).encode(
+        label = alt.Chart(r).mark_text(align="left", dx=4, baseline="top", fontSize=11, y=4).encode(
             x="x:Q", text=alt.value("resumed"), color=alt.Color("run:N", scale=scale, legend=None))
         layers += [rule, label]
     return alt.layer(layers[0].add_params(zoom), *layers[1:]).properties(height=height)
@@ -115,8 +117,8 @@ def checkpoint_chart(df: pd.DataFrame, color: str, height: int = 300) -> alt.Lay
     """val_bpb of a run's checkpoints by step, each point coloured by its integrity state."""
     data = df.dropna(subset=["step"])
     states = [s for s in CHECKPOINT_STATES if s in set(data["state"])] or list(CHECKPOINT_STATES)
-    base = alt.Chart(data).encode(x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1),
-                                          scale=alt.Scale(padding=10)))
+    base = alt.Chart(data).encode(x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1, tickCount=8),
+                                          scale=alt.Scale(padding=12, nice=False, zero=False)))
     line = base.transform_filter("isValid(datum.val_bpb)").mark_line(color=color, strokeWidth=2).encode(
         y=alt.Y("val_bpb:Q", title="val bpb (bits/byte)", scale=alt.Scale(zero=False)))
     points = base.transform_filter("isValid(datum.val_bpb)").mark_circle(size=110, opacity=1, stroke="white", strokeWidth=1).encode(
@@ -132,7 +134,7 @@ def checkpoint_chart(df: pd.DataFrame, color: str, height: int = 300) -> alt.Lay
 
 
 def lr_chart(lr: pd.DataFrame, phases: pd.DataFrame, resume_step: int | None, resume_lr: float | None,
-             reached_step: int | None = None, height: int = 280) -> alt.LayerChart:
+             reached_step: int | None = None, height: int = 340) -> alt.LayerChart:
     """The LR multiplier over the run, phases shaded, the resume step marked."""
     phase_colors = alt.Scale(domain=["warmup", "constant", "warmdown"], range=["#fde68a", "#e5e7eb", "#bfdbfe"])
     bands = alt.Chart(phases).mark_rect(opacity=0.55).encode(
@@ -169,7 +171,8 @@ def integrity_map(df: pd.DataFrame, height_per_run: int = 26) -> alt.Chart:
     states = [s for s in CHECKPOINT_STATES if s in set(data["state"])] or list(CHECKPOINT_STATES)
     zoom = alt.selection_interval(bind="scales", encodings=["x"], name="zoom_map")
     return alt.Chart(data).mark_square(size=90, opacity=0.95).encode(
-        x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1), scale=alt.Scale(padding=10)),
+        x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1, tickCount=8),
+                scale=alt.Scale(padding=12, nice=False, zero=False)),
         y=alt.Y("run:N", title=None, sort=alt.EncodingSortField("run_id", order="descending")),
         color=alt.Color("integrity:N", title="integrity", scale=alt.Scale(
             domain=[CHECKPOINT_STATES[s] for s in states], range=[STATE_COLORS[s] for s in states])),
@@ -195,7 +198,8 @@ def generation_chart(alts: pd.DataFrame, selected_step: int | None = None) -> al
     base = alt.Chart(alts).encode(x=x, y=y)
     outlined = "datum.is_sampled && datum.row != 'sampled'"
     cells = base.mark_rect(cornerRadius=3).encode(
-        color=alt.when("datum.kept").then(alt.Color("model_prob:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), legend=None))
+        color=alt.when("datum.kept").then(alt.Color("model_prob:Q", scale=alt.Scale(type="sqrt", scheme="blues", domain=[0, 1]),
+                                                    legend=None))
         .otherwise(alt.value("#e5e7eb")),
         stroke=alt.when(outlined).then(alt.value("#dc2626")).otherwise(alt.value("white")),
         strokeWidth=alt.when(outlined).then(alt.value(2.5)).otherwise(alt.value(1)),
@@ -229,7 +233,7 @@ def distribution_chart(df: pd.DataFrame, height_per_token: int = 26) -> alt.Char
     return alt.Chart(df).mark_bar(cornerRadiusEnd=2).encode(
         y=alt.Y("token:N", sort=order, title=None),
         yOffset=alt.YOffset("distribution:N"),
-        x=alt.X("prob:Q", title="probability", axis=alt.Axis(format=".0%")),
+        x=alt.X("prob:Q", title="probability", axis=alt.Axis(format=".1~%")),
         color=alt.Color("distribution:N", title=None, scale=alt.Scale(range=["#1f77b4", "#ff7f0e"]),
                         legend=alt.Legend(orient="bottom")),
         opacity=alt.condition("datum.kept", alt.value(1.0), alt.value(0.3)),
@@ -259,7 +263,7 @@ def breakdown_chart(parts: pd.DataFrame, title: str, fmt: str = "~s") -> alt.Lay
                                    tooltip=["part:N", alt.Tooltip("shown:N", title=title)])
     return alt.layer(base.mark_bar(color="#1f77b4", cornerRadiusEnd=2),
                      base.mark_text(align="left", dx=4, color="#374151").encode(text="shown:N")).properties(
-        height=34 * len(parts))
+        height=alt.Step(30))
 
 
 def depth_chart(sweep: pd.DataFrame, depth: int, height: int = 260) -> alt.LayerChart:
@@ -267,9 +271,19 @@ def depth_chart(sweep: pd.DataFrame, depth: int, height: int = 260) -> alt.Layer
     long = sweep.melt(id_vars=["depth"], value_vars=["parameters", "training tokens"], var_name="quantity").dropna()
     base = alt.Chart(long).encode(
         x=alt.X("depth:Q", title="depth (layers)"),
-        y=alt.Y("value:Q", title="count (log scale)", scale=alt.Scale(type="log"), axis=alt.Axis(labelExpr=SI)),
+        y=alt.Y("value:Q", title="count (log scale)", scale=alt.Scale(type="log"),
+                axis=alt.Axis(labelExpr=SI, values=[10 ** k for k in range(3, 16)])),
         color=alt.Color("quantity:N", title=None, legend=alt.Legend(orient="bottom")),
         tooltip=["depth:Q", "quantity:N", alt.Tooltip("value:Q", format=".3s")])
     rule = alt.Chart(pd.DataFrame([{"depth": depth}])).mark_rule(color="#dc2626", strokeDash=[5, 4]).encode(
         x="depth:Q", tooltip=[alt.Tooltip("depth:Q", title="chosen depth")])
     return alt.layer(base.mark_line(point=True), rule).properties(height=height)
+
+
+def legend_html(df: pd.DataFrame) -> str:
+    """One legend for every chart of a page: each run's name in its colour (df has run_id and run)."""
+    pairs = df[["run_id", "run"]].drop_duplicates().sort_values("run_id")
+    items = "".join(f'<span style="margin-right:1.2rem;white-space:nowrap"><span style="display:inline-block;width:14px;'
+                    f'height:3px;background:{run_color(i)};vertical-align:middle;margin-right:6px"></span>{html.escape(n)}</span>'
+                    for i, n in zip(pairs["run_id"], pairs["run"]))
+    return f'<div style="font-size:0.9rem;color:#374151;margin:0.2rem 0 0.4rem">{items}</div>'

@@ -29,7 +29,7 @@ CHECKPOINT_STATES = {
     "problems": "⚠ problems",
     "verified": "✔ deep-verified",
     "quick_ok": "✓ quick-checked",
-    "unchecked": "○ not checked",
+    "unchecked": "○ not verified",
 }
 STATE_COLORS = {
     "missing": "#d1d5db",

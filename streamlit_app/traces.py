@@ -164,7 +164,7 @@ def stats(gen: Generation) -> dict:
 
 def _span(text: str, p: float, title: str, mark: bool) -> str:
     body = html.escape(text).replace("\n", "↵<br>")
-    alpha = 0.12 + 0.73 * max(0.0, min(1.0, p))
+    alpha = 0.08 + 0.72 * math.sqrt(max(0.0, min(1.0, p)))  # sqrt: a 5% token is still visibly shaded
     border = "border-bottom:2px solid #d62728;" if mark else ""
     return (f'<span title="{html.escape(title, quote=True)}" style="background:rgba(31,119,180,{alpha:.2f});'
             f'border-radius:3px;padding:1px 0;{border}">{body}</span>')

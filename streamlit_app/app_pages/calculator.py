@@ -15,6 +15,8 @@ FLAGS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern", "
 CURRENT = {"depth": 20, "aspect_ratio": 64, "head_dim": 128, "max_seq_len": 2048, "vocab_size": 32768,
            "window_pattern": "SSSL", "device_batch_size": 32, "total_batch_size": -1, "target_param_data_ratio": 12.0,
            "num_iterations": -1, "world_size": 8}
+PARTS = {"wte": "token embedding", "value_embeds": "value embeddings", "lm_head": "lm_head", "transformer_matrices": "blocks",
+         "scalars": "scalars"}
 CLASSIC = {**CURRENT, "vocab_size": 65536, "total_batch_size": 524288, "target_param_data_ratio": 20.0}
 
 
@@ -95,7 +97,7 @@ t1.metric("Parameters", frames.compact(p["total"]), f"{frames.compact(p['scaling
           delta_color="off", delta_arrow="off", border=True, help=f"{p['total']:,} parameters")
 t2.metric("FLOPs per token", frames.compact(est["flops_per_token"]), "training (forward + backward)", delta_color="off",
           delta_arrow="off", border=True, help=f"{est['flops_per_token']:,} FLOPs per token")
-t3.metric("Memory per process", f"{mem['total'] / 2**30:,.1f} GiB", f"batch {int(dbs)} × {int(seq):,}, {precision} activations",
+t3.metric("Memory per process", f"{mem['total'] / 2**30:,.1f} GiB", "an upper bound",
           delta_color="off", delta_arrow="off", border=True,
           help="fp32 weights, gradients and optimizer state, plus the activations kept for backward and the fp32 logits "
                "(nanochat.model_config.training_memory_bytes). A rough upper bound: it counts the full attention matrix, "
@@ -125,13 +127,13 @@ if run_id in by_id:
 left, right = st.columns(2)
 with left:
     st.markdown("**Parameters by group**")
-    parts = pd.DataFrame([{"part": k.replace("_", " "), "value": v, "shown": frames.compact(v)} for k, v in p.items()
+    parts = pd.DataFrame([{"part": PARTS.get(k, k), "value": v, "shown": frames.compact(v)} for k, v in p.items()
                           if k not in ("total", "scaling") and v > 0])
     st.altair_chart(charts.breakdown_chart(parts, "parameters"), width="stretch")
     st.markdown("**Training memory per process**")
     parts = pd.DataFrame([{"part": k, "value": v / 2**30, "shown": f"{v / 2**30:,.2f} GiB"} for k, v in mem.items()
                           if k != "total"])
-    st.altair_chart(charts.breakdown_chart(parts, "GiB", fmt=",.1f"), width="stretch")
+    st.altair_chart(charts.breakdown_chart(parts, "GiB", fmt=",.0f"), width="stretch")
 with right:
     st.markdown("**Parameters and training tokens by depth**")
     sweep = []

@@ -45,9 +45,9 @@ latest = present["step"].max() if not present.empty else None
 t3.metric("Latest step", f"{int(latest):,}" if latest == latest and latest is not None else "—",
           f"of {run.num_iterations:,} target" if run.num_iterations else "target unknown", delta_color="off",
           delta_arrow="off", border=True)
-t4.metric("Integrity", f"{trusted} passed", f"{bad} with problems" if bad else f"{int(counts.get('unchecked', 0))} not checked yet",
-          delta_color="inverse" if bad else "off", delta_arrow="off", border=True,
-          help="Latest check per checkpoint; run quick or deep checks on the Integrity page.")
+t4.metric("Integrity", f"{bad} with problems" if bad else "no problems", f"{trusted} of {len(present)} verified by a check",
+          delta_color="off", delta_arrow="off", border=True,
+          help="Problems found by the scan or the latest check of each checkpoint; verify them on the Integrity page.")
 
 # ---------------------------------------------------------------------- filters, chart, table
 steps = df["step"].dropna()

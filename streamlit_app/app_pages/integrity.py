@@ -64,6 +64,10 @@ t4.metric("Not checked yet", f"{int(counts.get('unchecked', 0)):,}",
           delta_arrow="off", border=True)
 
 last = st.session_state.get("last_check")
+if last is None and counts.get("unchecked", 0):
+    st.info(f"{int(counts['unchecked'])} checkpoints have not been verified yet (the scan read only their metadata). A quick "
+            "check takes milliseconds per checkpoint; a deep one reads every byte. Pick a level and press **Run checks**.",
+            icon=":material/info:")
 if last is not None:
     l_target, l_level, results = last
     failed = results[results["result"] != "✓ ok"]

@@ -65,8 +65,6 @@ with t1:
               f"val bpb {plan.val_bpb:.4f}" if plan.val_bpb is not None else "no val bpb recorded", delta_color="off",
               delta_arrow="off", border=True, help=f"Cleared by a {plan.integrity_level} check; segment {plan.segment} wrote it, "
               f"the command starts segment {plan.segment + 1}.")
-    for w in warnings.pop("val", []):
-        st.warning(w, icon=":material/trending_up:")
 with t2:
     remaining = f"{plan.remaining_steps:,}" if plan.remaining_steps is not None else "?"
     st.metric("Remaining steps", remaining,
@@ -74,8 +72,6 @@ with t2:
               delta_color="off", delta_arrow="off", border=True,
               help=f"Target from {plan.target_source}; ETA {frames.duration(plan.eta_s)} at "
                    f"{plan.step_time_s or 0:.2f} s/step ({plan.step_time_source or 'no step times'}).")
-    for w in warnings.pop("remaining", []):
-        st.warning(w, icon=":material/schedule:")
 with t3:
     st.metric("LR multiplier at resume", f"×{plan.lr_multiplier:.4f}" if plan.lr_multiplier is not None else "—",
               plan.schedule_phase or "schedule unknown", delta_color="off", delta_arrow="off", border=True,
@@ -83,10 +79,15 @@ with t3:
 with t4:
     st.metric("Resume", MODE_LABELS.get(plan.mode, plan.mode), f"{plan.world_size} process(es)", delta_color="off",
               delta_arrow="off", border=True, help=plan.mode_note)
-    if plan.mode != "exact":
-        st.warning(plan.mode_note, icon=":material/warning:")
+# each warning under the tiles, in the tiles' order: val bpb, remaining steps, the target, the resume mode
+for w in warnings.pop("val", []):
+    st.warning(w, icon=":material/trending_up:")
+for w in warnings.pop("remaining", []):
+    st.warning(w, icon=":material/schedule:")
 for w in warnings.pop("target", []):
     st.warning(w, icon=":material/flag:")
+if plan.mode != "exact":
+    st.warning(f"**{plan.mode.capitalize()} resume**: {plan.mode_note}", icon=":material/warning:")
 
 # ---------------------------------------------------------------------- the command
 st.subheader("Command")

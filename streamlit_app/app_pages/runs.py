@@ -52,7 +52,7 @@ c_ema, c_log, c_live = st.columns([3, 1, 1], vertical_alignment="center")
 chosen = c_runs.multiselect("Runs to plot", ids, default=ids[:1], format_func=lambda i: names[i], key="runs",
                             bind="query-params", max_selections=12, placeholder="Pick runs to plot")
 x = c_x.segmented_control("x axis", list(X_LABELS), default="step", format_func=X_LABELS.get, key="x", bind="query-params") or "step"
-ema = c_ema.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="ema", bind="query-params",
+ema = c_ema.slider("Smoothing (EMA)", 0.0, 0.99, 0.8, 0.01, key="ema", bind="query-params",
                    help="Exponential moving average of the train loss (0 = raw). The raw curve stays faint behind it.")
 log = c_log.toggle("Log-scale loss", key="log", bind="query-params", help="Logarithmic y axis for the train loss")
 live = c_live.toggle("Live refresh", value=any(by_id[i].status == "training" for i in chosen), key="live", bind="query-params",
@@ -76,6 +76,7 @@ def curves(chosen: list[int], x: str, ema: float, log: bool, live: bool) -> None
                 "Import an upstream training log with `python -m registry import-log FILE --run RUN`.", icon=":material/trending_up:")
         return
     resumes = frames.resume_points(df)
+    st.markdown(charts.legend_html(df), unsafe_allow_html=True)
     left, right = st.columns(2)
     for col, key, title, smoothing, log_y in ((left, "val_bpb", "Validation bits per byte", 0.0, False),
                                              (right, "train_loss", "Train loss", ema, log)):
@@ -105,8 +106,8 @@ st.subheader("All runs")
 table = table.assign(open=[f"checkpoints?run={quote(n, safe='')}" for n in table["run"]])
 st.dataframe(
     table, hide_index=True, width="stretch",
-    column_order=["run", "status", "depth", "parameters", "steps", "progress", "best_val_bpb", "best_step", "last_val_bpb",
-                  "checkpoints", "segments", "last_update", "open"],
+    column_order=["run", "status", "depth", "parameters", "steps", "progress", "best_val_bpb", "last_val_bpb", "checkpoints",
+                  "last_update", "open"],
     column_config={
         "run": st.column_config.TextColumn("phase/tag", pinned=True, help="training phase (base, sft, rl) / model tag"),
         "status": st.column_config.TextColumn("status", width="small", help="training: files changed in the last 10 minutes; "
@@ -123,7 +124,7 @@ st.dataframe(
         "checkpoints": st.column_config.NumberColumn("ckpts", format="%d", width="small", help="checkpoints on disk"),
         "segments": st.column_config.NumberColumn("segments", format="%d", width="small",
                                                   help="launches: 2 or more means it was resumed"),
-        "last_update": st.column_config.DatetimeColumn("updated", format="distance", width="small"),
+        "last_update": st.column_config.DatetimeColumn("updated", format="distance", width="medium"),
         "open": st.column_config.LinkColumn("", display_text="checkpoints ↗", width="small", help="This run's checkpoints"),
     })
 st.caption(f"{len(table)} runs, newest activity first. Registry `{url}`.")
