@@ -452,7 +452,8 @@ def _write_batch(s: Session, db, plans: list[RunPlan], items: list[tuple[RunPlan
             elif before is not None:
                 rechecked[cid] = ins.slot.files
             problems += [{"scan_id": scan_id, "run_id": p.run_id, "checkpoint_id": cid, "path": str(p.path / (x["file"] or "")),
-                          "code": x["code"], "message": f"{p.path.name}@{ins.step}: {x['message']}", "created_at": now}
+                          "code": x["code"], "message": f"{p.path.name}@{ins.step if ins.step >= 0 else '?'}: {x['message']}",
+                          "created_at": now}
                          for x in ins.problems]
         vanished_files = [{"b_cid": cid, "b_name": name} for chunk in _chunks(sorted(rechecked)) for cid, name in s.execute(
             sa.select(CheckpointFile.checkpoint_id, CheckpointFile.name).where(
