@@ -99,25 +99,26 @@ def _sqlite_target(path: Path, source: str, scan_default: Path, missing_hint: st
 def registry_target(args: list[str] | None = None, environ: Mapping[str, str] | None = None) -> RegistryTarget:
     """--db URL, else --base-dir DIR (DIR/registry.sqlite), else $NANOCHAT_REGISTRY_URL, else
     $NANOCHAT_BASE_DIR/registry.sqlite, else the demo's .demo/registry.sqlite. The scan box starts at
-    the base dir (the registry file's folder for a SQLite path)."""
+    the base dir (--base-dir, else $NANOCHAT_BASE_DIR, else the SQLite file's folder)."""
     env = os.environ if environ is None else environ
     flags, problem = _parse(app_args() if args is None else args)
     base_env = Path(env[ENV_BASE]).expanduser() if env.get(ENV_BASE) else None
     home = base_env or Path("~/.cache/nanochat").expanduser()
     if problem:
         return RegistryTarget("", "app arguments", str(home), problem)
-    if "--db" in flags or env.get(ENV_URL):
-        source = "--db" if "--db" in flags else f"${ENV_URL}"
-        url = flags.get("--db") or env[ENV_URL]
-        if "://" in url:
-            return RegistryTarget(url, source, str(home))
-        return _sqlite_target(Path(url), source, Path(url).expanduser().parent if not base_env else base_env)
-    if "--base-dir" in flags:
+    if "--base-dir" in flags and "--db" not in flags:
         base = Path(flags["--base-dir"]).expanduser()
         if not base.is_dir():
             return RegistryTarget(str(base / REGISTRY_FILE), "--base-dir", str(base),
                                   f"--base-dir {base} does not exist: give the folder that holds base_checkpoints/")
         return _sqlite_target(base / REGISTRY_FILE, "--base-dir", base)
+    if "--db" in flags or env.get(ENV_URL):
+        source = "--db" if "--db" in flags else f"${ENV_URL}"
+        url = flags.get("--db") or env[ENV_URL]
+        scan = Path(flags["--base-dir"]).expanduser() if "--base-dir" in flags else base_env
+        if "://" in url:
+            return RegistryTarget(url, source, str(scan or home))
+        return _sqlite_target(Path(url), source, scan or Path(url).expanduser().parent)
     if base_env is not None:
         if not base_env.is_dir():
             return RegistryTarget(str(base_env / REGISTRY_FILE), f"${ENV_BASE}", str(base_env),

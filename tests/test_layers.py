@@ -64,3 +64,12 @@ def test_modules_import_without_torch(modules):
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules) + \
         "heavy = [m for m in ('torch', 'streamlit') if m in sys.modules]\nassert not heavy, heavy\n"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("module", ["streamlit_app.app", "streamlit_app.data"])
+def test_app_entry_and_data_module_import_without_torch(module):
+    """The app starts without torch: only the Generate and Compare pages load models (through data.py)."""
+    code = (f"import importlib, sys\nimportlib.import_module({module!r})\n"
+            "assert 'torch' not in sys.modules, 'torch imported at start-up'\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
