@@ -127,6 +127,7 @@ def plan_run(args: argparse.Namespace, explicit: set[str], world_size: int, base
              master: bool = True) -> Plan:
     """Everything decided before the first write: which checkpoint to resume, the merged flags, the
     model, the batch arithmetic. Raises TrainError with a one-line reason."""
+    from nanochat import checkpoint_manager as cm
     from nanochat.model_config import ArchitectureError, current_config
     from nanochat.schedule import derive_total_batch_size, resolve_num_iterations
 
@@ -162,8 +163,31 @@ def plan_run(args: argparse.Namespace, explicit: set[str], world_size: int, base
     if args.device_batch_size <= 0 or tbs % per_step != 0:
         raise TrainError(f"--total-batch-size {tbs} is not a multiple of device batch x seq len x processes "
                          f"({args.device_batch_size} x {args.max_seq_len} x {world_size} = {per_step})")
-    segment = int(meta.get("resume_segment", 1)) + 1 if meta else 1
+    if resume is None:
+        existing = cm.list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+        if existing or (ckpt_dir / "metrics.jsonl").exists():
+            steps = ", ".join(str(c.step) for c in existing[-4:]) or "none"
+            raise TrainError(f"{ckpt_dir} already holds a run (checkpoint steps: {steps}); continue it with --resume, "
+                             "or choose another --model-tag")
+    segment = next_segment(ckpt_dir, meta) if meta else 1
     return Plan(args, user_config, config, ckpt_dir, tbs, num_iterations, tbs // per_step, resume, meta, segment)
+
+
+def next_segment(ckpt_dir: Path, meta: dict) -> int:
+    """One more than any segment this run has logged, so segments grow per launch even when a resume
+    goes back to an older checkpoint (readers take each step's newest segment)."""
+    seen = [int(meta.get("resume_segment") or 1)]
+    path = ckpt_dir / "metrics.jsonl"
+    if path.exists():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    seg = json.loads(line).get("segment")
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a torn last line
+                if isinstance(seg, int):
+                    seen.append(seg)
+    return max(seen) + 1
 
 
 def _find_resume_point(ckpt_dir: Path, args, world_size: int, master: bool):
@@ -410,10 +434,16 @@ def train(args, explicit: set[str], dist_info) -> int:
         last_eval_step = ts["last_eval_step"] if ts["last_eval_step"] >= 0 else None
         restore_rng(ts["rng"])
         threads = ts.get("cpu_threads")
-        if device.type == "cpu" and threads and threads != torch.get_num_threads() and dist_info.master:
-            print(f"note: {ckpt.label} was trained with {threads} CPU thread(s) per process and this launch uses "
-                  f"{torch.get_num_threads()}: the continuation will differ in the last bits (OMP_NUM_THREADS={threads} "
-                  "makes the resume bit-exact)", file=sys.stderr, flush=True)
+        if device.type == "cpu" and threads and threads != torch.get_num_threads():
+            # CPU reductions depend on the thread count: match the checkpoint unless the user chose one.
+            if "OMP_NUM_THREADS" in os.environ:
+                if dist_info.master:
+                    print(f"note: {ckpt.label} was trained with {threads} CPU thread(s) per process and "
+                          f"OMP_NUM_THREADS asks for {torch.get_num_threads()}: the continuation will differ in the "
+                          f"last bits (OMP_NUM_THREADS={threads} makes the resume bit-exact)", file=sys.stderr, flush=True)
+            else:
+                torch.set_num_threads(threads)
+                print0(f"using {threads} CPU thread(s) per process, as when {ckpt.label} was written (bit-exact resume)")
     start_step = step
     resumed = plan.resume is not None
     if resumed and step >= plan.num_iterations:
@@ -530,10 +560,10 @@ def train(args, explicit: set[str], dist_info) -> int:
         avg = sum(seg_times) / len(seg_times) if seg_times else dt
         eta = (n - step - 1) * avg
         tok_per_sec = tbs / dt
+        if metrics:  # the file first: whoever sees the console line can rely on the row being on disk
+            metrics.write(step, train_loss=train_loss, lrm=lrm, tok_per_sec=tok_per_sec, dt_ms=dt * 1000)
         print0(f"step {step:05d}/{n:05d} ({100 * (step + 1) / n:5.1f}%) | loss {debiased:.4f} | lrm {lrm:.2f} | "
                f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | eta {_fmt_duration(eta)}")
-        if metrics:
-            metrics.write(step, train_loss=train_loss, lrm=lrm, tok_per_sec=tok_per_sec, dt_ms=dt * 1000)
         step += 1
 
     print0(f"done: {n} steps, val bpb {val_bpb if val_bpb is None else round(val_bpb, 4)}, "

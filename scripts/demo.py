@@ -249,6 +249,8 @@ def build_run(base_dir: Path, spec: RunSpec, profile: DemoProfile, progress: Pro
                 if code != -signal.SIGKILL:
                     raise DemoError(f"run {spec.tag} was meant to be killed but exited with {code}: {tail[-1:]}")
                 steps = _complete_steps(run_dir)
+                if not steps:  # killed before its first checkpoint: nothing to resume, start over
+                    shutil.rmtree(run_dir, ignore_errors=True)
         code, tail = _run_training(_train_cmd(spec, profile, bool(steps)), base_dir, spec.tag, spec.steps, progress,
                                    threads=threads)
         if code != 0:

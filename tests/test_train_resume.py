@@ -259,6 +259,12 @@ def test_refused_resumes_leave_the_disk_untouched(base, ddp_reference):
     assert_refused(res, "nothing to resume")
     assert snapshot(base) == before
 
+    # a fresh start over an existing run would overwrite its checkpoints and muddle its metrics
+    res = run(command("refuse"), base)
+    assert_refused(res, "already holds a run (checkpoint steps: 10, 20)")
+    assert "--resume" in res.stderr
+    assert snapshot(base) == before
+
 
 # ---------------------------------------------------------------------- signals, retention, meta
 

@@ -4,6 +4,7 @@ processes), RNG capture, bits per byte, retention and the command-line plumbing 
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import socket
@@ -289,3 +290,10 @@ def test_readme_documents_every_training_flag():
                     assert f"`{flag}" in section or f" {flag} " in section or f"[{flag}" in section, \
                         f"{module.__name__} {flag} is not documented in the README's training section"
     assert "python -m bench.train" in readme
+
+
+def test_segments_grow_per_launch_even_when_resuming_an_older_step(tmp_path):
+    rows = [{"step": 1, "segment": 1}, {"step": 9, "segment": 3}, {"step": 5, "segment": 2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 10, "segm')
+    assert base_train.next_segment(tmp_path, {"resume_segment": 1}) == 4  # resuming a segment-1 checkpoint
+    assert base_train.next_segment(tmp_path / "empty", {"resume_segment": 2}) == 3
