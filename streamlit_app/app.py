@@ -65,7 +65,8 @@ def sidebar() -> None:
 
 
 def main() -> None:
-    st.set_page_config(page_title="nanochat workbench", page_icon=":material/science:", layout="wide")
+    # a local favicon: with none, the browser fetches each page's material icon from fonts.gstatic.com
+    st.set_page_config(page_title="nanochat workbench", page_icon=str(HERE / "favicon.png"), layout="wide")
     page = st.navigation(pages())
     sidebar()
     page.run()

@@ -1,0 +1,128 @@
+"""The real app in a real browser: `streamlit run` on the demo registry, every page opened in headless
+Chromium (Debian's, through playwright), waited on until its charts have drawn, screenshotted, and
+failed on any exception box or request that leaves the machine.
+
+Screenshots go to a temporary folder, and also to $NANOCHAT_SCREENSHOT_DIR when it is set (to look at
+them). Skips with a message where Chromium or playwright is missing (under CI=true a skip fails).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync"]
+# page url path -> what must be drawn on it besides the header
+PAGES = {
+    "": ("Runs", 2),
+    "checkpoints": ("Checkpoints", 1),
+    "resume": ("Resume", 1),
+    "integrity": ("Integrity", 1),
+    "generate": ("Generate", 3),
+    "compare": ("Compare", 1),
+    "calculator": ("Model calculator", 3),
+}
+CHART = '[data-testid="stVegaLiteChart"] :is(canvas, svg.marks)'
+
+pytestmark = pytest.mark.browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_url(demo_base, tmp_path):
+    """The app served on 127.0.0.1 over a private copy of the demo registry; stopped afterwards."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"browser test needs Debian's chromium at {CHROMIUM} (apt-get install chromium; bash .ci/run does)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("browser test needs playwright (pip install playwright; never `playwright install`)")
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for f in demo_base.glob("registry.sqlite*"):
+        shutil.copy(f, reg / f.name)
+    port = free_port()
+    env = {**os.environ, "NANOCHAT_REGISTRY_URL": str(reg / "registry.sqlite")}
+    env.pop("NANOCHAT_BASE_DIR", None)
+    log = open(tmp_path / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app/app.py", "--server.headless", "true",
+                             "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError("streamlit did not start:\n" + (tmp_path / "streamlit.log").read_text()[-3000:])
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def settle(page, charts: int) -> None:
+    """Wait as BROWSER.md says: the script has finished, the charts have drawn, nothing is still loading."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=90_000)
+    page.wait_for_function(f"() => document.querySelectorAll('{CHART}').length >= {charts}", timeout=90_000)
+    page.wait_for_function("() => !document.querySelector('[data-testid=stSkeleton]')"
+                           " && !document.querySelector('[data-testid=stStatusWidget]')", timeout=90_000)
+    page.wait_for_timeout(500)  # the last chart can draw just after the script state flips
+
+
+def test_every_page_renders_in_chromium(app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    out = tmp_path / "shots"
+    out.mkdir()
+    keep = Path(os.environ["NANOCHAT_SCREENSHOT_DIR"]) if os.environ.get("NANOCHAT_SCREENSHOT_DIR") else None
+    external: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("request", lambda r: external.append(r.url)
+                if not r.url.startswith(("http://127.0.0.1", "data:", "blob:", "ws://127.0.0.1")) else None)
+        try:
+            for path, (title, charts) in PAGES.items():
+                page.goto(f"{app_url}/{path}")
+                settle(page, charts)
+                name = path or "runs"
+                page.screenshot(path=str(out / f"{name}.png"))
+                if keep is not None:
+                    keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(out / f"{name}.png", keep / f"{name}.png")
+                errors = page.locator('[data-testid="stException"]')
+                assert errors.count() == 0, f"{name}: {errors.first.inner_text()[:500]}"
+                assert page.locator("h1").first.inner_text().strip() == title
+                assert page.locator(CHART).count() >= charts, name
+            # the sidebar says which registry is open
+            assert "registry.sqlite" in page.locator('[data-testid="stSidebar"]').inner_text()
+        finally:
+            browser.close()
+    assert not external, f"requests left the machine: {sorted(set(external))[:5]}"
+    assert all((out / f"{p or 'runs'}.png").stat().st_size > 20_000 for p in PAGES)
