@@ -216,11 +216,10 @@ def checkpoints_table(url: str, run_id: int) -> pd.DataFrame:
 @st.cache_data(ttl=TTL_S, max_entries=8, show_spinner=False)
 def all_checkpoints(url: str) -> pd.DataFrame:
     """Every checkpoint of every run, with its integrity state (Integrity, Generate, Compare)."""
-    names = run_names(url)
     s = store(url)
-    frames_ = [frames.checkpoints_frame(s.checkpoints(r.id), names) for r in runs(url)]
-    frames_ = [f for f in frames_ if not f.empty]
-    return pd.concat(frames_, ignore_index=True) if frames_ else frames.checkpoints_frame([])
+    found = runs(url)
+    # passing the RunSummary (not its id) spares the store re-resolving each run: one query per run
+    return frames.checkpoints_frame([c for r in found for c in s.checkpoints(r)], frames.run_names(found))
 
 
 @dataclasses.dataclass(frozen=True)
