@@ -263,17 +263,19 @@ def quick_problems(ckpt: CheckpointFiles, meta: dict | None = None) -> list[Prob
             problems.append(Problem(e.code, str(e), blocks, path.name))
             return False
 
+    model_readable = False
     if ckpt.model is None:
         problems.append(Problem("missing_model", f"step {ckpt.step} has no model_{ckpt.step:06d}.pt"))
     else:
-        check_zip(ckpt.model, "load")
+        model_readable = check_zip(ckpt.model, "load")
+    if ckpt.layout == "single_file" and not model_readable:
+        return problems  # its metadata lives in the unreadable file: one problem, already reported
     if meta is None:
         try:
             meta = read_meta(ckpt)
         except CheckpointError as e:
-            if ckpt.layout == "upstream" or e.code == "missing_meta":
-                problems.append(Problem(e.code, str(e), "load",
-                                        ckpt.meta.name if ckpt.meta else None))
+            where = ckpt.meta.name if ckpt.meta else (ckpt.model.name if ckpt.model else None)
+            problems.append(Problem(e.code, str(e), "load", where))
             return problems
     missing = [k for k in REQUIRED_META_KEYS if k not in meta]
     if missing:

@@ -227,3 +227,17 @@ def test_our_meta_keeps_upstream_keys_and_types(upstream_dir, run_dir):
     for k, v in upstream.items():
         assert k in ours and type(ours[k]) is type(v), k
     assert set(ours["model_config"]) == set(CFG.upstream_dict())  # upstream's GPTConfig(**model_config) accepts it
+
+
+def test_single_file_with_unreadable_pickle_is_not_complete(tmp_path):
+    d = tmp_path / "single"
+    d.mkdir()
+    torch.save({"model": {"w": _RunsCode(os.system, f"touch {tmp_path / 'pwned'}")}, "metadata": {"step": 1}},
+               d / "checkpoint.pt")
+    (ckpt,) = cm.list_checkpoints(d)
+    assert [p.code for p in cm.quick_problems(ckpt)] == ["unsafe_pickle"]
+    torch.save(["not", "a", "dict"], d / "checkpoint.pt")
+    assert [p.code for p in cm.quick_problems(cm.list_checkpoints(d)[0])] == ["missing_meta"]
+    (d / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert [p.code for p in cm.quick_problems(cm.list_checkpoints(d)[0])] == ["truncated"]
+    assert not (tmp_path / "pwned").exists()
