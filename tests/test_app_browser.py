@@ -120,6 +120,19 @@ def test_every_page_renders_in_chromium(app_url, tmp_path):
                 assert errors.count() == 0, f"{name}: {errors.first.inner_text()[:500]}"
                 assert page.locator("h1").first.inner_text().strip() == title
                 assert page.locator(CHART).count() >= charts, name
+            # a click on a cell of the alternatives grid selects that step for inspection and branching
+            page.goto(f"{app_url}/generate?n=12&prompt=KING+HENRY.")  # 12 generated steps: 12 columns (test_app_pages)
+            settle(page, PAGES["generate"][1])
+            grid = page.locator('[data-testid="stVegaLiteChart"]').first
+            grid.scroll_into_view_if_needed()
+            page.wait_for_timeout(300)
+            box = grid.locator(":is(canvas, svg.marks)").first.bounding_box()
+            # x: the 64 px label column, then 12 equal columns (step 3's centre); y: the top axis, then 32 px rows (#2)
+            page.mouse.click(box["x"] + 64 + (box["width"] - 64) / 12 * 2.5, box["y"] + 20 + 32 * 2.5)
+            page.wait_for_function("() => { const i = [...document.querySelectorAll('[data-testid=stNumberInput] input')].pop();"
+                                   " return i && i.value === '3'; }", timeout=60_000)
+            settle(page, PAGES["generate"][1])
+            assert page.locator('[data-testid="stException"]').count() == 0
             # the sidebar says which registry is open
             assert "registry.sqlite" in page.locator('[data-testid="stSidebar"]').inner_text()
         finally:

@@ -183,6 +183,20 @@ def test_runs_page_view_comes_from_the_url(registry):
     assert "wall time" in spec["layer"][0]["encoding"]["x"]["title"]
 
 
+def test_runs_page_live_refresh_shows_new_metric_lines(own_base):
+    at = open_app(query={"runs": ["base/d1"]})
+    at.toggle(key="live").set_value(True).run()
+    assert_clean(at)
+    before = charts(at)[1][1][0]
+    metrics = own_base / "base_checkpoints" / "d1" / "metrics.jsonl"
+    with open(metrics, "a", encoding="utf-8") as f:  # the trainer appends a step
+        f.write(json.dumps({"step": 40, "segment": 1, "wall_time": 2e9, "train_loss": 1.25}) + "\n")
+    at.run()
+    assert_clean(at)
+    after = charts(at)[1][1][0]
+    assert 40 not in set(before["step"]) and after[after["step"] == 40]["value"].tolist() == [1.25]
+
+
 # ---------------------------------------------------------------------- Checkpoints
 
 

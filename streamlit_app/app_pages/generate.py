@@ -112,8 +112,16 @@ if n_steps > WINDOW:
     first = st.slider("First step shown", 1, n_steps - WINDOW + 1, 1, key="from") - 1
 picked = (st.session_state.get("gen_chart") or {}).get("selection", {}).get("cell") or []
 if picked and picked != st.session_state.get("gen_last_pick"):
+    # a clicked cell selects its step below, and an alternative's cell preselects it for branching
     st.session_state["gen_last_pick"] = picked
-    st.session_state["inspect"] = int(picked[0]["step"])  # a clicked cell selects its step below
+    clicked_step, row_name = int(picked[0]["step"]), str(picked[0].get("row", "sampled"))
+    st.session_state["inspect"] = clicked_step
+    if row_name.startswith("#") and 1 <= clicked_step <= len(gen.steps):
+        st_ = gen.steps[clicked_step - 1]
+        ids = [a.token_id for a in st_.alternatives if a.token_id != st_.token_id][:10]
+        rank = int(row_name[1:])
+        if rank <= len(st_.alternatives) and st_.alternatives[rank - 1].token_id in ids:
+            st.session_state[f"branch_alt_{clicked_step}"] = ids.index(st_.alternatives[rank - 1].token_id)
 st.session_state["inspect"] = min(max(1, int(st.session_state.get("inspect", 1))), max(n_steps, 1))
 inspect = st.session_state["inspect"]
 alts = traces.alternatives_frame(gen, alternatives, first, first + WINDOW)
