@@ -187,16 +187,15 @@ def _rows_mask(fn, x: torch.Tensor, rows: torch.Tensor | None, *args) -> torch.T
 
 def _filter(x: torch.Tensor, batch: SettingsBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     scaled = x / batch.temperature[:, None]
-    z = scaled - scaled.max(-1, keepdim=True).values  # <= 0, so exp() cannot overflow
-    weights = z.exp()
+    weights = torch.softmax(scaled, dim=-1)  # subtracts the maximum before exp: no overflow
     keep = None
     if batch.max_k:
         keep = _rows_mask(_top_k_mask, scaled, batch.top_k_rows, batch.top_k_sub, batch.max_k)
     if batch.any_top_p:
         m = _rows_mask(_top_p_mask, weights if keep is None else weights * keep, batch.top_p_rows, batch.top_p_sub)
         keep = m if keep is None else keep & m
-    if batch.any_min_p:
-        m = z >= batch.log_min_p[:, None]
+    if batch.any_min_p:  # p >= min_p * p_max, compared in log space so no product can underflow
+        m = weights.log() >= batch.log_min_p[:, None] + weights.max(-1, keepdim=True).values.log()
         keep = m if keep is None else keep & m
     if keep is not None:
         weights = weights * keep
