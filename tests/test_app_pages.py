@@ -290,7 +290,12 @@ def test_integrity_deep_check_reports_a_flipped_byte(own_base):
 # ---------------------------------------------------------------------- Generate
 
 
-def test_generate_page_generates_and_branches(registry):
+def test_generate_page_generates_and_branches(registry, monkeypatch):
+    from nanochat import checkpoint_manager
+
+    loads = []
+    real_load = checkpoint_manager.load_model
+    monkeypatch.setattr(checkpoint_manager, "load_model", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
     at = open_app("generate", {"run": "base/d2", "n": "12", "prompt": "KING HENRY."})
     assert metric(at, "Generated").value == "12 tokens"
     assert any("Main generation" in m.value for m in at.markdown)
@@ -311,6 +316,7 @@ def test_generate_page_generates_and_branches(registry):
     assert bool(sampled.loc[3, "forced"]) and sampled.loc[3, "token"] in chosen
     # the branch keeps the main generation's first two tokens
     assert list(sampled.loc[[1, 2], "token"]) == list(grid[grid["row"] == "sampled"].set_index("step").loc[[1, 2], "token"])
+    assert len(loads) == 1  # three script runs, one model load (st.cache_resource)
 
 
 def test_generate_page_refuses_bad_input_with_a_message(registry):
@@ -321,10 +327,17 @@ def test_generate_page_refuses_bad_input_with_a_message(registry):
     assert any("Type a prompt" in i.value for i in at.info)
 
 
-def test_generate_page_without_the_tokenizer(own_base):
+def test_generate_page_without_the_tokenizer_or_with_the_wrong_one(own_base):
     shutil.rmtree(own_base / "tokenizer")
     at = open_app("generate", {"run": "base/d1"})
-    assert any("tokenizer" in e.value.lower() for e in at.error)
+    assert any("tokenizer" in e.value.lower() and "tokenizer/" in e.value for e in at.error), [e.value for e in at.error]
+    from tests.modelkit import tiny_tokenizer
+
+    tiny_tokenizer(300).save(own_base / "tokenizer")  # a tokenizer, but not the one the run was trained with
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = open_app("generate", {"run": "base/d1"})
+    assert any("wrong tokenizer" in e.value and "trained with" in e.value for e in at.error), [e.value for e in at.error]
 
 
 # ---------------------------------------------------------------------- Compare

@@ -103,7 +103,9 @@ choices = df.dropna(subset=["step"]).sort_values(["run_id", "step"], ascending=[
 if choices.empty:
     st.stop()
 labels = {row.id: f"{row.run} @ step {int(row.step)}" for row in choices.itertuples()}
-ckpt = st.selectbox("Checkpoint", list(labels), format_func=labels.get, key="history")
+first_bad = next((i for i, row in enumerate(choices.itertuples()) if row.state in ("problems", "incomplete")), 0)
+ckpt = st.selectbox("Checkpoint", list(labels), index=first_bad, format_func=labels.get, key="history",
+                    help="The first checkpoint with problems is preselected")
 hist = data.integrity_history(url, ckpt)
 if hist.empty:
     st.caption("Never checked.")

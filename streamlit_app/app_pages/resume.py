@@ -88,6 +88,9 @@ for w in warnings.pop("target", []):
     st.warning(w, icon=":material/flag:")
 if plan.mode != "exact":
     st.warning(f"**{plan.mode.capitalize()} resume**: {plan.mode_note}", icon=":material/warning:")
+# why not a newer step: the checkpoints that failed their check, newest first
+for s in plan.skipped:
+    st.warning(f"**Skipped step {s.step}**: {s.reason}", icon=":material/skip_next:")
 
 # ---------------------------------------------------------------------- the command
 st.subheader("Command")
@@ -116,11 +119,7 @@ else:
                "checkpoint that will be trained again.")
 
 # ---------------------------------------------------------------------- what else the planner saw
-warnings.pop("skipped", None)  # the same facts as plan.skipped, listed here
-if plan.skipped:
-    st.subheader(f"Newer checkpoints skipped ({len(plan.skipped)})")
-    for s in plan.skipped:
-        st.warning(f"**step {s.step}**: {s.reason}", icon=":material/skip_next:")
+warnings.pop("skipped", None)  # the same facts as plan.skipped, listed under the tiles
 for w in warnings.pop("general", []):
     st.warning(w)
 with st.expander("Model and training config", icon=":material/tune:"):
