@@ -62,7 +62,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="auto (CUDA if present, else CPU), cpu or cuda")
     add("--seed", type=int, default=42, help="seed for the initial weights and every RNG")
     add("--compile", type=str, default="auto", choices=["auto", "on", "off"],
-        help="torch.compile the model: auto = on for CUDA, off on CPU (see bench/train.py)")
+        help="torch.compile the model: auto = on for CUDA, off on CPU (pays back after ~2,300 steps there: bench/train.py)")
     # Model architecture
     add("--depth", type=int, default=20, help="number of transformer layers")
     add("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to head_dim)")
