@@ -15,6 +15,11 @@ The model is the demo size (sequence_len 512, vocab 2048, 4 layers, 4 heads, n_e
 initialised with init_weights and a small random perturbation, with a tokenizer trained on the
 bundled corpus; or a real checkpoint with --checkpoint. Run: `.venv/bin/python -m bench.generation`.
 Not run by pytest. Ends with `name: value` lines.
+
+Timings use one intra-op thread unless --threads says otherwise: on a 2-core machine shared with
+other processes, torch's worker threads turned the same 4 s loop into 70 s in some repeats, so
+the default measures the code rather than the scheduler. Note that the naive loop's large matmuls
+gain from more threads and single-token decoding does not, so --threads 0 lowers the speedup of (b).
 """
 
 from __future__ import annotations
@@ -109,7 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run (default 256)")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens (default 64)")
     ap.add_argument("--repeats", type=int, default=5, help="measurements of each variant; the median is printed")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1; 0: torch's default, one per core). On a small machine "
+                         "shared with other work, worker threads make one run's time swing tenfold")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
