@@ -203,8 +203,9 @@ def _filter(x: torch.Tensor, batch: SettingsBatch) -> tuple[torch.Tensor, torch.
 
 
 def filtered_weights(logits: torch.Tensor, batch: SettingsBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unnormalised float64 weights (R, V) of each row's sampled distribution, and the kept-token
-    mask (None when no row filters). Greedy rows get temperature-1 weights here; see `sample`."""
+    """Float64 weights (R, V) of each row's sampled distribution (the tempered softmax with filtered
+    tokens zeroed, not renormalised), and the kept-token mask (None when no row filters). Greedy
+    rows get temperature-1 weights here; see `sample`."""
     return _filter(logits.double(), batch)
 
 
