@@ -48,7 +48,13 @@ FLAG_NAMES = {"device_type": "--device"}  # dests whose preferred flag is not --
 
 
 class TrainError(Exception):
-    """A launch that cannot go ahead; the message is the one line the user sees."""
+    """A launch that cannot go ahead; the message is the one line the user sees. Most are found alike by
+    every rank and printed by rank 0; `local` ones (a rank's own file) are printed by that rank, and
+    `quiet` ones end the ranks that only learned that another rank failed."""
+
+    def __init__(self, message: str, local: bool = False, quiet: bool = False):
+        super().__init__(message)
+        self.local, self.quiet = local, quiet
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -363,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train(args, explicit, dist_info)
     except TrainError as e:
-        if dist_info.master:
+        if e.local and dist_info.is_distributed:
+            print(f"error: rank {dist_info.rank}: {e}", file=sys.stderr, flush=True)
+        elif dist_info.master and not e.quiet:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     finally:
@@ -418,6 +426,7 @@ def train(args, explicit: set[str], dist_info) -> int:
     step, val_bpb, min_val_bpb, smooth_loss, total_time, last_eval_step = 0, None, float("inf"), 0.0, 0.0, None
     if plan.resume is not None:
         ckpt, meta = plan.resume, plan.resume_meta
+        failure = None
         try:
             state = cm.load_state_dict(ckpt, device)
             cm.config_from_checkpoint(meta, {k: v.shape for k, v in state.items()})
@@ -426,7 +435,13 @@ def train(args, explicit: set[str], dist_info) -> int:
             ts = check_train_state(cm.torch_load(ckpt.train_states[rank]), rank=rank, world_size=world, step=ckpt.step)
             loader.load_state_dict(ts["loader"])
         except (cm.CheckpointError, OptimizerStateError, TrainStateError, DataError, RuntimeError) as e:
-            raise TrainError(f"cannot resume from {ckpt.label}: {str(e).splitlines()[0]}") from None
+            failure = f"cannot resume from {ckpt.label}: {str(e).splitlines()[0]}"
+        # Each rank reads its own shard: all must agree before anyone waits for the others in a collective.
+        failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item()
+        if failure is not None:
+            raise TrainError(failure, local=True)
+        if failed:
+            raise TrainError("another rank could not resume", quiet=True)
         step = ckpt.step
         loop = meta.get("loop_state") or {}
         val_bpb, min_val_bpb = meta.get("val_bpb"), float(loop.get("min_val_bpb", float("inf")))
