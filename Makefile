@@ -13,9 +13,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 # Build the demo runs if absent (idempotent), then serve the app on 127.0.0.1.
+# With NANOCHAT_BASE_DIR or NANOCHAT_REGISTRY_URL set, or APP_ARGS="--base-dir DIR" / "--db URL",
+# the app opens that registry instead and the demo is not built.
 app: $(STAMP)
-	$(PY) -m scripts.demo
-	$(PY) -m streamlit run streamlit_app/app.py
+	@if [ -z "$$NANOCHAT_BASE_DIR$$NANOCHAT_REGISTRY_URL$(APP_ARGS)" ]; then $(PY) -m scripts.demo; fi
+	$(PY) -m streamlit run streamlit_app/app.py $(if $(APP_ARGS),-- $(APP_ARGS))
 
 demo: $(STAMP)
 	$(PY) -m scripts.demo

@@ -235,16 +235,19 @@ def classic_flops_per_token(cfg: GPTConfig) -> int:
     return 6 * (counts["total"] - counts["wte"]) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.sequence_len
 
 
-def training_memory_bytes(cfg: GPTConfig, device_batch_size: int, dtype_bytes: int = 4) -> dict[str, int]:
+def training_memory_bytes(cfg: GPTConfig, device_batch_size: int, dtype_bytes: int = 4,
+                          flash_attention: bool = True) -> dict[str, int]:
     """Rough training memory in bytes: fp32 weights and gradients, optimizer state (AdamW keeps 2 values
     per embedding/lm_head/scalar parameter, Muon 1 momentum per matrix entry), the activations kept
-    for backward (34*C + 5*H*T bytes per token and layer at 16 bits, Korthikanti et al. 2022, scaled to
-    dtype_bytes) and the float32 logits with their gradient."""
+    for backward (34*C bytes per token and layer at 16 bits, Korthikanti et al. 2022, scaled to
+    dtype_bytes; plus 5*H*T for the attention matrix unless flash attention, which never keeps it, as
+    upstream uses) and the float32 logits with their gradient."""
     counts = param_counts(cfg)
     matrices = counts["transformer_matrices"]
     adam = counts["total"] - matrices
     tokens = device_batch_size * cfg.sequence_len
-    activations = cfg.n_layer * tokens * (34 * cfg.n_embd + 5 * cfg.n_head * cfg.sequence_len) * dtype_bytes // 2
+    attention_matrix = 0 if flash_attention else 5 * cfg.n_head * cfg.sequence_len
+    activations = cfg.n_layer * tokens * (34 * cfg.n_embd + attention_matrix) * dtype_bytes // 2
     logits = tokens * cfg.padded_vocab_size * 4 * 2
     out = {
         "weights": counts["total"] * 4,

@@ -47,3 +47,5 @@ def test_memory_estimate_is_consistent():
     assert mem["weights"] == param_counts(CONFIGS[1])["total"] * 4
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
     assert training_memory_bytes(CONFIGS[1], 16)["activations"] > mem["activations"]
+    no_flash = training_memory_bytes(CONFIGS[1], 8, flash_attention=False)["activations"]
+    assert no_flash - mem["activations"] == 2 * 8 * 128 * 5 * 2 * 128 * 4 // 2  # L * tokens * 5HT * bytes/2

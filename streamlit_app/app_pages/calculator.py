@@ -97,11 +97,11 @@ t1.metric("Parameters", frames.compact(p["total"]), f"{frames.compact(p['scaling
           delta_color="off", delta_arrow="off", border=True, help=f"{p['total']:,} parameters")
 t2.metric("FLOPs per token", frames.compact(est["flops_per_token"]), "training (forward + backward)", delta_color="off",
           delta_arrow="off", border=True, help=f"{est['flops_per_token']:,} FLOPs per token")
-t3.metric("Memory per process", f"{mem['total'] / 2**30:,.1f} GiB", "an upper bound",
+t3.metric("Memory per process", f"{mem['total'] / 2**30:,.1f} GiB", "with flash attention",
           delta_color="off", delta_arrow="off", border=True,
           help="fp32 weights, gradients and optimizer state, plus the activations kept for backward and the fp32 logits "
-               "(nanochat.model_config.training_memory_bytes). A rough upper bound: it counts the full attention matrix, "
-               "which flash attention never materialises.")
+               "(nanochat.model_config.training_memory_bytes). Activations assume flash attention, as upstream "
+               "trains (no T×T attention matrix is kept); a rough estimate, not a measurement.")
 steps = est["num_iterations"]
 t4.metric("Training run", f"{steps:,} steps" if steps else "—",
           f"{frames.compact(est['tokens'])} tokens · {est['total_flops']:.2g} FLOPs" if est["tokens"] else None,
