@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -447,8 +448,45 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[^.]+)\.(?P<pid>\d+)$")
+
+
+def _temp_name(path: Path) -> Path:
+    # Host and pid in the name: a save killed mid-write leaves a file that can be told apart from a live
+    # one, also when ranks on several hosts share the directory.
+    host = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+    return path.with_name(f".{path.name}.tmp-{host}.{os.getpid()}")
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of saves on this host whose process is gone (killed mid-write)."""
+    d = Path(directory)
+    host = _temp_name(d / "x").name.split(".tmp-")[1].split(".")[0]
+    removed = []
+    for name in os.listdir(d) if d.is_dir() else []:
+        m = TEMP_RE.match(name)
+        if not m or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            (d / name).unlink()
+            removed.append(d / name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -471,7 +509,9 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def invalidate_step(directory: str | os.PathLike, step: int) -> None:
-    """Remove a step's meta before its files are rewritten, so a half-rewritten step is never complete."""
+    """Remove a step's meta before its files are rewritten, so a half-rewritten step is never complete;
+    also clear what earlier saves killed mid-write left behind."""
+    remove_stale_temp_files(directory)
     meta = Path(directory) / f"meta_{step:06d}.json"
     if meta.exists():
         meta.unlink()

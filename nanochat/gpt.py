@@ -123,16 +123,22 @@ class CausalSelfAttention(nn.Module):
         if self.ve_gate is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)
+        # Rotary, QK-norm and the QK scale are per head vector: one pass over q and k side by side
+        # computes exactly what two would, with half the (overhead-bound) kernel launches in decoding.
+        qk = norm(apply_rotary(torch.cat([q, k], dim=2), cos, sin))
         if self.qk_scale != 1.0:
-            q, k = q * self.qk_scale, k * self.qk_scale
+            qk = qk * self.qk_scale
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         start = 0
         if kv_cache is not None:
             start = kv_cache.pos
             k, v = kv_cache.insert(self.layer, k, v)
+            if T == 1 and k.size(2) - 1 > self.window:
+                # One query sees only the last window+1 keys: slice them instead of masking the rest.
+                k, v = k[:, :, -(self.window + 1):], v[:, :, -(self.window + 1):]
+                start = self.window
         y = F.scaled_dot_product_attention(q, k, v, **self._mask_args(start, T, k.size(2), q.device),
                                            enable_gqa=self.n_head != self.n_kv_head)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))

@@ -241,3 +241,20 @@ def test_single_file_with_unreadable_pickle_is_not_complete(tmp_path):
     (d / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     assert [p.code for p in cm.quick_problems(cm.list_checkpoints(d)[0])] == ["truncated"]
     assert not (tmp_path / "pwned").exists()
+
+
+def test_temp_files_of_killed_saves_are_cleaned_before_the_next_save(run_dir):
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname().split(".")[0].replace("-", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = run_dir / f".model_000030.pt.tmp-{host}.{int(dead.stdout)}"
+    live = run_dir / f".optim_000030_rank1.pt.tmp-{host}.{os.getpid()}"  # a save in progress (this process)
+    other_host = run_dir / f".optim_000030_rank9.pt.tmp-otherhost.{int(dead.stdout)}"
+    for p in (stale, live, other_host):
+        p.write_bytes(b"partial")
+    cm.save_checkpoint(run_dir, 30, random_model(CFG).state_dict(), {"step": 30, "model_config": CFG.upstream_dict()})
+    assert not stale.exists() and live.exists() and other_host.exists()
+    assert [c.step for c in cm.list_checkpoints(run_dir)] == [10, 20, 30]
