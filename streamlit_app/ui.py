@@ -121,6 +121,20 @@ def load_runs(url: str) -> list:
     return found
 
 
+def load_model_choices(url: str):
+    """The loadable checkpoints (a DataFrame), or stop the page with a message saying how to get one."""
+    try:
+        choices = data.model_choices(url)
+    except RegistryError as e:
+        show_error(e)
+        st.stop()
+    if choices.empty:
+        st.info("No loadable checkpoint in the registry (every one is incomplete or deleted). Scan a folder with complete "
+                "checkpoints on the Runs page.", icon=":material/inbox:")
+        st.stop()
+    return choices
+
+
 def run_picker(runs: list, key: str = "run", label: str = "Run", container=None, index: int = 0) -> int:
     """A selectbox of runs (newest activity first; `index` preselected), kept in the URL as ?run=NAME."""
     names = frames.run_names(runs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,3 +78,18 @@ def write_training_base(base_dir: Path, limit_chars: int = 400_000, vocab_size: 
     write_shards(base_dir / "base_data", limit_chars)
     train_tokenizer(base_dir, vocab_size, max_chars=10**9, doc_cap=10_000)
     return base_dir
+
+
+class RunsCode:
+    """A pickle payload that calls func(arg) when unpickled: what a malicious checkpoint carries."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return (self.func, (self.arg,))
+
+
+def touch_payload(marker: Path) -> RunsCode:
+    """Unpickling this creates `marker`: a test asserts the file never appears."""
+    return RunsCode(os.system, f"touch {marker}")

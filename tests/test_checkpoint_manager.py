@@ -10,7 +10,7 @@ import torch
 
 from nanochat import checkpoint_manager as cm
 from nanochat.gpt import GPTConfig
-from tests.modelkit import random_model, tiny_tokenizer, write_checkpoint
+from tests.modelkit import RunsCode, random_model, tiny_tokenizer, write_checkpoint
 
 CFG = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=48, window_pattern="SL")
 
@@ -120,19 +120,12 @@ def test_resumable_requires_every_optimizer_shard(run_dir):
     assert cm.find_last_complete(run_dir, resumable=True).step == 10
 
 
-class _RunsCode:
-    def __init__(self, func, arg):
-        self.func, self.arg = func, arg
-
-    def __reduce__(self):
-        return (self.func, (self.arg,))
-
 
 @pytest.mark.parametrize("how", ["os.system", "builtins.exec"])
 def test_malicious_checkpoint_never_runs(run_dir, tmp_path, how):
     marker = tmp_path / "pwned"
-    payload = _RunsCode(os.system, f"touch {marker}") if how == "os.system" else \
-        _RunsCode(exec, f"open({str(marker)!r}, 'w').write('x')")
+    payload = RunsCode(os.system, f"touch {marker}") if how == "os.system" else \
+        RunsCode(exec, f"open({str(marker)!r}, 'w').write('x')")
     torch.save({"lm_head.weight": payload}, run_dir / "model_000020.pt")
     with pytest.raises(cm.UnsafeCheckpointError, match="refused by the weights-only loader"):
         cm.load_model(run_dir)
@@ -232,7 +225,7 @@ def test_our_meta_keeps_upstream_keys_and_types(upstream_dir, run_dir):
 def test_single_file_with_unreadable_pickle_is_not_complete(tmp_path):
     d = tmp_path / "single"
     d.mkdir()
-    torch.save({"model": {"w": _RunsCode(os.system, f"touch {tmp_path / 'pwned'}")}, "metadata": {"step": 1}},
+    torch.save({"model": {"w": RunsCode(os.system, f"touch {tmp_path / 'pwned'}")}, "metadata": {"step": 1}},
                d / "checkpoint.pt")
     (ckpt,) = cm.list_checkpoints(d)
     assert [p.code for p in cm.quick_problems(ckpt)] == ["unsafe_pickle"]

@@ -18,7 +18,7 @@ from nanochat import checkpoint_manager as cm
 from nanochat.gpt import GPT
 from nanochat.model_config import GPTConfig, expected_state_shapes
 from registry import integrity
-from tests.modelkit import random_model, write_checkpoint
+from tests.modelkit import random_model, touch_payload, write_checkpoint
 
 CFG = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=48, window_pattern="SL")
 
@@ -260,18 +260,11 @@ def test_empty_state_dict(run):
     assert codes(quick) == ["empty_state_dict"] and codes(deep) == ["empty_state_dict"]
 
 
-class _RunsCode:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
 
 @pytest.mark.parametrize("target", ["model_000010.pt", "optim_000010_rank0.pt", "trainstate_000010_rank1.pt"])
 def test_pickle_that_would_run_code_is_reported_never_run(run, tmp_path, target):
     marker = tmp_path / "pwned"
-    torch.save({"lm_head.weight": _RunsCode(f"touch {marker}")}, run / target)
+    torch.save({"lm_head.weight": touch_payload(marker)}, run / target)
     quick, deep = both(run)
     assert "unsafe_pickle" in codes(deep) and not marker.exists()
     problem = next(p for p in deep.problems if p.code == "unsafe_pickle")
@@ -374,7 +367,7 @@ def test_single_file_checkpoint_that_would_run_code(tmp_path):
     d = tmp_path / "single"
     d.mkdir()
     marker = tmp_path / "pwned"
-    torch.save({"model": {"w": _RunsCode(f"touch {marker}")}, "metadata": {"step": 1}}, d / "checkpoint.pt")
+    torch.save({"model": {"w": touch_payload(marker)}, "metadata": {"step": 1}}, d / "checkpoint.pt")
     (ckpt,) = cm.list_checkpoints(d)
     quick, deep = integrity.quick_check(ckpt), integrity.deep_check(ckpt)
     assert codes(quick) == ["unsafe_pickle"] and codes(deep) == ["unsafe_pickle"] and not marker.exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import shutil
 import zipfile
@@ -20,15 +19,8 @@ from nanochat import torchfile
 from registry import archive
 from registry.inspection import file_kind, inspect_checkpoint
 from registry.scanner import group_slots, list_run_dir
+from tests.modelkit import touch_payload
 from tests.registry_kit import make_checkpoint, tiny_model
-
-
-class _RunsCode:
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.target}",))
 
 
 def rewrite_pickle(path: Path, data: bytes) -> None:
@@ -80,7 +72,7 @@ def archives(tmp_path, upstream_dir):
         z.writestr("readme.txt", "a zip, not torch.save")
     out["plain zip"] = tmp_path / "plain.zip.pt"
     shutil.copy(tmp_path / "state.pt", tmp_path / "evil.pt")
-    rewrite_pickle(tmp_path / "evil.pt", pickle.dumps(_RunsCode(tmp_path / "PWNED"), protocol=2))
+    rewrite_pickle(tmp_path / "evil.pt", pickle.dumps(touch_payload(tmp_path / "PWNED"), protocol=2))
     out["evil"] = tmp_path / "evil.pt"
     shutil.copy(tmp_path / "state.pt", tmp_path / "garbage.pt")
     rewrite_pickle(tmp_path / "garbage.pt", b"\x80\x02garbage that is no pickle")
@@ -153,7 +145,7 @@ def _break(run: Path, step: int, how: str) -> None:
     elif how == "no_model":
         m.unlink()
     elif how == "unsafe_model":
-        rewrite_pickle(m, pickle.dumps(_RunsCode(run / "PWNED"), protocol=2))
+        rewrite_pickle(m, pickle.dumps(touch_payload(run / "PWNED"), protocol=2))
 
 
 BREAKS = ["intact", "truncate_model", "empty_model", "no_meta", "bad_json", "json_list", "no_model_config",

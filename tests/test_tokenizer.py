@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, UnsafePickleError, read_upstream_pickle
-from tests.modelkit import tiny_tokenizer
+from tests.modelkit import RunsCode, tiny_tokenizer
 
 PROMPT = "To be, or not to be, that is the question"
 
@@ -69,21 +69,14 @@ def test_out_of_vocabulary_ids_are_refused():
         tok.encode_special("<|nope|>")
 
 
-class _RunsCode:
-    def __init__(self, func, arg):
-        self.func, self.arg = func, arg
-
-    def __reduce__(self):
-        return (self.func, (self.arg,))
-
 
 @pytest.mark.parametrize("how", ["os.system", "builtins.exec"])
 def test_malicious_tokenizer_pickle_never_runs(tmp_path, how):
     marker = tmp_path / "pwned"
     if how == "os.system":
-        payload = _RunsCode(os.system, f"touch {marker}")
+        payload = RunsCode(os.system, f"touch {marker}")
     else:
-        payload = _RunsCode(exec, f"open({str(marker)!r}, 'w').write('x')")
+        payload = RunsCode(exec, f"open({str(marker)!r}, 'w').write('x')")
     (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(payload, protocol=4))
     with pytest.raises(UnsafePickleError, match="only tiktoken.core.Encoding is allowed"):
         Tokenizer.from_directory(tmp_path)

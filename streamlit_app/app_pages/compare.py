@@ -38,14 +38,7 @@ def numbers(text: str, kind, name: str) -> list:
 ui.header("Compare", "How do sampling settings, or different checkpoints, change what the model writes?")
 url = ui.registry_url()
 runs = ui.load_runs(url)
-try:
-    choices = data.model_choices(url)
-except RegistryError as e:
-    ui.show_error(e)
-    st.stop()
-if choices.empty:
-    st.info("No loadable checkpoint in the registry. Scan a folder with complete checkpoints on the Runs page.", icon=":material/inbox:")
-    st.stop()
+choices = ui.load_model_choices(url)
 names = frames.run_names(runs)
 labels = {row.id: f"{names.get(row.run_id, row.run)} @ step {int(row.step):,}" for row in choices.itertuples()}
 rows_by_id = {row.id: row for row in choices.itertuples()}

@@ -17,15 +17,7 @@ DEFAULT_PROMPT = "To be, or not to be, that is the"
 ui.header("Generate", "What does this checkpoint say, how sure is it at each token, and what else could it have said?")
 url = ui.registry_url()
 runs = ui.load_runs(url)
-try:
-    choices = data.model_choices(url)
-except RegistryError as e:
-    ui.show_error(e)
-    st.stop()
-if choices.empty:
-    st.info("No loadable checkpoint in the registry (every one is incomplete or deleted). Scan a folder with complete "
-            "checkpoints on the Runs page.", icon=":material/inbox:")
-    st.stop()
+choices = ui.load_model_choices(url)
 
 # ---------------------------------------------------------------------- what to sample from, and how
 loadable = [r for r in runs if r.id in set(choices["run_id"])]
