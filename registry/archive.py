@@ -197,7 +197,9 @@ def read_tree(path: str | os.PathLike):
     """The object tree of a torch.save file with every tensor replaced by its shape (a tuple)."""
     data = read_pickle(path)
     try:
-        return _ShapeUnpickler(io.BytesIO(data)).load()
+        # BufferedReader: the C unpickler then reads ahead through peek() instead of one read() call per
+        # opcode on a bare BytesIO, which made unpickling a state dict 4x slower.
+        return _ShapeUnpickler(io.BufferedReader(io.BytesIO(data))).load()
     except ArchiveError:
         raise
     except Exception as e:  # any malformed pickle: the reference reader will name it
