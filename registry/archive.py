@@ -29,6 +29,9 @@ _EOCD = b"PK\x05\x06"
 _EOCD64_LOCATOR = b"PK\x06\x07"
 _CENTRAL = b"PK\x01\x02"
 _LOCAL = b"PK\x03\x04"
+# A central directory entry's fixed part, read in one call: signature, method, compressed and
+# uncompressed size, name/extra/comment lengths, local header offset (the rest is skipped).
+_CENTRAL_ENTRY = struct.Struct("<4s6xH8xIIHHH8xI")
 
 
 class ArchiveError(ValueError):
@@ -71,22 +74,19 @@ def _central_directory(f, size: int) -> tuple[bytes, bytes, int]:
 def _find_pickle(cd: bytes, count: int, size: int) -> tuple[int, int, int, int]:
     """(local header offset, compressed size, uncompressed size, method) of `<prefix>/data.pkl`."""
     pos, found = 0, None
-    for _ in range(count):
-        if cd[pos:pos + 4] != _CENTRAL:
+    entry, unpack = _CENTRAL_ENTRY.size, _CENTRAL_ENTRY.unpack_from
+    for _ in range(count):  # every entry is walked: a damaged one anywhere sends the caller to the reference reader
+        sig, method, csize, usize, nlen, elen, clen, offset = unpack(cd, pos)
+        if sig != _CENTRAL:
             raise ArchiveError("bad central directory entry")
-        method, = struct.unpack_from("<H", cd, pos + 10)
-        csize, usize = struct.unpack_from("<II", cd, pos + 20)
-        nlen, elen, clen = struct.unpack_from("<HHH", cd, pos + 28)
-        offset, = struct.unpack_from("<I", cd, pos + 42)
-        name = cd[pos + 46:pos + 46 + nlen]
-        if name.endswith(b"/data.pkl") and name.count(b"/") == 1:
+        name_end = pos + entry + nlen
+        if cd.endswith(b"/data.pkl", pos + entry, name_end) and cd.count(b"/", pos + entry, name_end) == 1:
             if found is not None:
                 raise ArchiveError("two pickles")
-            extra = cd[pos + 46 + nlen:pos + 46 + nlen + elen]
             if 0xFFFFFFFF in (csize, usize, offset):
-                usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
+                usize, csize, offset = _zip64_sizes(cd[name_end:name_end + elen], usize, csize, offset)
             found = (offset, csize, usize, method)
-        pos += 46 + nlen + elen + clen
+        pos = name_end + elen + clen
     if found is None:
         raise ArchiveError("not a torch.save archive")
     if found[0] + 30 + found[1] > size:
