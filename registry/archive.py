@@ -5,9 +5,9 @@ state-dict key names and shapes), without torch, without tensor data and without
 `nanochat.torchfile` is the reference reader (zipfile + a stub unpickler); the scanner calls it, via
 `checkpoint_manager.quick_problems`, whenever this module reports anything unusual, so every problem
 message still comes from there. This module exists because a scan of 10,000 checkpoints spends most
-of its time opening archives: here one archive costs one open, two small reads (the end of the file
-with the central directory, then the pickle) and one C-unpickler pass whose callbacks return plain
-tuples, about a third of the reference path. The allow-list of globals is torchfile's: anything else
+of its time opening archives: here one archive costs one open, two positioned reads (the end of the
+file with the central directory, then the pickle with its local header) and one C-unpickler pass
+whose callbacks return plain tuples, about a third of the reference path. The allow-list of globals is torchfile's: anything else
 raises `ArchiveError` (and the reference reader then reports `unsafe_pickle`). Deflated members
 (a re-zipped checkpoint) are inflated; zip64 archives (files over 4 GB) are handled.
 
@@ -25,26 +25,27 @@ import zlib
 from nanochat.torchfile import DTYPE_NAMES, SAFE_GLOBALS, STORAGE_DTYPES
 
 TAIL = 1 << 14  # the end of the file read at once: a state dict's central directory usually fits in it
+_SLACK = 1 << 10  # bytes of name and extra field read with a pickle's local header before a second read is needed
 _EOCD = b"PK\x05\x06"
 _EOCD64_LOCATOR = b"PK\x06\x07"
 _CENTRAL = b"PK\x01\x02"
 _LOCAL = b"PK\x03\x04"
-# A central directory entry's fixed part, read in one call: signature, method, compressed and
-# uncompressed size, name/extra/comment lengths, local header offset (the rest is skipped).
+# A central directory entry's fixed part: signature, method, compressed and uncompressed size,
+# name/extra/comment lengths, local header offset; and just what walking from entry to entry needs.
 _CENTRAL_ENTRY = struct.Struct("<4s6xH8xIIHHH8xI")
+_CENTRAL_LENGTHS = struct.Struct("<4s24xHHH")
 
 
 class ArchiveError(ValueError):
     """Anything unexpected: the caller falls back to the reference reader for the exact problem."""
 
 
-def _central_directory(f, size: int) -> tuple[bytes, bytes, int]:
-    """(central directory bytes, the tail read, the tail's offset in the file)."""
+def _central_directory(fd: int, size: int) -> tuple[bytes, bytes, int, int]:
+    """(central directory bytes, the tail read, the tail's offset in the file, entry count)."""
     if size < 22:
         raise ArchiveError("too small for a zip archive")
     start = max(0, size - TAIL)
-    f.seek(start)
-    tail = f.read(size - start)
+    tail = os.pread(fd, size - start, start)
     at = tail.rfind(_EOCD)
     if at < 0 or at + 22 > len(tail):
         raise ArchiveError("no end of central directory (truncated?)")
@@ -54,8 +55,7 @@ def _central_directory(f, size: int) -> tuple[bytes, bytes, int]:
         if loc < 0 or tail[loc:loc + 4] != _EOCD64_LOCATOR:
             raise ArchiveError("zip64 locator missing")
         (rec_offset,) = struct.unpack_from("<Q", tail, loc + 8)
-        f.seek(rec_offset)
-        rec = f.read(56)
+        rec = os.pread(fd, 56, rec_offset)
         if len(rec) < 56 or rec[:4] != b"PK\x06\x06":
             raise ArchiveError("zip64 end record missing")
         count, cd_size, cd_offset = struct.unpack_from("<QQQ", rec, 32)
@@ -64,34 +64,42 @@ def _central_directory(f, size: int) -> tuple[bytes, bytes, int]:
     if cd_offset >= start:
         cd = tail[cd_offset - start:cd_offset - start + cd_size]
     else:
-        f.seek(cd_offset)
-        cd = f.read(cd_size)
+        cd = os.pread(fd, cd_size, cd_offset)
     if len(cd) != cd_size:
         raise ArchiveError("short central directory")
-    return cd, tail, count
+    return cd, tail, start, count
 
 
 def _find_pickle(cd: bytes, count: int, size: int) -> tuple[int, int, int, int]:
-    """(local header offset, compressed size, uncompressed size, method) of `<prefix>/data.pkl`."""
-    pos, found = 0, None
-    entry, unpack = _CENTRAL_ENTRY.size, _CENTRAL_ENTRY.unpack_from
-    for _ in range(count):  # every entry is walked: a damaged one anywhere sends the caller to the reference reader
-        sig, method, csize, usize, nlen, elen, clen, offset = unpack(cd, pos)
+    """(local header offset, compressed size, uncompressed size, method) of `<prefix>/data.pkl`.
+    Every entry is walked (a damaged one anywhere sends the caller to the reference reader), reading
+    only what locates the next; the pickle's entry, found by searching the names, is read in full."""
+    ends, at = set(), cd.find(b"/data.pkl")
+    while at >= 0:
+        ends.add(at + 9)
+        at = cd.find(b"/data.pkl", at + 1)
+    if not ends:
+        raise ArchiveError("not a torch.save archive")
+    pos, found, unpack = 0, None, _CENTRAL_LENGTHS.unpack_from
+    for _ in range(count):
+        sig, nlen, elen, clen = unpack(cd, pos)
         if sig != _CENTRAL:
             raise ArchiveError("bad central directory entry")
-        name_end = pos + entry + nlen
-        if cd.endswith(b"/data.pkl", pos + entry, name_end) and cd.count(b"/", pos + entry, name_end) == 1:
+        name_end = pos + 46 + nlen
+        if name_end in ends and nlen >= 9 and cd.count(b"/", pos + 46, name_end) == 1:
             if found is not None:
                 raise ArchiveError("two pickles")
-            if 0xFFFFFFFF in (csize, usize, offset):
-                usize, csize, offset = _zip64_sizes(cd[name_end:name_end + elen], usize, csize, offset)
-            found = (offset, csize, usize, method)
+            found = pos
         pos = name_end + elen + clen
     if found is None:
         raise ArchiveError("not a torch.save archive")
-    if found[0] + 30 + found[1] > size:
+    _, method, csize, usize, nlen, elen, _, offset = _CENTRAL_ENTRY.unpack_from(cd, found)
+    if 0xFFFFFFFF in (csize, usize, offset):
+        extra = found + 46 + nlen
+        usize, csize, offset = _zip64_sizes(cd[extra:extra + elen], usize, csize, offset)
+    if offset + 30 + csize > size:
         raise ArchiveError("pickle beyond the end of the file")
-    return found
+    return offset, csize, usize, method
 
 
 def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
@@ -115,27 +123,39 @@ def check_archive(path: str | os.PathLike) -> None:
     """Raise ArchiveError unless the file is a non-empty zip whose central directory reads and holds
     exactly one pickle (what torchfile.open_archive accepts)."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            cd, _, count = _central_directory(f, size)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            cd, _, _, count = _central_directory(fd, size)
             _find_pickle(cd, count, size)
+        finally:
+            os.close(fd)
     except (OSError, struct.error) as e:
         raise ArchiveError(str(e)) from None
 
 
 def read_pickle(path: str | os.PathLike) -> bytes:
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            cd, tail, count = _central_directory(f, size)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            cd, tail, start, count = _central_directory(fd, size)
             offset, csize, usize, method = _find_pickle(cd, count, size)
-            f.seek(offset)
-            head = f.read(30)
-            if len(head) < 30 or head[:4] != _LOCAL:
+            # The local header, its name and extra field, then the data: read at once with room for an
+            # extra field of up to _SLACK bytes (torch pads it to align the data), else read again.
+            if offset >= start:
+                local = tail[offset - start:]
+            else:
+                local = os.pread(fd, 30 + _SLACK + csize, offset)
+            if len(local) < 30 or local[:4] != _LOCAL:
                 raise ArchiveError("bad local header")
-            nlen, elen = struct.unpack_from("<HH", head, 26)
-            f.seek(offset + 30 + nlen + elen)
-            data = f.read(csize)
+            nlen, elen = struct.unpack_from("<HH", local, 26)
+            at = 30 + nlen + elen
+            data = local[at:at + csize]
+            if len(data) != csize and at + csize > len(local) and offset + at + csize <= size:
+                data = os.pread(fd, csize, offset + at)
+        finally:
+            os.close(fd)
     except (OSError, struct.error) as e:
         raise ArchiveError(str(e)) from None
     if len(data) != csize:

@@ -160,6 +160,10 @@ class Database:
         if self.dialect == "postgresql" and run_ids:
             session.execute(sa.select(Run.id).where(Run.id.in_(sorted(run_ids))).order_by(Run.id).with_for_update())
 
+    def sql(self, statement: str) -> str:
+        """A statement written with ? placeholders in this driver's style (psycopg: %s)."""
+        return statement.replace("?", "%s") if self.dialect == "postgresql" else statement
+
     def insert(self, table):
         """The dialect's INSERT, which has on_conflict_do_nothing / on_conflict_do_update."""
         if self.dialect == "sqlite":

@@ -16,6 +16,7 @@ This module writes nothing (scanner.py does) and does not walk folders.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,22 @@ class Slot:
         a Python whose hash differs just re-inspects everything once."""
         return str(hash(frozenset((_KIND_CODES[f[0]], -1 if f[1] is None else f[1], f[2], f[3]) for f in self.files.values())))
 
+    def parts(self) -> tuple[str | None, str | None, dict[int, str], dict[int, str]]:
+        """File names: (model or checkpoint.pt, meta, {rank: optimizer shard}, {rank: training state})."""
+        model = meta = None
+        shards: dict[int, str] = {}
+        states: dict[int, str] = {}
+        for name, (kind, rank, _, _) in self.files.items():
+            if kind in ("model", "single_file"):
+                model = name
+            elif kind == "meta":
+                meta = name
+            elif kind == "optimizer":
+                shards[rank] = name
+            elif kind == "train_state":
+                states[rank] = name
+        return model, meta, shards, states
+
     def checkpoint_files(self, directory: Path, step: int | None = None) -> cm.CheckpointFiles:
         parts: dict = {"optimizer_shards": {}, "train_states": {}}
         for name, (kind, rank, _, _) in self.files.items():
@@ -91,6 +108,7 @@ class Inspection:
     meta: dict | None
     problems: list[dict]  # [{code, message, blocks, file}] as checkpoint_manager.Problem
     shapes: dict | None = None  # state-dict shapes when they were read on the way (single file)
+    world: int | None = None  # the world size expected for the optimizer shards, when inspection worked it out
 
     @property
     def complete(self) -> bool:
@@ -116,7 +134,9 @@ class Inspection:
     def world_size(self, directory: Path) -> int | None:
         if self.slot.layout != "upstream":
             return None
-        world = cm.expected_world_size(self.slot.checkpoint_files(directory), self.meta)
+        world = self.world
+        if world is None:
+            world = cm.expected_world_size(self.slot.checkpoint_files(directory), self.meta)
         return world if world > 0 else None
 
     @property
@@ -128,7 +148,7 @@ def _problems(items) -> list[dict]:
     return [{"code": p.code, "message": p.message, "blocks": p.blocks, "file": p.file} for p in items]
 
 
-def _archive_ok(path: Path | None) -> bool:
+def _archive_ok(path: str | None) -> bool:
     if path is None:
         return False
     try:
@@ -138,44 +158,63 @@ def _archive_ok(path: Path | None) -> bool:
         return False
 
 
-def _fast_upstream_ok(ckpt: cm.CheckpointFiles, meta) -> bool:
-    """True only when quick_problems would find nothing (the reference decides every other case)."""
-    if not isinstance(meta, dict) or any(k not in meta for k in cm.REQUIRED_META_KEYS) or meta["step"] != ckpt.step:
-        return False
-    world = cm.expected_world_size(ckpt, meta)
-    if world < 1 or not _archive_ok(ckpt.model):
-        return False
-    if not all(_archive_ok(ckpt.optimizer_shards.get(r)) for r in range(world)):
-        return False
-    return not meta.get("train_state") or all(_archive_ok(ckpt.train_states.get(r)) for r in range(world))
+def _expected_world(meta: dict, shards: dict[int, str]) -> int:
+    """checkpoint_manager.expected_world_size without building a CheckpointFiles (a test checks they agree)."""
+    world = meta.get("world_size")
+    return world if isinstance(world, int) and world > 0 else max(shards, default=-1) + 1
+
+
+def _fast_upstream_ok(d: str, step: int | None, parts: tuple, meta) -> int | None:
+    """The expected world size when quick_problems would find nothing, else None (the reference then
+    decides every other case). Paths are plain strings: a scan of 10,000 checkpoints builds no Path."""
+    if not isinstance(meta, dict) or any(k not in meta for k in cm.REQUIRED_META_KEYS) or meta["step"] != step:
+        return None
+    model, _, shards, states = parts
+    world = _expected_world(meta, shards)
+    if world < 1 or model is None or not _archive_ok(os.path.join(d, model)):
+        return None
+    for r in range(world):
+        if r not in shards or not _archive_ok(os.path.join(d, shards[r])):
+            return None
+    if meta.get("train_state"):
+        for r in range(world):
+            if r not in states or not _archive_ok(os.path.join(d, states[r])):
+                return None
+    return world
 
 
 def inspect_checkpoint(slot: Slot, directory: Path) -> Inspection:
     """Read one checkpoint's metadata and run the quick checks."""
     if slot.layout == "single_file":
         return _inspect_single_file(slot, directory)
-    ckpt = slot.checkpoint_files(directory)
+    d = os.fspath(directory)
     meta = None
-    if ckpt.meta is not None:
+    parts = slot.parts()
+    meta_name = parts[1]
+    if meta_name is not None:
         try:
-            meta = json.loads(ckpt.meta.read_bytes())
+            with open(os.path.join(d, meta_name), "rb") as f:
+                meta = json.loads(f.read())
         except (OSError, ValueError):
             meta = None  # the reference reader names the problem below
-    if _fast_upstream_ok(ckpt, meta):
-        return Inspection(slot, ckpt.step, meta, [])
+    world = _fast_upstream_ok(d, slot.step, parts, meta)
+    if world is not None:
+        return Inspection(slot, slot.step, meta, [], world=world)
+    ckpt = slot.checkpoint_files(directory)
     meta = meta if isinstance(meta, dict) else None
-    return Inspection(slot, ckpt.step, meta, _problems(cm.quick_problems(ckpt, meta) if meta is not None else cm.quick_problems(ckpt)))
+    problems = cm.quick_problems(ckpt, meta) if meta is not None else cm.quick_problems(ckpt)
+    return Inspection(slot, ckpt.step, meta, _problems(problems), world=cm.expected_world_size(ckpt, meta))
 
 
 def _inspect_single_file(slot: Slot, directory: Path) -> Inspection:
-    ckpt = slot.checkpoint_files(directory)
     try:
-        tree = archive.read_tree(ckpt.model)
+        tree = archive.read_tree(os.path.join(directory, slot.parts()[0]))
         meta, shapes = tree.get("metadata"), archive.state_dict_shapes(tree.get("model"))
         if isinstance(meta, dict) and all(k in meta for k in cm.REQUIRED_META_KEYS) and isinstance(meta["step"], int) and shapes:
             return Inspection(slot, meta["step"], meta, [], shapes)
     except (archive.ArchiveError, AttributeError):
         pass
+    ckpt = slot.checkpoint_files(directory)
     try:
         meta = cm.read_meta(ckpt)
     except cm.CheckpointError:
@@ -215,7 +254,7 @@ def run_config(ins: Inspection, directory: Path) -> dict:
         try:  # the architecture generation needs the state dict's key names, read from the pickle only
             shapes = ins.shapes
             if shapes is None:
-                shapes = archive.state_dict_shapes(archive.read_tree(ins.slot.checkpoint_files(directory).model))
+                shapes = archive.state_dict_shapes(archive.read_tree(os.path.join(directory, ins.slot.parts()[0])))
             config = GPTConfig.from_checkpoint(mc, shapes)
             out.update(n_params=param_counts(config)["total"], generation="classic" if config.is_classic else "current",
                        flops_per_token=classic_flops_per_token(config) if config.is_classic else flops_per_token(config))
