@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from nanochat import checkpoint_manager as cm
 from registry import writer
@@ -78,15 +79,24 @@ def walk_runs(root: Path, on_problem: Callable[[str, str, str], None]) -> dict[P
     return runs
 
 
+class FileStat(NamedTuple):
+    """What the scanner keeps of a file's stat."""
+    st_ino: int
+    st_size: int
+    st_mtime_ns: int
+
+
 def stat_run_dir(d: Path, entries: list[os.DirEntry] | None = None,
-                 dir_st: os.stat_result | None = None) -> tuple[list[str], list[os.stat_result], str]:
-    """(names, stats, fingerprint) of the files in a run folder. The fingerprint covers the folder's
-    inode and mtime (which change when a file is added, removed or renamed) and each file's inode, size
-    and mtime_ns (which change when it is rewritten, appended to or truncated), in listing order (stable
-    for an unchanged folder; another order only costs one full comparison). Built from ints only, whose
-    hashes CPython does not randomise, so another process computes the same. Nothing per file is kept
-    but a name and a stat result, neither tracked by the garbage collector: on a big tree no collection
-    runs in this loop."""
+                 dir_st: os.stat_result | None = None) -> tuple[list[str], list[int], str]:
+    """(names, [inode, size, mtime_ns] of each file in a flat list, fingerprint) of a run folder.
+
+    The fingerprint covers the folder's inode and mtime (which change when a file is added, removed or
+    renamed) and each file's inode, size and mtime_ns (which change when it is rewritten, appended to or
+    truncated), in listing order (stable for an unchanged folder; another order only costs one full
+    comparison). It is built from ints only, whose hashes CPython does not randomise, so another process
+    computes the same. Each stat result is dropped as soon as its three ints are taken: stat results
+    count as garbage-collector allocations while alive, and keeping 30,000 of them set off collections
+    (a full one costs ~50 ms in a process that has imported torch)."""
     path = os.fspath(d)
     if dir_st is None:
         dir_st = os.stat(path)
@@ -94,9 +104,8 @@ def stat_run_dir(d: Path, entries: list[os.DirEntry] | None = None,
         with os.scandir(path) as it:
             entries = list(it)
     names: list[str] = []
-    stats: list[os.stat_result] = []
-    ints = [dir_st.st_ino, dir_st.st_mtime_ns]
-    stat, add_name, add_stat, add = os.stat, names.append, stats.append, ints.append
+    flat: list[int] = []
+    add, stat = flat.append, os.stat
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if _DIR_FD else None
     try:
         for entry in entries:
@@ -106,24 +115,27 @@ def stat_run_dir(d: Path, entries: list[os.DirEntry] | None = None,
                 st = stat(entry.name, dir_fd=fd) if fd is not None else stat(entry.path)
             except FileNotFoundError:
                 continue  # deleted between listing and stat
-            add_name(entry.name)
-            add_stat(st)
+            names.append(entry.name)
             add(st.st_ino)
             add(st.st_size)
             add(st.st_mtime_ns)
     finally:
         if fd is not None:
             os.close(fd)
-    return names, stats, str(hash(tuple(ints)))
+    return names, flat, str(hash((dir_st.st_ino, dir_st.st_mtime_ns, tuple(flat))))
 
 
-def list_run_dir(d: Path, entries: list[os.DirEntry] | None = None) -> tuple[list[tuple[str, os.stat_result]], str]:
+def file_stats(names: list[str], flat: list[int]) -> list[tuple[str, FileStat]]:
+    return [(name, FileStat(flat[i], flat[i + 1], flat[i + 2])) for name, i in zip(names, range(0, len(flat), 3))]
+
+
+def list_run_dir(d: Path, entries: list[os.DirEntry] | None = None) -> tuple[list[tuple[str, FileStat]], str]:
     """(name, stat) of every file in a run folder, and the folder's fingerprint (see stat_run_dir)."""
-    names, stats, fingerprint = stat_run_dir(d, entries)
-    return list(zip(names, stats)), fingerprint
+    names, flat, fingerprint = stat_run_dir(d, entries)
+    return file_stats(names, flat), fingerprint
 
 
-def group_slots(files: Iterable[tuple[str, os.stat_result]]) -> tuple[dict[tuple, Slot], os.stat_result | None]:
+def group_slots(files: Iterable[tuple[str, FileStat]]) -> tuple[dict[tuple, Slot], FileStat | None]:
     """The checkpoints among a run folder's files by slot key, and the metrics.jsonl stat."""
     slots: dict[tuple, Slot] = {}
     metrics = None
@@ -147,10 +159,10 @@ class RunPlan:
     """One run folder: what is on disk, what the registry holds, and what changed."""
     path: Path
     names: list[str]
-    stats: list[os.stat_result]
+    stats: list[int]  # inode, size, mtime_ns of each file, flat
     fingerprint: str
     slots: dict[tuple, Slot] = field(default_factory=dict)
-    metrics_stat: os.stat_result | None = None
+    metrics_stat: FileStat | None = None
     run_id: int | None = None
     unchanged: bool = False  # the folder's fingerprint matches the registry: nothing was grouped or loaded
     stored_count: int = 0
@@ -163,8 +175,8 @@ class RunPlan:
         self.phase, self.tag = cm.phase_and_tag(self.path)
 
     @property
-    def files(self) -> list[tuple[str, os.stat_result]]:
-        return list(zip(self.names, self.stats))
+    def files(self) -> list[tuple[str, FileStat]]:
+        return file_stats(self.names, self.stats)
 
     def changed(self) -> list[Slot]:
         order = sorted(self.slots, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
@@ -274,7 +286,7 @@ def _plan_runs(run_dirs: dict, known: dict[str, writer.StoredRun], counts: _Coun
             if not stored.missing and stored.signature == fingerprint:
                 plan.unchanged, plan.stored_count = True, stored.checkpoints
                 continue
-        plan.slots, plan.metrics_stat = group_slots(zip(names, stats))
+        plan.slots, plan.metrics_stat = group_slots(plan.files)
     return plans
 
 

@@ -16,7 +16,7 @@ import torch
 
 from nanochat import checkpoint_manager as cm
 from nanochat import torchfile
-from registry import archive
+from registry import archive, inspection
 from registry.inspection import file_kind, inspect_checkpoint
 from registry.scanner import group_slots, list_run_dir
 from tests.modelkit import touch_payload
@@ -166,9 +166,25 @@ def test_inspection_agrees_with_quick_problems(tmp_path, upstream_copy):
             ins = inspect_checkpoint(slot, d)
             expected = [p.code for p in cm.quick_problems(by_step[step])]
             assert [p["code"] for p in ins.problems] == expected, (d.name, step)
+            try:  # the world size the fast path works out is the reference's, too
+                meta = json.loads(by_step[step].meta.read_text())
+            except (AttributeError, OSError, ValueError):
+                meta = None
+            world = cm.expected_world_size(by_step[step], meta if isinstance(meta, dict) else None)
+            assert ins.world_size(d) == (world if world > 0 else None), (d.name, step)
     intact = inspect_checkpoint(group_slots(list_run_dir(run)[0])[0][("upstream", 10)], run)
     assert intact.problems == [] and intact.complete and intact.resumable
     assert not (run / "PWNED").exists()
+
+
+def test_expected_world_size_without_checkpoint_files(tmp_path):
+    shards = {0: "optim_000010_rank0.pt", 1: "optim_000010_rank1.pt", 3: "optim_000010_rank3.pt"}
+    ckpt = cm.CheckpointFiles(directory=tmp_path, step=10, layout="upstream",
+                              optimizer_shards={r: tmp_path / n for r, n in shards.items()})
+    for meta in ({}, {"world_size": 2}, {"world_size": 0}, {"world_size": -1}, {"world_size": "2"}, {"world_size": True},
+                 {"world_size": 2.0}, {"world_size": None}):
+        assert inspection._expected_world(meta, shards) == cm.expected_world_size(ckpt, meta), meta
+    assert inspection._expected_world({}, {}) == cm.expected_world_size(cm.CheckpointFiles(tmp_path, 10, "upstream"), {})
 
 
 def test_single_file_inspection(tmp_path):

@@ -94,7 +94,7 @@ def test_rescan_of_unchanged_tree_opens_no_file(store, tmp_path, monkeypatch):
                runs["sft"].parent.parent / "single" / "checkpoint.pt")
     first = store.scan(tmp_path / "base")
     inspected, opened = [], []
-    real_inspect, real_open = scanner.inspect_checkpoint, io.open
+    real_inspect, real_open, real_os_open = scanner.inspect_checkpoint, io.open, os.open
 
     def counting_inspect(slot, directory):
         inspected.append((directory, slot.step))
@@ -105,9 +105,15 @@ def test_rescan_of_unchanged_tree_opens_no_file(store, tmp_path, monkeypatch):
             opened.append(str(file))
         return real_open(file, *a, **kw)
 
+    def recording_os_open(file, flags, *a, **kw):  # the archive reader's; a folder opened to stat its files is fine
+        if str(file).startswith(str(tmp_path / "base")) and not flags & getattr(os, "O_DIRECTORY", 0):
+            opened.append(str(file))
+        return real_os_open(file, flags, *a, **kw)
+
     monkeypatch.setattr(scanner, "inspect_checkpoint", counting_inspect)
     monkeypatch.setattr(io, "open", recording_open)
     monkeypatch.setattr(builtins, "open", recording_open)
+    monkeypatch.setattr(os, "open", recording_os_open)
     again = store.scan(tmp_path / "base")
     monkeypatch.undo()
     assert inspected == [] and opened == []
@@ -329,3 +335,90 @@ def test_interrupted_scan_keeps_whole_batches_only(store, tmp_path, monkeypatch)
     assert all(len(store.checkpoint_detail(c.id).files) == 3 for c in store.checkpoints("d1"))
     report = store.scan(tmp_path)
     assert (report.checkpoints_new, report.checkpoints_unchanged, report.status) == (3, 4, "ok")
+
+
+def test_report_is_what_the_registry_stored(store, tmp_path, monkeypatch):
+    """scan_path builds its report from what it wrote; store.scan_report reads it back: the same."""
+    runs = base_tree(tmp_path / "base")
+    (runs["base"] / "meta_000010.json").write_text("{oops")
+    real_scandir = os.scandir
+
+    def refusing_scandir(path="."):
+        if os.fspath(path) == str(runs["sft"]):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(scanner.os, "scandir", refusing_scandir)
+    report = store.scan(tmp_path / "base")
+    monkeypatch.undo()
+    assert {p.code for p in report.problems} == {"bad_meta_json", "unreadable"}
+    assert report == store.scan_report(report.scan_id)
+    again = store.scan(tmp_path / "base")
+    assert again.checkpoints_new == 1 and again == store.scan_report(again.scan_id)  # the folder readable now
+
+
+def test_runs_under_a_root_are_matched_by_exact_prefix(store, tmp_path):
+    """Scanning /x/a never touches runs of /x/A or /x/ab (SQLite's LIKE ignores case)."""
+    x = tmp_path / "x"
+    for name in ("a", "A", "ab"):
+        make_checkpoint(x / name / "base_checkpoints" / "d1", 10)
+    if (x / "A").samefile(x / "a"):
+        pytest.skip("a case-insensitive file system has one folder for a and A")
+    store.scan(x / "A")
+    store.scan(x / "ab")
+    before = {r.path: r for r in store.list_runs(now=0)}
+    report = store.scan(x / "a")
+    assert (report.runs_found, report.runs_new) == (1, 1)
+    after = {r.path: r for r in store.list_runs(now=0)}
+    assert len(after) == 3 and all(after[p] == r for p, r in before.items())  # not re-indexed under x/a
+    shutil.rmtree(x / "a" / "base_checkpoints")
+    assert store.scan(x / "a").runs_missing == 1
+    assert [r.path for r in store.list_runs(now=0) if r.missing] == [str(x / "a" / "base_checkpoints" / "d1")]
+
+
+def test_a_failed_batch_leaves_the_plans_as_they_were(store, tmp_path):
+    """A batch transaction can be retried (PostgreSQL deadlocks): writing it changes no plan, only the database."""
+    from registry import writer
+
+    base_tree(tmp_path / "base")
+    c = scanner._Counts()
+    plans = scanner._plan_runs(scanner.walk_runs(tmp_path / "base", c.problem), {}, c)
+    items = [(p, scanner.inspect_checkpoint(slot, p.path)) for p in plans.values() for slot in p.changed()]
+    root_id, scan_id = store.db.write(lambda s: writer.start_scan(s, store.db, str(tmp_path / "base"), 1.0))
+
+    def fails_after_writing(s):
+        writer.write_batch(s, store.db, list(plans.values()), items, root_id, scan_id, 2.0)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.db.write(fails_after_writing)
+    assert all(p.run_id is None and not p.written for p in plans.values())
+    assert store.list_runs() == []
+    result = store.db.write(lambda s: writer.write_batch(s, store.db, list(plans.values()), items, root_id, scan_id, 2.0))
+    assert (result.new, sorted(result.run_ids)) == (3, sorted(plans))
+    assert all(p.run_id is None for p in plans.values())  # the scanner applies the result after the commit
+
+
+def test_stat_phase_keeps_no_object_the_garbage_collector_counts(tmp_path):
+    """A re-scan of a big unchanged tree costs its stats: keeping a stat result per file counted as a GC
+    allocation each, so a re-scan of 30,000 files ran dozens of collections (a full one is ~50 ms beside torch)."""
+    import gc
+
+    run = tmp_path / "base_checkpoints" / "d1"
+    run.mkdir(parents=True)
+    for i in range(3000):
+        (run / f"optim_{i:06d}_rank0.pt").write_bytes(b"x")
+    entries = list(os.scandir(run))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        names, flat, fingerprint = scanner.stat_run_dir(run, entries)
+        grew = gc.get_count()[0] - before
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(names) == 3000 and len(flat) == 9000 and grew < 100
+    assert scanner.stat_run_dir(run)[2] == fingerprint  # same folder, same fingerprint
+    os.utime(run / names[0], ns=(0, 1))
+    assert scanner.stat_run_dir(run)[2] != fingerprint
