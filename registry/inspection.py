@@ -112,7 +112,7 @@ class Inspection:
 
     @property
     def complete(self) -> bool:
-        return not any(p["blocks"] == "load" for p in self.problems)
+        return not self.problems or not any(p["blocks"] == "load" for p in self.problems)
 
     @property
     def resumable(self) -> bool:
@@ -121,7 +121,7 @@ class Inspection:
     @property
     def val_bpb(self) -> float | None:
         """The meta's val_bpb; None when the meta contradicts its file name (whose step would it be?)."""
-        if any(p["code"] in ("step_mismatch", "bad_meta") for p in self.problems):
+        if self.problems and any(p["code"] in ("step_mismatch", "bad_meta") for p in self.problems):
             return None
         v = (self.meta or {}).get("val_bpb")
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

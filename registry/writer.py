@@ -238,9 +238,9 @@ def write_batch(session, db, plans: list[RunPlan], items: list[tuple[RunPlan, In
             files = ins.slot.files.values()
             rows.append((ids[str(p.path)], ins.slot.layout, ins.step, ins.segment, ins.val_bpb, json.dumps(ins.meta),
                          ins.complete, ins.resumable, False, ins.has_train_state, ins.world_size(p.path),
-                         json.dumps(ins.problems), sum(f[2] for f in files), max(f[3] for f in files),
-                         ins.slot.signature(), now, now))
-            if (ins.slot.layout, ins.step) in p.known_keys:
+                         json.dumps(ins.problems) if ins.problems else "[]", sum(f[2] for f in files),
+                         max(f[3] for f in files), ins.slot.signature(), now, now))
+            if p.known_keys and (ins.slot.layout, ins.step) in p.known_keys:
                 out.changed += 1
             else:
                 out.new += 1
