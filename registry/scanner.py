@@ -12,7 +12,7 @@ How one scan goes:
    component instead of the whole path), keeping nothing per file but its name and stat result. A
    run folder whose fingerprint (its own inode and mtime, and every file's inode, size and mtime_ns,
    in listing order) equals the one stored by the last scan costs nothing more: an unchanged tree of
-   10,000 checkpoints costs its stats and three short transactions (the scan's own row, start and end).
+   10,000 checkpoints costs its stats, one read and two short writes (the scan's own row, start and end).
    In the other folders each checkpoint's files are compared with what the registry holds (a few bulk
    queries); a checkpoint whose files all match is not opened. The rest are inspected
    (`inspection.inspect_checkpoint`: meta JSON, zip central directories, optimizer shards for the
