@@ -36,16 +36,10 @@ RESUMED_EVERY = 10  # runs 0, 10, 20... were killed and resumed
 
 
 def build_tree(root: Path) -> None:
-    import torch
+    from bench.registry import write_prototypes
 
-    from nanochat.gpt import GPT, GPTConfig
-
-    cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16, window_pattern="L")
     proto = root / "_proto"
-    proto.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(GPT(cfg).state_dict(), proto / "model.pt")
-    torch.save({"state": {}, "param_groups": [{"lr": 0.02, "params": [0]}]}, proto / "optim.pt")
+    cfg = write_prototypes(proto)
     t0 = 1.75e9
     for r in range(RUNS):
         run = root / "base_checkpoints" / f"r{r:03d}"

@@ -40,18 +40,25 @@ LARGE_CHECKPOINTS = 5
 HISTORY_POINTS = 1_000_000
 
 
-def build_small_tree(root: Path) -> int:
-    """20 runs x 500 checkpoints, each a real (tiny) torch.save model + optimizer shard + meta."""
+def write_prototypes(proto: Path):
+    """One tiny real model file and optimizer shard (torch.save) that synthetic trees copy or hard-link;
+    returns the config they were saved from."""
     import torch
 
     from nanochat.gpt import GPT, GPTConfig
 
     cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16, window_pattern="L")
-    proto = root / "_proto"
     proto.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(GPT(cfg).state_dict(), proto / "model.pt")
     torch.save({"state": {}, "param_groups": [{"lr": 0.02, "params": [0]}]}, proto / "optim.pt")
+    return cfg
+
+
+def build_small_tree(root: Path) -> int:
+    """20 runs x 500 checkpoints, each a real (tiny) torch.save model + optimizer shard + meta."""
+    proto = root / "_proto"
+    cfg = write_prototypes(proto)
     count = 0
     for r in range(RUNS):
         run = root / "base_checkpoints" / f"d{r + 1}"
