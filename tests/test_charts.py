@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
 
+from nanochat.engine import Alternative, RowResult, SamplingSettings, StepTrace
+from registry.entities import (
+    CheckpointRecord,
+    ConfigDiff,
+    DiffRow,
+    IntegrityRecord,
+    MetricPoint,
+    MetricSeries,
+    RunSummary,
+)
 from streamlit_app import charts, frames, traces
 from streamlit_app.data import DEMO_DIR, registry_target
 
@@ -194,21 +204,19 @@ def test_lr_chart_marks_the_resume_step():
 
 
 def test_diff_and_config_frames():
-    @dataclass
-    class Row:
-        key: str
-        a: object
-        b: object
-        status: str
-
-    @dataclass
-    class Diff:
-        rows: tuple
-
-    d = Diff((Row("model_config.n_layer", 2, 4, "changed"), Row("seed", 42, 42, "same"), Row("x", None, 1.5, "only_b")))
+    d = ConfigDiff("a", "b", (DiffRow("model_config.n_layer", 2, 4, "changed"), DiffRow("seed", 42, 42, "same"),
+                              DiffRow("x", None, 1.5, "only_b")))
     assert list(frames.diff_frame(d)["key"]) == ["model_config.n_layer", "x"]
     assert list(frames.diff_frame(d, changed_only=False)["status"]) == ["≠ changed", "= same", "only in B"]
     assert frames.config_frame({"total_batch_size": 524288})["value"].iloc[0] == "524,288"
+
+
+@pytest.mark.parametrize("stand_in, entity", [(Run, RunSummary), (Point, MetricPoint), (Series, MetricSeries),
+                                              (Integrity, IntegrityRecord), (Ckpt, CheckpointRecord)])
+def test_stand_ins_only_use_fields_the_registry_entities_have(stand_in, entity):
+    """The small stand-ins above keep these tests short; this keeps them honest if an entity changes."""
+    properties = {name for name, v in vars(entity).items() if isinstance(v, property)}
+    assert {f.name for f in fields(stand_in)} <= {f.name for f in fields(entity)} | properties
 
 
 def test_compact_numbers():
@@ -219,42 +227,12 @@ def test_compact_numbers():
 # ---------------------------------------------------------------------- generation traces
 
 
-@dataclass
-class A:
-    token_id: int
-    model_prob: float
-    sampled_prob: float
-    kept: bool
+def A(token_id, model_prob, sampled_prob, kept):  # noqa: N802 (short constructors keep the table readable)
+    return Alternative(token_id, model_prob, sampled_prob, kept)
 
 
-@dataclass
-class T:
-    step: int
-    token_id: int
-    model_prob: float
-    sampled_prob: float
-    rank: int
-    forced: bool
-    entropy: float
-    alternatives: tuple
-
-
-@dataclass
-class S:
-    temperature: float = 0.8
-    top_k: int | None = 2
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 42
-
-
-@dataclass
-class Row:
-    settings: S
-    token_ids: tuple
-    text: str
-    finish_reason: str
-    trace: tuple
+def T(step, token_id, model_prob, sampled_prob, rank, forced, entropy, alternatives):  # noqa: N802
+    return StepTrace(step, token_id, model_prob, sampled_prob, rank, forced, entropy, alternatives, watched=())
 
 
 VOCAB = {1: "a", 2: " b", 3: "\n", 4: "<x>"}
@@ -264,7 +242,8 @@ def generation() -> traces.Generation:
     steps = (T(0, 2, 0.5, 0.6, 1, False, 1.0, (A(2, 0.5, 0.6, True), A(1, 0.3, 0.4, True), A(4, 0.1, 0.0, False))),
              T(1, 4, 0.1, 0.2, 3, True, 2.0, (A(2, 0.6, 0.7, True), A(1, 0.2, 0.3, True), A(4, 0.1, 0.0, False))),
              T(2, 3, 0.9, 1.0, 1, False, 0.5, (A(3, 0.9, 1.0, True), A(1, 0.05, 0.0, False), A(2, 0.01, 0.0, False))))
-    return traces.from_row(Row(S(), (2, 4, 3), " b<x>\n", "length", steps), VOCAB.get, forced=((1, 4),))
+    row = RowResult(0, SamplingSettings(temperature=0.8, top_k=2), (2, 4, 3), " b<x>\n", "length", steps)
+    return traces.from_row(row, VOCAB.get, forced=((1, 4),))
 
 
 def test_alternatives_frame_for_the_generation_chart():
