@@ -3,7 +3,7 @@ Process-group plumbing for training: one process, or W processes started by torc
 
 `init_distributed(device_type)` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), picks the
 backend that works on the device (gloo on CPU, nccl on CUDA) and returns a `DistInfo`. The helpers
-here (`print0`, `barrier`, `all_reduce_sum`, `all_reduce_max`) are no-ops or plain prints in a single
+here (`print0`, `barrier`, `all_reduce_sum`) are no-ops or plain prints in a single
 process, so the training loop is written once.
 
 Only collectives that gloo implements in torch 2.13 are used: `all_reduce` (SUM/MAX; gloo has no AVG)
@@ -105,12 +105,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In place; gloo has no AVG, so callers divide themselves."""
     if is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

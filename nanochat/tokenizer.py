@@ -18,7 +18,7 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
@@ -220,13 +220,6 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- persistence
-
-
-def iter_texts_in_chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    """Split long texts into pieces of at most max_chars (rustbpe buffers whole strings)."""
-    for t in texts:
-        for i in range(0, len(t), max_chars):
-            yield t[i:i + max_chars]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -28,8 +28,6 @@ STORAGE_DTYPES = {
 }
 DTYPE_NAMES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
                "complex64", "complex128", "float", "double", "half", "long", "int"}
-ITEM_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-              "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
 
 # Globals that torch's weights_only loader accepts in the checkpoints nanochat writes and that we
 # know how to stub. Anything else in a checkpoint's pickle is reported as unsafe and never run.
