@@ -41,9 +41,9 @@ from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 
 DEMO_CONFIG = GPTConfig(sequence_len=512, vocab_size=2048, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
                         window_pattern="SSSL")
-SIX = [SamplingSettings(0.1, seed=1), SamplingSettings(0.5, seed=2), SamplingSettings(0.9, seed=3),
-       SamplingSettings(1.2, top_k=50, seed=4), SamplingSettings(1.5, top_p=0.9, seed=5),
-       SamplingSettings(0.9, min_p=0.05, seed=6)]
+SIX = [SamplingSettings(temperature=0.1, seed=1), SamplingSettings(temperature=0.5, seed=2), SamplingSettings(temperature=0.9, seed=3),
+       SamplingSettings(temperature=1.2, top_k=50, seed=4), SamplingSettings(temperature=1.5, top_p=0.9, seed=5),
+       SamplingSettings(temperature=0.9, min_p=0.05, seed=6)]
 
 
 def corpus_texts(limit_chars: int = 400_000) -> list[str]:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         print(f"error: prompt {len(prompt)} + {n} new tokens exceed {model.max_positions} positions", file=sys.stderr)
         return 1
     engine = Engine(model, tok)
-    one = SamplingSettings(0.9, seed=7)
+    one = SamplingSettings(temperature=0.9, seed=7)
 
     def run_naive():
         naive_generate(model, prompt, n, 0.9, 7)

@@ -24,6 +24,10 @@ alternatives by model probability with both probabilities and whether each survi
 the full-vocabulary entropy in nats, and the rank and probability of watched token ids. It is
 computed for all rows at once with tensor ops and turned into Python objects only when read.
 
+The request and result types (`SamplingSettings`, `TraceOptions`, `SamplingError`, `RowResult`,
+`StepTrace`, `Alternative`, `WatchedToken`) live in the torch-free `sampling.py`, so the app can build
+and read them without torch; they are re-exported here.
+
 This module knows nothing about files, command lines or display: see `checkpoint_manager.py` to
 load a model and `tools/generation_explorer.py` for the command-line explorer.
 """
@@ -32,73 +36,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from nanochat.sampling import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    MAX_SEED,
+    Alternative,
+    RowResult,
+    SamplingError,
+    SamplingSettings,
+    StepTrace,
+    TraceOptions,
+    WatchedToken,
+)
+
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
-MAX_SEED = 2**63 - 1
-FINISH_STOP = "stop"  # the row produced a stop token (included as its last token)
-FINISH_LENGTH = "length"  # the row reached max_tokens
-
-
-class SamplingError(ValueError):
-    """A sampling request that cannot be run, with a one-line reason."""
-
-
-# ---------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How one row samples. top_k None (or 0) and top_p 1 and min_p 0 switch that filter off."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 42
-
-    def validate(self) -> SamplingSettings:
-        """Return self, or raise SamplingError naming the first bad value."""
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise SamplingError(f"top_k must be an integer >= 0 or None (0 and None: no top-k), got {k!r}")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise SamplingError(f"top_p must be in (0, 1] (1: no top-p), got {p!r}")
-        m = self.min_p
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
-            raise SamplingError(f"min_p must be in [0, 1) (0: no min-p), got {m!r}")
-        s = self.seed
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise SamplingError(f"seed must be an integer in [0, 2**63 - 1], got {s!r}")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def describe(self, seed: bool = True) -> str:
-        """One line, e.g. 'temperature=0.9 top_k=50 top_p=1 min_p=0 seed=42'."""
-        k = "none" if not self.top_k else str(self.top_k)
-        text = f"temperature={self.temperature:g} top_k={k} top_p={self.top_p:g} min_p={self.min_p:g}"
-        return f"{text} seed={self.seed}" if seed else text
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TraceOptions:
-    """What to record per step: the top_n alternatives (by model probability) and watched token ids."""
-
-    top_n: int = 5
-    watch: tuple[int, ...] = ()
+__all__ = ["Engine", "StepEvent", "SettingsBatch", "filtered_weights", "sampling_distribution", "sample",
+           "trace_tensors", "materialise_traces", "STOP_TOKENS",
+           # re-exported from sampling.py (the torch-free types)
+           "FINISH_LENGTH", "FINISH_STOP", "MAX_SEED", "Alternative", "RowResult", "SamplingError", "SamplingSettings",
+           "StepTrace", "TraceOptions", "WatchedToken"]
 
 
 # ---------------------------------------------------------------------- the sampling math (pure)
@@ -243,34 +203,6 @@ def sample(logits: torch.Tensor, batch: SettingsBatch, uniforms: torch.Tensor) -
 # ---------------------------------------------------------------------- traces
 
 
-@dataclass(frozen=True, slots=True)
-class Alternative:
-    token_id: int
-    model_prob: float  # temperature 1, no filters
-    sampled_prob: float  # under the distribution the row sampled from (0 when filtered out)
-    kept: bool  # survived temperature/top-k/top-p/min-p (greedy: only the argmax)
-
-
-@dataclass(frozen=True, slots=True)
-class WatchedToken:
-    token_id: int
-    rank: int  # 1 + the number of tokens the model finds strictly more probable
-    model_prob: float
-
-
-@dataclass(frozen=True, slots=True)
-class StepTrace:
-    step: int
-    token_id: int
-    model_prob: float
-    sampled_prob: float
-    rank: int
-    forced: bool
-    entropy: float  # of the model's full-vocabulary distribution at temperature 1, in nats
-    alternatives: tuple[Alternative, ...]
-    watched: tuple[WatchedToken, ...]
-
-
 def trace_tensors(x: torch.Tensor, tokens: torch.Tensor, batch: SettingsBatch, best, weights, keep, total,
                   options: TraceOptions, watch_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One step's trace for all rows at once, from float64 logits x (R, V). Columns of the gathered
@@ -356,16 +288,6 @@ class StepEvent:
 
     def _record(self):
         return (self.step, list(self.tokens), self._forced, self._trace)
-
-
-@dataclass(frozen=True)
-class RowResult:
-    row: int
-    settings: SamplingSettings
-    token_ids: tuple[int, ...]  # every generated token, a final stop token included
-    text: str  # the decoded tokens, without a final stop token
-    finish_reason: str  # "stop" or "length"
-    trace: tuple[StepTrace, ...] | None  # one per token, when traced
 
 
 class Engine:

@@ -88,7 +88,8 @@ def test_bad_settings_raise_one_named_error(kw, needle):
 def test_edge_settings_are_valid():
     for kw in (dict(temperature=0), dict(top_k=0), dict(top_k=10**6), dict(top_p=1.0), dict(min_p=0.0), dict(seed=0)):
         SamplingSettings(**kw).validate()
-    assert SamplingSettings(0.5, 7, 0.9, 0.1, 3).describe() == "temperature=0.5 top_k=7 top_p=0.9 min_p=0.1 seed=3"
+    described = SamplingSettings(temperature=0.5, top_k=7, top_p=0.9, min_p=0.1, seed=3).describe()
+    assert described == "temperature=0.5 top_k=7 top_p=0.9 min_p=0.1 seed=3"
 
 
 def test_bad_requests_raise_one_named_error(engine, prompt):
@@ -228,8 +229,9 @@ def test_20000_draws_match_the_filtered_distribution():
 
 # ---------------------------------------------------------------------- the engine on a tiny real model
 
-SIX = [SamplingSettings(0.9, seed=1), SamplingSettings(1.3, top_k=20, seed=2), SamplingSettings(0.7, top_p=0.8, seed=3),
-       SamplingSettings(1.0, min_p=0.1, seed=3), SamplingSettings(0, seed=4), SamplingSettings(1e-4, seed=5)]
+SIX = [SamplingSettings(temperature=0.9, seed=1), SamplingSettings(temperature=1.3, top_k=20, seed=2),
+       SamplingSettings(temperature=0.7, top_p=0.8, seed=3), SamplingSettings(temperature=1.0, min_p=0.1, seed=3),
+       SamplingSettings(temperature=0, seed=4), SamplingSettings(temperature=1e-4, seed=5)]
 
 
 def test_batched_rows_equal_each_setting_alone(engine, prompt):
@@ -272,11 +274,11 @@ def test_rows_that_stop_leave_the_batch_and_the_rest_stay_exact(engine, prompt):
 
 
 def test_a_row_extends_its_shorter_run_and_seeds_decide(engine, prompt):
-    s = SamplingSettings(1.0, seed=9)
+    s = SamplingSettings(temperature=1.0, seed=9)
     short = engine.generate(prompt, s, 8, stop_ids=())[0].token_ids
     long = engine.generate(prompt, s, 30, stop_ids=())[0].token_ids
     assert long[:8] == short
-    twins = engine.generate(prompt, [s, s, SamplingSettings(1.0, seed=10)], 30, stop_ids=())
+    twins = engine.generate(prompt, [s, s, SamplingSettings(temperature=1.0, seed=10)], 30, stop_ids=())
     assert twins[0].token_ids == twins[1].token_ids == long
     assert twins[2].token_ids != long
 
@@ -296,7 +298,7 @@ def test_stream_events_agree_with_the_batch_api(engine, prompt):
 
 
 def test_forcing_the_chosen_tokens_reproduces_the_run_and_a_branch_differs_only_from_there(engine, prompt):
-    s = SamplingSettings(1.0, top_k=50, seed=21)
+    s = SamplingSettings(temperature=1.0, top_k=50, seed=21)
     opts = TraceOptions(top_n=5)
     base = engine.generate(prompt, s, 20, trace=opts, stop_ids=())[0]
     replay = engine.generate(prompt, s, 20, trace=opts, stop_ids=(), forced={0: dict(enumerate(base.token_ids[:10]))})[0]
@@ -314,8 +316,8 @@ def test_forcing_the_chosen_tokens_reproduces_the_run_and_a_branch_differs_only_
 
 
 def test_trace_agrees_with_an_independent_full_softmax(engine, prompt):
-    rows = [SamplingSettings(0.8, top_k=30, top_p=0.9, seed=3), SamplingSettings(0, seed=4),
-            SamplingSettings(1.4, min_p=0.05, seed=5)]
+    rows = [SamplingSettings(temperature=0.8, top_k=30, top_p=0.9, seed=3), SamplingSettings(temperature=0, seed=4),
+            SamplingSettings(temperature=1.4, min_p=0.05, seed=5)]
     opts = TraceOptions(top_n=6, watch=(3, 100, 250))
     results = engine.generate(prompt, rows, 10, trace=opts, stop_ids=())
     model = engine.model

@@ -122,8 +122,8 @@ def test_json_agrees_with_the_engine_trace(base_run):
     loaded = load_model(base_run)
     engine = Engine(loaded.model, loaded.tokenizer)
     assert doc["prompt_token_ids"] == engine.encode(PROMPT)
-    settings = SamplingSettings(0.8, 40, 0.9, 0.02, 5)
-    want = engine.generate(engine.encode(PROMPT), settings, 8, trace=TraceOptions(4, (3, 7)))[0]
+    settings = SamplingSettings(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, seed=5)
+    want = engine.generate(engine.encode(PROMPT), settings, 8, trace=TraceOptions(top_n=4, watch=(3, 7)))[0]
     (row,) = doc["rows"]
     assert set(row) == {"row", "settings", "token_ids", "text", "finish_reason", "steps"}
     assert row["settings"] == settings.as_dict()
@@ -214,7 +214,7 @@ def test_step_flag_and_text_output(base_run):
     assert procs[0].stdout == procs[1].stdout
     loaded = load_model(base_run, step=10)
     engine = Engine(loaded.model, loaded.tokenizer)
-    text = engine.generate(engine.encode(PROMPT), SamplingSettings(0), 3)[0].text
+    text = engine.generate(engine.encode(PROMPT), SamplingSettings(temperature=0), 3)[0].text
     assert procs[0].stdout.endswith(f"continuation (3 tokens, finished: length):\n{text}\n")
 
 

@@ -114,9 +114,7 @@ class Explorer:
         self.num_samples = args.num_samples
         self.show_probs = args.show_probs
         self.watch = tuple(args.watch)
-        from nanochat.engine import SamplingSettings
-
-        self.settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p, args.seed).validate()
+        self.settings = settings_from_args(args).validate()
 
     def print(self, *parts):
         print(*parts, file=self.out, flush=True)
@@ -125,7 +123,7 @@ class Explorer:
         return self.engine.tokenizer.decode([token_id])
 
     def trace_options(self):
-        from nanochat.engine import TraceOptions
+        from nanochat.sampling import TraceOptions
 
         return TraceOptions(top_n=self.num_alternatives, watch=self.watch)
 
@@ -299,11 +297,18 @@ class Explorer:
 # ---------------------------------------------------------------------- entry point
 
 
+def settings_from_args(args):
+    """The SamplingSettings the flags give: each field from the flag of the same name."""
+    from nanochat.sampling import SamplingSettings
+
+    return SamplingSettings(**{name: getattr(args, name) for name in SamplingSettings().as_dict()})
+
+
 def check_numbers(args) -> None:
     """Range checks argparse cannot express, as SamplingErrors (one line, exit 1)."""
-    from nanochat.engine import SamplingError, SamplingSettings
+    from nanochat.sampling import SamplingError, SamplingSettings
 
-    SamplingSettings(args.temperature, args.top_k, args.top_p, args.min_p, args.seed).validate()
+    settings_from_args(args).validate()
     for name in ("max_tokens", "num_samples"):
         if getattr(args, name) < 1:
             raise SamplingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
