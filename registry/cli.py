@@ -370,7 +370,8 @@ def cmd_resume(args, ctx) -> Output:
     """The resume planner's report (the same tools/training_resume_helper.py prints): newer checkpoints
     skipped and why, val_bpb vs the best, target and remaining steps, LR multiplier and schedule phase at
     the resume step, ETA, exact or approximate, and the command. Exit code 3 when nothing is resumable."""
-    from registry.resume import NothingResumableError, ResumePlanError, format_plan
+    from registry.errors import NothingResumableError
+    from registry.resume import format_plan
     from registry.verify import plan_indexed_resume
 
     if args.target_steps is not None and args.target_steps <= 0:
@@ -382,8 +383,6 @@ def cmd_resume(args, ctx) -> Output:
             {"step": s.step, "problems": [p.__dict__ for p in s.problems]} for s in e.skipped]}
         text = "\n".join([f"nothing to resume: {e}", *(f"  step {s.step}: {s.reason}" for s in e.skipped)])
         return Output(data, text, exit_code=3)
-    except ResumePlanError as e:
-        raise RegistryError(str(e)) from None
     return Output(plan.to_dict(), format_plan(plan), exit_code=0 if plan.resumable else 3)
 
 

@@ -68,3 +68,15 @@ class CheckpointNotIndexedError(RegistryError):
 
 class LogImportError(RegistryError):
     """An upstream console log that cannot be read at all (not: a few malformed lines, which are counted)."""
+
+
+class ResumePlanError(RegistryError):
+    """A run the resume planner cannot plan for: bad path, no checkpoints, several runs in one folder."""
+
+
+class NothingResumableError(ResumePlanError):
+    """Every checkpoint of the run failed its check; `skipped` lists each (resume.SkippedCheckpoint) and why."""
+
+    def __init__(self, message: str, skipped: tuple = ()):
+        super().__init__(message)
+        self.skipped = skipped

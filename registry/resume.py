@@ -33,6 +33,7 @@ from nanochat.checkpoint_manager import CheckpointFiles, Problem
 from nanochat.common import DEFAULT_BASE_DIR
 from nanochat.schedule import Schedule, is_classic_user_config, resolve_from_meta, schedule_from_user_config
 from registry import integrity
+from registry.errors import NothingResumableError, ResumePlanError
 from registry.integrity import IntegrityResult
 
 SPIKE_RATIO = 1.05  # the latest val_bpb this much above the best so far is called a loss spike
@@ -40,16 +41,6 @@ STEP_TIME_WINDOW = 50  # median of the last this many measured step times
 PHASE_SCRIPTS = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
 # user_config keys that are not flags to repeat on a resume
 NOT_REPEATED = {"resume_from_step", "resume"}
-
-
-class ResumePlanError(Exception):
-    """A run that cannot be planned for: bad path, no checkpoints, nothing resumable."""
-
-
-class NothingResumableError(ResumePlanError):
-    def __init__(self, message: str, skipped: tuple[SkippedCheckpoint, ...] = ()):
-        super().__init__(message)
-        self.skipped = skipped
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from nanochat import checkpoint_manager as cm
 from nanochat.model_config import GPTConfig
 from nanochat.schedule import Schedule
 from registry import integrity, resume
+from registry.errors import RegistryError
 from tests.modelkit import random_model
 
 CFG = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=48, window_pattern="SL")
@@ -227,7 +228,7 @@ def test_json_shape_round_trips(run):
 
 
 def test_bad_paths_give_one_line_errors(tmp_path, run):
-    with pytest.raises(resume.ResumePlanError, match="does not exist"):
+    with pytest.raises(RegistryError, match="does not exist"):  # one family for the CLI and the pages to catch
         resume.plan_resume(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(resume.ResumePlanError, match="no checkpoints in"):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from nanochat.checkpoint_manager import CheckpointError
-from registry.errors import RegistryError
-from registry.resume import NothingResumableError, ResumePlanError
+from registry.errors import NothingResumableError, RegistryError
 from streamlit_app import charts, data, frames, ui
 
 MODE_LABELS = {"exact": "✓ exact", "approximate": "≈ approximate", "restart": "↻ restart", "unsupported": "✗ unsupported"}
@@ -36,7 +35,7 @@ if c_deep.button("Deep-check and plan", icon=":material/policy:", width="stretch
     with st.spinner("Deep-checking checkpoints, newest first…"):
         try:
             st.session_state[deep_key] = data.deep_resume_plan(url, run_id, int(target) or None)
-        except (RegistryError, ResumePlanError, CheckpointError) as e:
+        except (RegistryError, CheckpointError) as e:
             st.session_state.pop(deep_key, None)
             ui.show_error(e)
 
@@ -48,7 +47,7 @@ except NothingResumableError as e:
     for s in e.skipped:
         st.warning(f"step {s.step}: {s.reason}")
     st.stop()
-except (RegistryError, ResumePlanError, CheckpointError) as e:
+except (RegistryError, CheckpointError) as e:
     ui.show_error(e)
     st.stop()
 
