@@ -7,7 +7,8 @@ registry's store API (`registry.open_store`, frozen dataclasses out) and are tur
 `frames.py`; writes (scan, integrity checks, a deep resume plan) go through the registry too and then
 clear the registry caches. Models are loaded once per checkpoint file (cache_resource) and sampled
 through `nanochat.engine`; both are imported inside the functions that need them, so importing this
-module (and the app's entry point) never imports torch.
+module (and the app's entry point) never imports torch. Sampling settings and results are the
+engine's own types from the torch-free `nanochat.sampling`, passed by name (never as tuples).
 
 Not here: SQL (the registry's business), sampling math (the engine's), layout (pages), drawing
 (`charts.py`). Errors are the named exceptions of those layers; pages catch them at their edge.
@@ -24,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from nanochat.sampling import SamplingSettings, TraceOptions
 from registry import open_store
 from registry.errors import ScanPathError
 from streamlit_app import frames, traces
@@ -38,16 +40,6 @@ TTL_S = 10  # registry reads: short, so a scan from the CLI or another tab shows
 LIVE_TTL_S = 3  # metric history while a run trains
 MAX_POINTS = 2000  # per series, downsampled by the registry (extremes kept)
 Progress = Callable[[int, int, str], None]  # (done, total, message)
-
-
-def __getattr__(name: str):
-    # nanochat.engine imports torch; a page names data.SamplingError in its except clause, which is
-    # evaluated only when an exception is being matched, so torch is imported no earlier than needed.
-    if name == "SamplingError":
-        from nanochat.engine import SamplingError
-
-        return SamplingError
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------- which registry
@@ -361,31 +353,26 @@ def _token_text(tokenizer) -> Callable[[int], str]:
 
 
 @st.cache_data(ttl=3600, max_entries=128, show_spinner=False)
-def generate(directory: str, step: int | None, stamp: tuple, prompt: str, chat: bool, settings: tuple,
+def generate(directory: str, step: int | None, stamp: tuple, prompt: str, chat: bool, settings: SamplingSettings,
              max_tokens: int, top_n: int, forced: tuple = ()) -> traces.Generation:
-    """One traced generation. settings: (temperature, top_k, top_p, min_p, seed); forced: ((step, token),
-    ...) makes the engine emit those tokens (a branch). Same arguments, same result: it is cached."""
-    from nanochat.engine import SamplingSettings, TraceOptions
-
+    """One traced generation. forced: ((step, token), ...) makes the engine emit those tokens (a branch).
+    Same arguments, same result: it is cached (the settings, a frozen dataclass, are hashed by field)."""
     loaded, engine = model(directory, step, stamp)
     ids = engine.encode(prompt, chat=chat)
-    rows = engine.generate(ids, SamplingSettings(*settings), max_tokens, trace=TraceOptions(top_n=top_n),
+    rows = engine.generate(ids, settings, max_tokens, trace=TraceOptions(top_n=top_n),
                            forced={0: dict(forced)} if forced else None)
-    gen = traces.from_row(rows[0], _token_text(loaded.tokenizer), forced)
-    return dataclasses.replace(gen, prompt_tokens=len(ids))
+    return traces.from_row(rows[0], _token_text(loaded.tokenizer), forced, prompt_tokens=len(ids))
 
 
 @st.cache_data(ttl=3600, max_entries=32, show_spinner=False)
-def compare(directory: str, step: int | None, stamp: tuple, prompt: str, chat: bool, settings: tuple,
-            max_tokens: int) -> list[traces.Generation]:
-    """Every setting of `settings` (tuples as in `generate`) as one row of ONE batched engine call."""
-    from nanochat.engine import SamplingSettings, TraceOptions
-
+def compare(directory: str, step: int | None, stamp: tuple, prompt: str, chat: bool,
+            settings: tuple[SamplingSettings, ...], max_tokens: int) -> list[traces.Generation]:
+    """Every one of `settings` as one row of ONE batched engine call."""
     loaded, engine = model(directory, step, stamp)
     ids = engine.encode(prompt, chat=chat)
-    rows = engine.generate(ids, [SamplingSettings(*s) for s in settings], max_tokens, trace=TraceOptions(top_n=0))
+    rows = engine.generate(ids, list(settings), max_tokens, trace=TraceOptions(top_n=0))
     text = _token_text(loaded.tokenizer)
-    return [dataclasses.replace(traces.from_row(r, text), prompt_tokens=len(ids)) for r in rows]
+    return [traces.from_row(r, text, prompt_tokens=len(ids)) for r in rows]
 
 
 def model_choices(url: str) -> pd.DataFrame:

@@ -1,11 +1,11 @@
 """
-Generations as plain data for the Generate and Compare pages: what the engine returned (tokens,
-per-step probabilities, alternatives, entropy), turned into picklable dataclasses, tables for the
-charts, text statistics, and the probability-shaded HTML of a text.
+Generations as plain data for the Generate and Compare pages: an engine row (`nanochat.sampling.RowResult`:
+tokens, per-step probabilities, alternatives, entropy) with the text of each of its tokens, tables for
+the charts, text statistics, and the probability-shaded HTML of a text.
 
-Pure and torch-free: `from_row` reads an engine `RowResult` by attribute (duck-typed), so this module
-never imports `nanochat.engine`. Sampling happens in `data.py` (through the engine); drawing in
-`charts.py`.
+Pure and torch-free: the result and settings types come from `nanochat.sampling` (the engine's own,
+without torch), so nothing here restates them. Sampling happens in `data.py` (through the engine);
+drawing in `charts.py`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from __future__ import annotations
 import html
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+
+from nanochat.sampling import FINISH_STOP, RowResult, SamplingSettings, StepTrace
 
 VISIBLE = str.maketrans({" ": "·", "\n": "↵", "\t": "⇥", "\r": "␍"})
 REPEAT_N = 3  # repeated n-grams are counted over token trigrams
@@ -28,61 +30,57 @@ def visible(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class Alternative:
-    token_id: int
-    text: str
-    model_prob: float  # temperature 1, unfiltered
-    sampled_prob: float  # under the distribution the row sampled from (0: filtered out)
-    kept: bool  # survived the filters
-
-
-@dataclass(frozen=True)
-class Step:
-    index: int  # 0-based generated position
-    token_id: int
-    text: str
-    model_prob: float
-    sampled_prob: float
-    rank: int
-    forced: bool
-    entropy: float  # nats, full vocabulary, temperature 1
-    alternatives: tuple[Alternative, ...]
-
-
-@dataclass(frozen=True)
 class Generation:
-    settings: dict  # temperature, top_k, top_p, min_p, seed
-    prompt_tokens: int
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str  # "stop" | "length"
-    steps: tuple[Step, ...]
+    """One traced engine row as the pages show it: the row itself plus the text of every token in it."""
+
+    result: RowResult  # with its trace (one StepTrace per generated token)
+    texts: Mapping[int, str]  # token id -> its decoded text, for every token and alternative in the trace
+    prompt_tokens: int = 0
     forced: tuple[tuple[int, int], ...] = ()  # (step, token id) the engine was told to emit
+
+    @property
+    def settings(self) -> SamplingSettings:
+        return self.result.settings
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.result.token_ids
+
+    @property
+    def text(self) -> str:
+        return self.result.text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.result.finish_reason
+
+    @property
+    def steps(self) -> tuple[StepTrace, ...]:
+        return self.result.trace or ()
 
     @property
     def label(self) -> str:
         return settings_label(self.settings)
 
-
-def settings_label(s: dict) -> str:
-    k = s.get("top_k") or "off"
-    text = f"T={s['temperature']:g} · top-k {k} · top-p {s['top_p']:g}"
-    if s.get("min_p"):
-        text += f" · min-p {s['min_p']:g}"
-    return f"{text} · seed {s['seed']}"
+    def token_text(self, token_id: int) -> str:
+        return self.texts.get(token_id, f"<{token_id}>")
 
 
-def from_row(row, token_text: Callable[[int], str], forced: Iterable[tuple[int, int]] = ()) -> Generation:
-    """A Generation from an engine RowResult with a trace (any object with those attributes)."""
-    steps = []
+def settings_label(s: SamplingSettings) -> str:
+    text = f"T={s.temperature:g} · top-k {s.top_k or 'off'} · top-p {s.top_p:g}"
+    if s.min_p:
+        text += f" · min-p {s.min_p:g}"
+    return f"{text} · seed {s.seed}"
+
+
+def from_row(row: RowResult, token_text: Callable[[int], str], forced: Iterable[tuple[int, int]] = (),
+             prompt_tokens: int = 0) -> Generation:
+    """A Generation from an engine RowResult (traced or not): token_text decodes each id it holds once."""
+    ids = set(row.token_ids)
     for t in row.trace or ():
-        alts = tuple(Alternative(a.token_id, token_text(a.token_id), a.model_prob, a.sampled_prob, bool(a.kept))
-                     for a in t.alternatives)
-        steps.append(Step(t.step, t.token_id, token_text(t.token_id), t.model_prob, t.sampled_prob, t.rank,
-                          bool(t.forced), t.entropy, alts))
-    s = row.settings
-    settings = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p, "seed": s.seed}
-    return Generation(settings, 0, tuple(row.token_ids), row.text, row.finish_reason, tuple(steps), tuple(forced))
+        ids.update(a.token_id for a in t.alternatives)
+        ids.update(w.token_id for w in t.watched)
+    return Generation(row, {i: token_text(i) for i in sorted(ids)}, prompt_tokens, tuple(forced))
 
 
 # ---------------------------------------------------------------------- tables for the charts
@@ -93,11 +91,13 @@ def alternatives_frame(gen: Generation, n_alternatives: int, first: int = 0, las
     its top-n alternatives by model probability (rows "#1".."#n"). Steps are 1-based in the frame."""
     rows = []
     for st in gen.steps[first:last]:
-        rows.append({"step": st.index + 1, "row": "sampled", "order": 0, "token": visible(st.text), "token_id": st.token_id,
+        rows.append({"step": st.step + 1, "row": "sampled", "order": 0, "token": visible(gen.token_text(st.token_id)),
+                     "token_id": st.token_id,
                      "model_prob": st.model_prob, "sampled_prob": st.sampled_prob, "kept": True, "is_sampled": True,
                      "forced": st.forced, "rank": st.rank})
         for i, a in enumerate(st.alternatives[:n_alternatives], 1):
-            rows.append({"step": st.index + 1, "row": f"#{i}", "order": i, "token": visible(a.text), "token_id": a.token_id,
+            rows.append({"step": st.step + 1, "row": f"#{i}", "order": i, "token": visible(gen.token_text(a.token_id)),
+                         "token_id": a.token_id,
                          "model_prob": a.model_prob, "sampled_prob": a.sampled_prob, "kept": a.kept,
                          "is_sampled": a.token_id == st.token_id, "forced": st.forced and a.token_id == st.token_id,
                          "rank": i})
@@ -107,7 +107,7 @@ def alternatives_frame(gen: Generation, n_alternatives: int, first: int = 0, las
 
 def steps_frame(gen: Generation) -> pd.DataFrame:
     """Per generated step: token, probabilities, rank and entropy (nats and bits)."""
-    rows = [{"step": s.index + 1, "token": visible(s.text), "token_id": s.token_id, "model_prob": s.model_prob,
+    rows = [{"step": s.step + 1, "token": visible(gen.token_text(s.token_id)), "token_id": s.token_id, "model_prob": s.model_prob,
              "sampled_prob": s.sampled_prob, "rank": s.rank, "forced": s.forced, "entropy": s.entropy,
              "entropy_bits": s.entropy / math.log(2)} for s in gen.steps]
     return pd.DataFrame(rows, columns=["step", "token", "token_id", "model_prob", "sampled_prob", "rank", "forced",
@@ -119,7 +119,7 @@ def distribution_frame(gen: Generation, step: int) -> pd.DataFrame:
     st = gen.steps[step]
     rows = []
     for i, a in enumerate(st.alternatives, 1):
-        label = f"{i}. {visible(a.text)}"
+        label = f"{i}. {visible(gen.token_text(a.token_id))}"
         for which, p in (("model (T=1, unfiltered)", a.model_prob), ("sampling (after filters)", a.sampled_prob)):
             rows.append({"rank": i, "token": label, "token_id": a.token_id, "distribution": which, "prob": p,
                          "kept": a.kept, "is_sampled": a.token_id == st.token_id})
@@ -178,11 +178,12 @@ def shaded_html(gen: Generation, prompt: str | None = None, since: int | None = 
     if prompt:
         parts.append(f'<span style="color:#6b7280">{html.escape(prompt).replace(chr(10), "<br>")}</span>')
     for s in gen.steps:
-        if gen.finish_reason == "stop" and s.index == len(gen.steps) - 1:  # the stop token itself
+        if gen.finish_reason == FINISH_STOP and s.step == len(gen.steps) - 1:  # the stop token itself
             parts.append('<span style="color:#6b7280;font-size:0.8em">■ end of text</span>')
             continue
-        title = (f"step {s.index + 1}: {visible(s.text)!s} · p={s.model_prob:.3f} (sampling p={s.sampled_prob:.3f}) · "
+        text = gen.token_text(s.token_id)
+        title = (f"step {s.step + 1}: {visible(text)} · p={s.model_prob:.3f} (sampling p={s.sampled_prob:.3f}) · "
                  f"rank {s.rank}" + (" · forced (branch)" if s.forced else ""))
-        parts.append(_span(s.text, s.model_prob, title, since is not None and s.index >= since))
+        parts.append(_span(text, s.model_prob, title, since is not None and s.step >= since))
     return ('<div style="font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.95rem;line-height:1.9;'
             'white-space:pre-wrap;word-break:break-word">' + "".join(parts) + "</div>")

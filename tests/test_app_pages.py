@@ -292,11 +292,18 @@ def test_integrity_deep_check_reports_a_flipped_byte(own_base):
 
 def test_generate_page_generates_and_branches(registry, monkeypatch):
     from nanochat import checkpoint_manager
+    from nanochat.engine import Engine
+    from nanochat.sampling import SamplingSettings
 
-    loads = []
-    real_load = checkpoint_manager.load_model
+    loads, asked = [], []
+    real_load, real_generate = checkpoint_manager.load_model, Engine.generate
     monkeypatch.setattr(checkpoint_manager, "load_model", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
-    at = open_app("generate", {"run": "base/d2", "n": "12", "prompt": "KING HENRY."})
+    monkeypatch.setattr(Engine, "generate", lambda self, ids, settings, *a, **kw: asked.append(settings)
+                        or real_generate(self, ids, settings, *a, **kw))
+    at = open_app("generate", {"run": "base/d2", "n": "12", "prompt": "KING HENRY.", "t": "0.7", "k": "40", "p": "0.95",
+                               "seed": "7"})
+    # every setting reaches the engine under its own name, from the URL through data.generate
+    assert asked == [SamplingSettings(temperature=0.7, top_k=40, top_p=0.95, min_p=0.0, seed=7)]
     assert metric(at, "Generated").value == "12 tokens"
     assert any("Main generation" in m.value for m in at.markdown)
     grid = next(data[0] for spec, data in charts(at) if "row" in data[0])
@@ -351,11 +358,15 @@ def test_compare_grid_is_one_batched_call_and_reproducible(registry, monkeypatch
 
     def counting(self, prompt_ids, settings, *a, **kw):
         calls.append(len(settings) if isinstance(settings, list) else 1)
+        rows.append(settings)
         return real(self, prompt_ids, settings, *a, **kw)
 
+    rows = []
     monkeypatch.setattr(Engine, "generate", counting)
     at = open_app("compare", {"temps": "0.5, 0.9", "seeds": "1 2", "n": "16"})
     assert calls == [4]
+    assert [(s.temperature, s.top_k, s.top_p, s.seed) for s in rows[0]] == \
+        [(t, 50, 1.0, seed) for t in (0.5, 0.9) for seed in (1, 2)]  # the grid reaches the engine by name
     assert metric(at, "Columns").value == "4"
     cards = {m.value: i for i, m in enumerate(at.markdown) if m.value.startswith("**#")}
     assert len(cards) == 4

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import pytest
 
-from nanochat.engine import Alternative, RowResult, SamplingSettings, StepTrace
+from nanochat.sampling import Alternative, RowResult, SamplingSettings, StepTrace
 from registry.entities import (
     CheckpointRecord,
     ConfigDiff,
@@ -286,8 +286,7 @@ def test_shaded_html_escapes_and_marks_the_branch():
     assert "&lt;x&gt;" in out and "<x>" not in out
     assert out.count("border-bottom") == 2  # tokens from the branch step on are underlined
     assert "forced (branch)" in out
-    assert traces.settings_label({"temperature": 0.8, "top_k": None, "top_p": 1.0, "min_p": 0.0, "seed": 3}) == \
-        "T=0.8 · top-k off · top-p 1 · seed 3"
+    assert traces.settings_label(SamplingSettings(temperature=0.8, seed=3)) == "T=0.8 · top-k off · top-p 1 · seed 3"
 
 
 # ---------------------------------------------------------------------- which registry the app opens

@@ -92,6 +92,19 @@ def test_edge_settings_are_valid():
     assert described == "temperature=0.5 top_k=7 top_p=0.9 min_p=0.1 seed=3"
 
 
+def test_settings_travel_by_name_only():
+    """Keyword-only: a field added before `seed` can never shift a positional caller's seed, and the dict
+    form rebuilds every field by name (how the app and the explorer pass them)."""
+    with pytest.raises(TypeError):
+        SamplingSettings(0.5, 7)
+    s = SamplingSettings(temperature=0.5, top_k=7, top_p=0.9, min_p=0.1, seed=3)
+    assert SamplingSettings(**s.as_dict()) == s and s.as_dict()["seed"] == 3
+    import nanochat.engine
+    import nanochat.sampling
+
+    assert nanochat.engine.SamplingSettings is nanochat.sampling.SamplingSettings  # one type, re-exported
+
+
 def test_bad_requests_raise_one_named_error(engine, prompt):
     s = SamplingSettings()
     cases = [

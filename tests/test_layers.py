@@ -56,7 +56,7 @@ def test_app_pages_touch_neither_sql_nor_torch():
 
 @pytest.mark.parametrize("modules", [
     ["nanochat", "nanochat.checkpoint_manager", "nanochat.tokenizer", "nanochat.torchfile", "nanochat.common",
-     "nanochat.model_config", "nanochat.schedule"],
+     "nanochat.model_config", "nanochat.schedule", "nanochat.sampling"],
     ["registry", "registry.cli", "registry.store", "registry.scanner", "registry.history", "registry.logimport",
      "registry.archive", "registry.inspection"],
 ])
@@ -66,7 +66,7 @@ def test_modules_import_without_torch(modules):
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-@pytest.mark.parametrize("module", ["streamlit_app.app", "streamlit_app.data"])
+@pytest.mark.parametrize("module", ["streamlit_app.app", "streamlit_app.data", "streamlit_app.traces"])
 def test_app_entry_and_data_module_import_without_torch(module):
     """The app starts without torch: only the Generate and Compare pages load models (through data.py)."""
     code = (f"import importlib, sys\nimportlib.import_module({module!r})\n"

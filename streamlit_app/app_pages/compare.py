@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from nanochat.checkpoint_manager import CheckpointError
+from nanochat.sampling import SamplingError, SamplingSettings
 from nanochat.tokenizer import TokenizerError
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, traces, ui
@@ -77,7 +78,8 @@ if not prompt.strip():
 if not ckpts:
     st.info("Pick at least one checkpoint.", icon=":material/touch_app:")
     st.stop()
-grid = [(float(t), k, float(p), 0.0, int(s)) for t, k, p, s in itertools.product(temps, topks, topps, seeds)]
+grid = [SamplingSettings(temperature=float(t), top_k=k, top_p=float(p), seed=int(s))
+        for t, k, p, s in itertools.product(temps, topks, topps, seeds)]
 if len(grid) * len(ckpts) > MAX_COLUMNS:
     st.warning(f"{len(grid) * len(ckpts)} columns is more than {MAX_COLUMNS}: narrow the grid (fewer values per setting).",
                icon=":material/grid_on:")
@@ -97,7 +99,7 @@ try:
                 title = labels[cid] if mode == "checkpoints" else g.label
                 short = labels[cid] if mode == "checkpoints" else traces.settings_label(g.settings).replace(" · ", " ")
                 columns.append((title, short, g))
-except (RegistryError, CheckpointError, TokenizerError, data.SamplingError) as e:
+except (RegistryError, CheckpointError, TokenizerError, SamplingError) as e:
     ui.show_error(e)
     st.stop()
 

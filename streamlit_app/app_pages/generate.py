@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from nanochat.checkpoint_manager import CheckpointError
+from nanochat.sampling import SamplingError, SamplingSettings
 from nanochat.tokenizer import TokenizerError
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, traces, ui
@@ -46,7 +47,7 @@ with st.sidebar:
 if not prompt.strip():
     st.info("Type a prompt to generate from.", icon=":material/edit:")
     st.stop()
-settings = (float(temperature), int(top_k) or None, float(top_p), 0.0, int(seed))
+settings = SamplingSettings(temperature=float(temperature), top_k=int(top_k) or None, top_p=float(top_p), seed=int(seed))
 directory, stamp = str(row["directory"]), data.model_stamp(str(row["directory"]), step)
 base_key = (directory, step, stamp, prompt, chat, settings, int(max_tokens))
 # Branches belong to one generation (same checkpoint, prompt and settings); they live in the session.
@@ -61,7 +62,7 @@ try:
     with st.spinner(f"Loading {names[run_id]} @ step {step:,} and generating…"):
         main = run()
         gens = [("main", main)] + [(b["name"], run(b["forced"])) for b in branches]
-except (RegistryError, CheckpointError, TokenizerError, data.SamplingError) as e:
+except (RegistryError, CheckpointError, TokenizerError, SamplingError) as e:
     ui.show_error(e, "The prompt is longer than this model's context: shorten it." if "context" in str(e) else None)
     st.stop()
 
@@ -133,7 +134,7 @@ inspect = st.columns([1, 4])[0].number_input("Step", 1, n_steps, key="inspect")
 s = gen.steps[inspect - 1]
 left, right = st.columns([3, 2])
 with left:
-    st.markdown(f"Step {inspect}: sampled **`{traces.visible(s.text)}`** with model p = {s.model_prob:.3f} (sampling "
+    st.markdown(f"Step {inspect}: sampled **`{traces.visible(gen.token_text(s.token_id))}`** with model p = {s.model_prob:.3f} (sampling "
                 f"p = {s.sampled_prob:.3f}, rank {s.rank}{', forced by the branch' if s.forced else ''}); entropy "
                 f"{s.entropy:.3f} nats.")
     st.altair_chart(charts.distribution_chart(traces.distribution_frame(gen, inspect - 1)), width="stretch")
@@ -145,13 +146,13 @@ with right:
         st.caption("No alternative was traced at this step.")
     else:
         pick = st.radio("Continue instead with", list(range(len(others))), key=f"branch_alt_{inspect}",
-                        format_func=lambda i: f"`{traces.visible(others[i].text)}`  p={others[i].model_prob:.3f}"
+                        format_func=lambda i: f"`{traces.visible(gen.token_text(others[i].token_id))}`  p={others[i].model_prob:.3f}"
                         + ("" if others[i].kept else " (filtered out)"))
         if st.button("Branch from here", type="primary", icon=":material/call_split:"):
             alt_token = others[pick]
             prefix = tuple((j, t.token_id) for j, t in enumerate(gen.steps[:inspect - 1]))
             branches.append({"name": f"branch {len(branches) + 1}", "from": view, "step": inspect - 1,
-                             "token": alt_token.text, "forced": prefix + ((inspect - 1, alt_token.token_id),)})
+                             "token": gen.token_text(alt_token.token_id), "forced": prefix + ((inspect - 1, alt_token.token_id),)})
             st.session_state["view"] = branches[-1]["name"]
             st.rerun()
         st.caption("The branch keeps this generation's tokens up to the step, emits the chosen token there, and "
