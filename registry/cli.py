@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from nanochat.checkpoint_manager import CheckpointError
-from registry.entities import to_jsonable
+from registry.entities import CHECKPOINT_STATES, to_jsonable
 from registry.errors import RegistryError
 
 PROG = "python -m registry"
@@ -211,8 +211,8 @@ def cmd_checkpoints(args, ctx) -> Output:
     ckpts = ctx.store().checkpoints(args.run, include_missing=not args.present)
     rows = []
     for c in ckpts:
-        state = "missing" if c.missing else "resumable" if c.resumable else "complete" if c.complete else "incomplete"
-        rows.append([c.id, fmt_num(c.step) if c.step is not None else "?", c.segment, fmt_num(c.val_bpb), state,
+        rows.append([c.id, fmt_num(c.step) if c.step is not None else "?", c.segment, fmt_num(c.val_bpb),
+                     CHECKPOINT_STATES[c.state],
                      c.layout, fmt_bytes(c.size_bytes), fmt_time(c.mtime),
                      "; ".join(f"{p.code}: {p.message}" for p in c.problems) or "-"])
     return Output(ckpts, table(["id", "step", "segment", "val_bpb", "state", "layout", "size", "modified", "problems"], rows))
@@ -227,7 +227,7 @@ def cmd_show(args, ctx) -> Output:
     c = d.checkpoint
     text = [f"{c.label} (id {c.id}) in {c.directory}",
             f"  step {c.step}, segment {c.segment}, val_bpb {fmt_num(c.val_bpb)}, layout {c.layout}, "
-            f"{'resumable' if c.resumable else 'complete' if c.complete else 'incomplete'}{', missing' if c.missing else ''}"]
+            f"{CHECKPOINT_STATES[c.state]}{'' if c.resumable or c.missing else ', not resumable'}"]
     text += [f"  problem {p.code}: {p.message}" for p in c.problems]
     text += ["", table(["file", "kind", "rank", "size", "modified", "sha256", "state"],
                        [[f.name, f.kind, f.rank, fmt_bytes(f.size), fmt_time(f.mtime), (f.sha256 or "-")[:16],
@@ -272,7 +272,7 @@ def cmd_best(args, ctx) -> Output:
     b = ctx.store().best_checkpoint(args.run, args.metric, "max" if args.max else "min")
     c = b.checkpoint
     return Output(b, f"{c.label} (id {c.id}): {b.metric} = {fmt_num(b.value, 6)} "
-                     f"({'resumable' if c.resumable else 'complete'}) in {c.directory}")
+                     f"({CHECKPOINT_STATES[c.state]}) in {c.directory}")
 
 
 @command("diff", "compare the configs of two runs or two checkpoints", args=[
@@ -349,7 +349,7 @@ def cmd_verify(args, ctx) -> Output:
                                on_result=lambda r: bar.set_description(r.result.label[-40:], refresh=False),
                                checkpoints=checkpoints)
     rows = [[r.run, fmt_num(r.result.step) if r.result.step is not None else "?",
-             "ok" if r.result.ok else "loadable" if r.result.loadable else "BROKEN",
+             CHECKPOINT_STATES[r.state],
              f"{r.result.duration_s:.2f}", "; ".join(f"{p.code}: {p.message}" for p in r.result.problems) or "-"]
             for r in report.results]
     counts = ", ".join(f"{code} x{n}" for code, n in report.codes.items())

@@ -17,10 +17,41 @@ from pathlib import Path
 
 # Run statuses, in the order they are decided (first that applies).
 RUN_STATUSES = ("missing", "finished", "training", "incomplete", "stopped")
+# A checkpoint's state, worst first (the first that applies): the word (JSON "state", the app's filters)
+# -> the label people read (the CLI's tables, the app's pages). The CLI and the app use only these.
+CHECKPOINT_STATES: dict[str, str] = {
+    "missing": "deleted",  # its files are gone from disk (its history is kept)
+    "incomplete": "incomplete",  # cannot be loaded: a file is missing or unreadable
+    "problems": "problems",  # loads, but a problem blocks resuming from it, or its latest check failed
+    "verified": "deep-verified",  # its latest check read every byte and passed
+    "quick_ok": "quick-checked",  # its latest check was a quick one and passed
+    "unchecked": "not verified",  # complete and resumable as far as the scan saw; never checked
+}
 
 
 def utc(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+def state_of(*, missing: bool, loadable: bool, ok: bool, checked: str | None) -> str:
+    """The word of CHECKPOINT_STATES that applies first. ok: no problem known (from the scan or the
+    latest check); checked: the latest check's mode ("quick" | "deep"), None when never checked."""
+    if missing:
+        return "missing"
+    if not loadable:
+        return "incomplete"
+    if not ok:
+        return "problems"
+    if checked is None:
+        return "unchecked"
+    return "verified" if checked == "deep" else "quick_ok"
+
+
+def checkpoint_state(c) -> str:
+    """The state word of a CheckpointRecord (read by attribute: its problems and latest integrity result)."""
+    latest = c.latest_integrity
+    return state_of(missing=c.missing, loadable=c.complete, ok=not c.problems and (latest is None or latest.ok),
+                    checked=latest.mode if latest is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +140,11 @@ class CheckpointRecord:
     @property
     def label(self) -> str:
         return f"{self.run_label}@{self.step if self.step is not None else '?'}"
+
+    @property
+    def state(self) -> str:
+        """One of CHECKPOINT_STATES."""
+        return checkpoint_state(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +303,7 @@ def to_jsonable(obj):
             out["progress"] = obj.progress
         if isinstance(obj, CheckpointRecord):
             out["label"] = obj.label
+            out["state"] = obj.state
         return out
     if isinstance(obj, datetime):
         return obj.isoformat()

@@ -24,6 +24,7 @@ from pathlib import Path
 from nanochat import checkpoint_manager as cm
 from nanochat.checkpoint_manager import CheckpointFiles, Problem
 from registry import integrity, resume
+from registry.entities import state_of
 from registry.errors import RunNotFoundError, ScanPathError
 from registry.integrity import FileDigest, IntegrityResult
 
@@ -36,8 +37,14 @@ class CheckedCheckpoint:
     checkpoint_id: int | None  # its id in the registry
     result: IntegrityResult
 
+    @property
+    def state(self) -> str:
+        """The checkpoint's state after this check (registry.entities.CHECKPOINT_STATES)."""
+        r = self.result
+        return state_of(missing=False, loadable=r.loadable, ok=r.ok, checked=r.level)
+
     def to_dict(self) -> dict:
-        return {"run": self.run, "checkpoint_id": self.checkpoint_id, **self.result.to_dict()}
+        return {"run": self.run, "checkpoint_id": self.checkpoint_id, "state": self.state, **self.result.to_dict()}
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 Registry results as the tables the pages show: plain functions from the registry's frozen dataclasses
 (`registry.entities`, `registry.resume.ResumePlan`) to pandas DataFrames and short labels.
 
-Pure and torch-free: no Streamlit, no database, no files. `data.py` calls these inside its cached
-functions; tests call them directly. Charts are drawn from these frames by `charts.py`.
+A checkpoint's state words and labels are the registry's (`registry.entities.CHECKPOINT_STATES`, the
+CLI prints the same); this module adds only the icons and colours. Pure and torch-free: no Streamlit,
+no database, no files. `data.py` calls these inside its cached functions; tests call them directly.
+Charts are drawn from these frames by `charts.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
+from registry import entities
+
 STATUS_LABELS = {
     "training": "● training",
     "finished": "✓ finished",
@@ -22,15 +26,9 @@ STATUS_LABELS = {
     "incomplete": "⚠ incomplete",
     "missing": "✗ folder gone",
 }
-# A checkpoint's integrity state, worst first (the first that applies).
-CHECKPOINT_STATES = {
-    "missing": "✗ deleted",
-    "incomplete": "✗ incomplete",
-    "problems": "⚠ problems",
-    "verified": "✔ deep-verified",
-    "quick_ok": "✓ quick-checked",
-    "unchecked": "○ not verified",
-}
+# A checkpoint's state: the registry's words and labels (worst first), each with an icon for the pages.
+STATE_ICONS = {"missing": "✗", "incomplete": "✗", "problems": "⚠", "verified": "✔", "quick_ok": "✓", "unchecked": "○"}
+CHECKPOINT_STATES = {state: f"{STATE_ICONS[state]} {label}" for state, label in entities.CHECKPOINT_STATES.items()}
 STATE_COLORS = {
     "missing": "#d1d5db",
     "incomplete": "#d62728",
@@ -96,20 +94,6 @@ def resume_points(metrics: pd.DataFrame) -> pd.DataFrame:
     return first[["run_id", "run", "segment", "step", "tokens", "flops", "elapsed_s"]].reset_index(drop=True)
 
 
-def checkpoint_state(c) -> str:
-    """One of CHECKPOINT_STATES for a CheckpointRecord."""
-    if c.missing:
-        return "missing"
-    if not c.complete:
-        return "incomplete"
-    latest = c.latest_integrity
-    if c.problems or (latest is not None and not latest.ok):
-        return "problems"
-    if latest is None:
-        return "unchecked"
-    return "verified" if latest.mode == "deep" else "quick_ok"
-
-
 def _problems(c) -> tuple:
     latest = c.latest_integrity
     found = {(p.code, p.message) for p in c.problems}
@@ -123,7 +107,7 @@ def checkpoints_frame(records: Iterable, names: Mapping[int, str] | None = None)
     for c in records:
         latest = c.latest_integrity
         problems = _problems(c)
-        state = checkpoint_state(c)
+        state = entities.checkpoint_state(c)
         rows.append({
             "id": c.id, "run_id": c.run_id, "run": (names or {}).get(c.run_id, c.run_label), "step": c.step,
             "segment": c.segment, "val_bpb": c.val_bpb, "state": state, "integrity": CHECKPOINT_STATES[state],

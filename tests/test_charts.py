@@ -14,6 +14,7 @@ import pytest
 
 from nanochat.sampling import Alternative, RowResult, SamplingSettings, StepTrace
 from registry.entities import (
+    CHECKPOINT_STATES,
     CheckpointRecord,
     ConfigDiff,
     DiffRow,
@@ -21,6 +22,7 @@ from registry.entities import (
     MetricPoint,
     MetricSeries,
     RunSummary,
+    checkpoint_state,
 )
 from streamlit_app import charts, frames, traces
 from streamlit_app.data import DEMO_DIR, registry_target
@@ -177,7 +179,10 @@ def test_checkpoint_states_worst_first():
         "unchecked": Ckpt(6, 6),
     }
     for want, c in cases.items():
-        assert frames.checkpoint_state(c) == want
+        assert checkpoint_state(c) == want
+    # one vocabulary: the app shows the registry's words and labels (the CLI prints the same labels)
+    assert list(frames.CHECKPOINT_STATES) == list(CHECKPOINT_STATES) == list(cases)
+    assert all(frames.CHECKPOINT_STATES[w].endswith(" " + label) for w, label in CHECKPOINT_STATES.items())
     df = frames.checkpoints_frame(cases.values(), {1: "base/d1"})
     row = df[df["state"] == "problems"].iloc[0]
     assert row["problems"] == "crc_mismatch" and "bad crc" in row["messages"] and frames_problem.code == "crc_mismatch"

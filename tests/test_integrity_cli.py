@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def run_cli(capsys, db, *argv) -> tuple[int, str, str]:
 def test_verify_deep_table_and_summary(capsys, tmp_path, base):
     code, out, err = run_cli(capsys, tmp_path / "r.sqlite", "verify", "--deep", "--no-progress", base)
     assert code == 0, err
-    assert "base/d2  10    ok" in out and "base/d2  20    ok" in out
+    assert re.search(r"base/d2  10 +deep-verified", out) and re.search(r"base/d2  20 +deep-verified", out)
     assert f"deep check of 2 checkpoint(s) under {base}: 2 passed, 0 with problems" in out
 
 
@@ -46,6 +47,7 @@ def test_verify_json_shape_and_exit_3_on_problems(capsys, tmp_path, base):
     assert (d["level"], d["checked"], d["with_problems"], d["codes"]) == ("quick", 2, 1, {"bad_meta_json": 1})
     bad = next(r for r in d["results"] if r["step"] == 20)
     assert bad["run"] == "base/d2" and isinstance(bad["checkpoint_id"], int) and not bad["ok"]
+    assert bad["state"] == "incomplete" and {r["state"] for r in d["results"] if r["step"] == 10} == {"quick_ok"}
     assert bad["problems"][0] == {"code": "bad_meta_json", "message": bad["problems"][0]["message"], "blocks": "load",
                                   "file": "meta_000020.json"}
     assert {"name", "size", "mtime_ns", "sha256"} == set(bad["files"][0])

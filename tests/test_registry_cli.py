@@ -15,6 +15,7 @@ import pytest
 
 from registry import cli
 from registry import db as regdb
+from registry.entities import CHECKPOINT_STATES
 from tests.registry_kit import append_metrics, base_tree, make_checkpoint, train_lines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,10 +71,11 @@ def test_every_command_table_and_json(tree, tmp_path, capsys):
     assert [r["label"] for r in json.loads(out)] == ["sft/d1"]
 
     code, out, _ = call(capsys, "--db", db, "checkpoints", "base/d1")
-    assert code == 0 and len(out.strip().splitlines()) == 2 + 3 and "resumable" in out
+    assert code == 0 and len(out.strip().splitlines()) == 2 + 3 and CHECKPOINT_STATES["unchecked"] in out
     code, out, _ = call(capsys, "--db", db, "--json", "checkpoints", "base/d1")
     ckpts = json.loads(out)
     assert [c["step"] for c in ckpts] == [10, 20, 30] and ckpts[0]["label"] == "base/d1@10"
+    assert [c["state"] for c in ckpts] == ["unchecked"] * 3  # the words the app uses (registry.entities)
     assert set(ckpts[0]) >= {"id", "run_id", "val_bpb", "complete", "resumable", "missing", "problems", "size_bytes",
                              "latest_integrity", "segment", "layout"}
 
