@@ -391,7 +391,7 @@ def cmd_resume(args, ctx) -> Output:
 
 
 DB_HELP = ("registry database: a SQLite path or an SQLAlchemy URL (postgresql+psycopg://...); "
-           "default $NANOCHAT_REGISTRY_URL, else $NANOCHAT_BASE_DIR/registry.sqlite")
+           "default $NANOCHAT_REGISTRY_URL, else $NANOCHAT_BASE_DIR/registry.sqlite, else ~/.cache/nanochat/registry.sqlite")
 JSON_HELP = "print JSON (shape per command in the README) instead of a table"
 
 

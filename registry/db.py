@@ -12,7 +12,8 @@ the busy timeout does not apply). PostgreSQL needs none of that; there the scann
 to one run with a row lock on the run (`lock_run`), and deadlocks or serialization failures are
 retried by `write`.
 
-The schema version lives in the `registry_info` table. An empty database is created (when allowed);
+Which registry opens is decided once, by `locate` (the CLI's --db and the app's --db / --base-dir / demo
+default go through it). The schema version lives in the `registry_info` table. An empty database is created (when allowed);
 an older one is refused with the exact `python -m registry migrate` command; a newer one or a database
 that is not a registry is refused with a clear message. Nothing here ever drops or recreates a table.
 
@@ -25,8 +26,9 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -35,6 +37,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
+from nanochat.common import DEFAULT_BASE_DIR
 from registry.errors import (
     NotARegistryError,
     RegistryBusyError,
@@ -49,6 +52,7 @@ from registry.models import Base, RegistryInfo, Run
 SCHEMA_VERSION = 1
 APPLICATION = "nanochat-workbench registry"
 ENV_URL = "NANOCHAT_REGISTRY_URL"
+ENV_BASE = "NANOCHAT_BASE_DIR"  # nanochat's own base-dir variable (nanochat.common.get_base_dir)
 DEFAULT_FILENAME = "registry.sqlite"
 BUSY_TIMEOUT_MS = 30_000
 # from_version -> function(connection) that upgrades the schema to from_version + 1, inside one transaction.
@@ -57,14 +61,61 @@ _PG_SCHEMA_LOCK = 0x6E616E6F  # advisory lock id serialising schema creation and
 _RETRYABLE_PG = {"40P01", "40001", "55P03"}  # deadlock, serialization failure, lock not available
 
 
-def default_url() -> str:
-    """$NANOCHAT_REGISTRY_URL, else `<nanochat base dir>/registry.sqlite`."""
-    env = os.environ.get(ENV_URL)
-    if env:
-        return env
-    from nanochat.common import get_base_dir
+@dataclass(frozen=True)
+class RegistryLocation:
+    """Which registry to open, and why (see `locate`)."""
 
-    return str(get_base_dir() / DEFAULT_FILENAME)
+    url: str  # a SQLite path or a database URL, as open_store takes it
+    source: str  # the setting that chose it: "--db", "--base-dir", "$NANOCHAT_REGISTRY_URL", ... or the default's name
+    scan_default: str  # the folder a scan starts at: the base dir, else the SQLite file's folder
+    problem: str | None = None  # why it cannot be opened as it stands (a folder that does not exist); None: try it
+
+
+def locate(db: str | None = None, base_dir: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
+           default_base: str | os.PathLike = DEFAULT_BASE_DIR, default_source: str = "default",
+           default_missing: str | None = None) -> RegistryLocation:
+    """The one rule for which registry opens (the CLI passes --db; the app --db, --base-dir and the demo):
+    `db` (a URL or a SQLite path), else `base_dir`/registry.sqlite, else $NANOCHAT_REGISTRY_URL, else
+    $NANOCHAT_BASE_DIR/registry.sqlite, else `default_base`/registry.sqlite (`default_missing`: the
+    problem to report when that file does not exist yet). Scans start at the base dir (`base_dir`, else
+    $NANOCHAT_BASE_DIR), else at the SQLite file's folder. Never raises: a bad setting is `problem`."""
+    env = os.environ if environ is None else environ
+    base_env = Path(env[ENV_BASE]).expanduser() if env.get(ENV_BASE) else None
+    base_flag = Path(base_dir).expanduser() if base_dir is not None else None
+    if base_flag is not None and db is None:
+        if not base_flag.is_dir():
+            return RegistryLocation(str(base_flag / DEFAULT_FILENAME), "--base-dir", str(base_flag),
+                                    f"--base-dir {base_flag} does not exist: give the folder that holds base_checkpoints/")
+        return _sqlite_location(base_flag / DEFAULT_FILENAME, "--base-dir", base_flag)
+    if db is not None or env.get(ENV_URL):
+        source = "--db" if db is not None else f"${ENV_URL}"
+        url = db if db is not None else env[ENV_URL]
+        scan = base_flag or base_env
+        if "://" in url:
+            return RegistryLocation(url, source, str(scan or DEFAULT_BASE_DIR.expanduser()))
+        return _sqlite_location(Path(url), source, scan or Path(url).expanduser().parent)
+    if base_env is not None:
+        if not base_env.is_dir():
+            return RegistryLocation(str(base_env / DEFAULT_FILENAME), f"${ENV_BASE}", str(base_env),
+                                    f"${ENV_BASE}={base_env} does not exist")
+        return _sqlite_location(base_env / DEFAULT_FILENAME, f"${ENV_BASE}", base_env)
+    base = Path(default_base).expanduser()
+    return _sqlite_location(base / DEFAULT_FILENAME, default_source, base, missing=default_missing)
+
+
+def _sqlite_location(path: Path, source: str, scan_default: Path, missing: str | None = None) -> RegistryLocation:
+    path = path.expanduser()
+    problem = None
+    if missing and not path.exists():
+        problem = missing
+    elif not path.parent.is_dir():
+        problem = f"{path.parent} does not exist (from {source}): create it or point at an existing folder"
+    return RegistryLocation(str(path), source, str(scan_default.expanduser()), problem)
+
+
+def default_url() -> str:
+    """The registry to open when none is given: `locate()` (a CLI without --db)."""
+    return locate().url
 
 
 def to_url(url_or_path: str | os.PathLike | None) -> URL:

@@ -25,17 +25,16 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from nanochat.common import DEFAULT_BASE_DIR
 from nanochat.sampling import SamplingSettings, TraceOptions
 from registry import open_store
+from registry.db import DEFAULT_FILENAME, RegistryLocation, locate
 from registry.errors import ScanPathError
 from streamlit_app import frames, traces
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_FILE = Path(__file__).resolve().parent / "app.py"
 DEMO_DIR = ROOT / ".demo"
-REGISTRY_FILE = "registry.sqlite"
-ENV_URL = "NANOCHAT_REGISTRY_URL"
-ENV_BASE = "NANOCHAT_BASE_DIR"
 TTL_S = 10  # registry reads: short, so a scan from the CLI or another tab shows up within seconds
 LIVE_TTL_S = 3  # metric history while a run trains
 MAX_POINTS = 2000  # per series, downsampled by the registry (extremes kept)
@@ -43,14 +42,6 @@ Progress = Callable[[int, int, str], None]  # (done, total, message)
 
 
 # ---------------------------------------------------------------------- which registry
-
-
-@dataclasses.dataclass(frozen=True)
-class RegistryTarget:
-    url: str  # a SQLite path or a database URL, as open_store takes it
-    source: str  # how it was chosen, shown in the sidebar
-    scan_default: str  # the folder the scan box starts with
-    problem: str | None = None  # why it cannot be opened; pages show this instead of their content
 
 
 def app_args(argv: list[str] | None = None) -> list[str]:
@@ -78,48 +69,18 @@ def _parse(args: list[str]) -> tuple[dict[str, str], str | None]:
     return out, None
 
 
-def _sqlite_target(path: Path, source: str, scan_default: Path, missing_hint: str | None = None) -> RegistryTarget:
-    path = path.expanduser()
-    problem = None
-    if missing_hint and not path.exists():
-        problem = missing_hint
-    elif not path.parent.is_dir():
-        problem = f"{path.parent} does not exist (from {source}): create it or point the app at an existing folder"
-    return RegistryTarget(str(path), source, str(scan_default.expanduser()), problem)
-
-
-def registry_target(args: list[str] | None = None, environ: Mapping[str, str] | None = None) -> RegistryTarget:
-    """--db URL, else --base-dir DIR (DIR/registry.sqlite), else $NANOCHAT_REGISTRY_URL, else
-    $NANOCHAT_BASE_DIR/registry.sqlite, else the demo's .demo/registry.sqlite. The scan box starts at
-    the base dir (--base-dir, else $NANOCHAT_BASE_DIR, else the SQLite file's folder)."""
-    env = os.environ if environ is None else environ
+def registry_target(args: list[str] | None = None, environ: Mapping[str, str] | None = None) -> RegistryLocation:
+    """Which registry the app opens: the registry's one rule (`registry.db.locate`: --db, else --base-dir,
+    else $NANOCHAT_REGISTRY_URL, else $NANOCHAT_BASE_DIR) with the demo as the default. A bad argument
+    or folder is the result's `problem`, never an exception."""
     flags, problem = _parse(app_args() if args is None else args)
-    base_env = Path(env[ENV_BASE]).expanduser() if env.get(ENV_BASE) else None
-    home = base_env or Path("~/.cache/nanochat").expanduser()
     if problem:
-        return RegistryTarget("", "app arguments", str(home), problem)
-    if "--base-dir" in flags and "--db" not in flags:
-        base = Path(flags["--base-dir"]).expanduser()
-        if not base.is_dir():
-            return RegistryTarget(str(base / REGISTRY_FILE), "--base-dir", str(base),
-                                  f"--base-dir {base} does not exist: give the folder that holds base_checkpoints/")
-        return _sqlite_target(base / REGISTRY_FILE, "--base-dir", base)
-    if "--db" in flags or env.get(ENV_URL):
-        source = "--db" if "--db" in flags else f"${ENV_URL}"
-        url = flags.get("--db") or env[ENV_URL]
-        scan = Path(flags["--base-dir"]).expanduser() if "--base-dir" in flags else base_env
-        if "://" in url:
-            return RegistryTarget(url, source, str(scan or home))
-        return _sqlite_target(Path(url), source, scan or Path(url).expanduser().parent)
-    if base_env is not None:
-        if not base_env.is_dir():
-            return RegistryTarget(str(base_env / REGISTRY_FILE), f"${ENV_BASE}", str(base_env),
-                                  f"${ENV_BASE}={base_env} does not exist")
-        return _sqlite_target(base_env / REGISTRY_FILE, f"${ENV_BASE}", base_env)
-    return _sqlite_target(DEMO_DIR / REGISTRY_FILE, "demo", DEMO_DIR, missing_hint=(
-        f"No registry yet: the demo registry {DEMO_DIR / REGISTRY_FILE} does not exist. Build the demo with "
-        "`make app` (or `python -m scripts.demo`), or open your own runs with "
-        "`streamlit run streamlit_app/app.py -- --base-dir DIR` (or set NANOCHAT_BASE_DIR)."))
+        return RegistryLocation("", "app arguments", str(DEFAULT_BASE_DIR.expanduser()), problem)
+    return locate(db=flags.get("--db"), base_dir=flags.get("--base-dir"), environ=environ, default_base=DEMO_DIR,
+                  default_source="demo", default_missing=(
+                      f"No registry yet: the demo registry {DEMO_DIR / DEFAULT_FILENAME} does not exist. Build the demo with "
+                      "`make app` (or `python -m scripts.demo`), or open your own runs with "
+                      "`streamlit run streamlit_app/app.py -- --base-dir DIR` (or set NANOCHAT_BASE_DIR)."))
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)

@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -312,6 +313,24 @@ def test_registry_target_precedence(tmp_path):
     t = registry_target([], {})
     assert t.url == str(DEMO_DIR / "registry.sqlite") and t.source == "demo"
     assert t.problem is None or "make app" in t.problem
+
+
+def test_the_app_and_the_cli_resolve_the_registry_by_one_rule(tmp_path, monkeypatch):
+    from registry import db as regdb
+
+    base = tmp_path / "base"
+    base.mkdir()
+    url_env = {"NANOCHAT_REGISTRY_URL": str(tmp_path / "env.sqlite")}
+    for env in (url_env, {"NANOCHAT_BASE_DIR": str(base)}, {**url_env, "NANOCHAT_BASE_DIR": str(base)}):
+        assert registry_target([], env) == regdb.locate(environ=env)
+        for name in ("NANOCHAT_REGISTRY_URL", "NANOCHAT_BASE_DIR"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert regdb.default_url() == registry_target([], env).url  # what the CLI opens without --db
+    assert registry_target(["--db", "x.sqlite"], url_env) == regdb.locate(db="x.sqlite", environ=url_env)
+    # only the default differs: the app's is the demo, the CLI's is nanochat's base dir
+    assert regdb.locate(environ={}).url == str(Path("~/.cache/nanochat/registry.sqlite").expanduser())
 
 
 def test_registry_target_bad_arguments_are_problems_not_exceptions(tmp_path):
