@@ -5,10 +5,12 @@ Every `st.cache_data` / `st.cache_resource` of the app lives here (each with a t
 a page only reads its widgets, calls functions of this module and renders. Reads go through the
 registry's store API (`registry.open_store`, frozen dataclasses out) and are turned into DataFrames by
 `frames.py`; writes (scan, integrity checks, a deep resume plan) go through the registry too and then
-clear the registry caches. Models are loaded once per checkpoint file (cache_resource) and sampled
-through `nanochat.engine`; both are imported inside the functions that need them, so importing this
-module (and the app's entry point) never imports torch. Sampling settings and results are the
-engine's own types from the torch-free `nanochat.sampling`, passed by name (never as tuples).
+clear the registry caches: every registry read is declared `@registry_read` (a test refuses a plain
+`st.cache_data` taking the URL), so one call clears them all and none can be left stale. Models are
+loaded once per checkpoint file (cache_resource) and sampled through `nanochat.engine`; both are
+imported inside the functions that need them, so importing this module (and the app's entry point)
+never imports torch. Sampling settings and results are the engine's own types from the torch-free
+`nanochat.sampling`, passed by name (never as tuples).
 
 Not here: SQL (the registry's business), sampling math (the engine's), layout (pages), drawing
 (`charts.py`). Errors are the named exceptions of those layers; pages catch them at their edge.
@@ -89,22 +91,35 @@ def store(url: str):
     return open_store(url)
 
 
+_REGISTRY_READS: list = []  # every @registry_read function, in definition order
+
+
+def registry_read(ttl: float = TTL_S, max_entries: int = 16):
+    """`st.cache_data` for a read of the registry (its first argument is the URL), registered so that
+    `clear_registry_caches` clears it with every other: a new read cannot be forgotten there."""
+    def register(fn):
+        cached = st.cache_data(ttl=ttl, max_entries=max_entries, show_spinner=False)(fn)
+        _REGISTRY_READS.append(cached)
+        return cached
+
+    return register
+
+
 def clear_registry_caches() -> None:
     """After a write: every cached registry read is stale (models and generations are not)."""
-    for fn in (summary, runs, runs_table, metrics, checkpoints_table, checkpoint_detail, config_diff, resume_plan,
-               all_checkpoints, integrity_history):
+    for fn in _REGISTRY_READS:
         fn.clear()
 
 
 # ---------------------------------------------------------------------- runs
 
 
-@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+@registry_read()
 def summary(url: str):
     return store(url).summary()
 
 
-@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+@registry_read()
 def runs(url: str) -> list:
     """RunSummary list, newest activity first."""
     return store(url).list_runs()
@@ -114,13 +129,13 @@ def run_names(url: str) -> dict[int, str]:
     return frames.run_names(runs(url))
 
 
-@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+@registry_read()
 def runs_table(url: str) -> pd.DataFrame:
     found = runs(url)
     return frames.runs_frame(found, frames.run_names(found))
 
 
-@st.cache_data(ttl=LIVE_TTL_S, max_entries=64, show_spinner=False)
+@registry_read(ttl=LIVE_TTL_S, max_entries=64)
 def metrics(url: str, run_ids: tuple[int, ...], keys: tuple[str, ...] = ("val_bpb", "train_loss"),
             max_points: int = MAX_POINTS) -> pd.DataFrame:
     """Long frame of the runs' series (downsampled by the registry to max_points each)."""
@@ -145,8 +160,7 @@ def refresh_runs(url: str, paths: list[str]) -> None:
     for p in paths:
         if Path(p).is_dir():
             s.scan(p)
-    for fn in (metrics, runs, runs_table, summary):
-        fn.clear()
+    clear_registry_caches()
 
 
 def scan(url: str, path: str, progress: Progress | None = None):
@@ -161,12 +175,12 @@ def scan(url: str, path: str, progress: Progress | None = None):
 # ---------------------------------------------------------------------- checkpoints
 
 
-@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+@registry_read(max_entries=32)
 def checkpoints_table(url: str, run_id: int) -> pd.DataFrame:
     return frames.checkpoints_frame(store(url).checkpoints(run_id), run_names(url))
 
 
-@st.cache_data(ttl=TTL_S, max_entries=8, show_spinner=False)
+@registry_read(max_entries=8)
 def all_checkpoints(url: str) -> pd.DataFrame:
     """Every checkpoint of every run, with its integrity state (Integrity, Generate, Compare)."""
     s = store(url)
@@ -185,19 +199,19 @@ class CheckpointView:
         return [name for name, there in self.on_disk.items() if not there]
 
 
-@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+@registry_read(max_entries=64)
 def checkpoint_detail(url: str, checkpoint_id: int) -> CheckpointView:
     detail = store(url).checkpoint_detail(checkpoint_id)
     return CheckpointView(detail, {f.name: Path(f.path).exists() for f in detail.files})
 
 
-@st.cache_data(ttl=60, max_entries=32, show_spinner=False)
+@registry_read(ttl=60, max_entries=32)
 def config_diff(url: str, a: str, b: str):
     """ConfigDiff of two runs (their ids) or two checkpoints ("RUN_ID@STEP")."""
     return store(url).diff(a, b)
 
 
-@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+@registry_read(max_entries=64)
 def integrity_history(url: str, checkpoint_id: int) -> pd.DataFrame:
     return frames.integrity_history_frame(store(url).integrity_history(checkpoint_id))
 
@@ -212,7 +226,7 @@ def _run_dir(url: str, run_id: int) -> str:
     return run.path
 
 
-@st.cache_data(ttl=30, max_entries=16, show_spinner=False)
+@registry_read(ttl=30)
 def resume_plan(url: str, run_id: int, target_steps: int | None = None):
     """The planner's report from the files, reusing deep results the registry holds while the files are
     unchanged; quick checks run as needed and are not recorded (viewing a page writes nothing)."""

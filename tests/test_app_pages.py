@@ -135,6 +135,36 @@ def test_empty_registry_teaches_scan_and_the_scan_fills_it(demo_base, tmp_path, 
     assert len(at.dataframe[0].value) == 3
 
 
+def test_every_cached_registry_read_is_cleared_after_a_write(monkeypatch):
+    """A read cached with plain st.cache_data would stay stale after a scan: every cached function of data.py
+    whose first argument is the registry URL must be a @registry_read, and a write clears each of them (and
+    no model or generation)."""
+    import ast
+    import inspect
+
+    from streamlit_app import data
+
+    tree = ast.parse(inspect.getsource(data))
+    cached, reads = set(), set()
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef) or not fn.decorator_list:
+            continue
+        decorators = {ast.unparse(d.func if isinstance(d, ast.Call) else d) for d in fn.decorator_list}
+        first = fn.args.args[0].arg if fn.args.args else None
+        if decorators & {"st.cache_data", "registry_read"}:
+            cached.add(fn.name)
+        if "registry_read" in decorators:
+            reads.add(fn.name)
+        elif "st.cache_data" in decorators:
+            assert first != "url", f"data.{fn.name} reads the registry: decorate it with @registry_read"
+    assert {"summary", "runs", "metrics", "checkpoints_table", "all_checkpoints", "resume_plan"} <= reads
+    cleared = []
+    for name in cached:
+        monkeypatch.setattr(getattr(data, name), "clear", lambda name=name: cleared.append(name))
+    data.clear_registry_caches()
+    assert sorted(cleared) == sorted(reads) and "generate" not in cleared
+
+
 # ---------------------------------------------------------------------- Runs
 
 
