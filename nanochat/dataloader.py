@@ -15,16 +15,21 @@ already tokenized into the best-fit buffer (as one int32 tensor), so a restored 
 the batches the uninterrupted one would have. `upstream_state()` is the `{epoch, pq_idx, rg_idx}` dict
 upstream keeps in its meta (the last row group read), written for compatibility only.
 
+Provenance (`track=True`): the loader also keeps, for each buffered document, where it came from
+(`DocSource`: shard, row group, row), and `last_packing` says how the rows of the last batch were filled
+(`RowSegment`s): what `nanochat.data_replay` shows as "what did the model see at step N". Off in training.
+
+torch is imported only where a batch or a state tensor is built, so the shard helpers here are torch-free.
 This module does not evaluate the model (see `loss_eval.py`) or decide when to save (the training script).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 
 DATA_DIRS = ("base_data_climbmix", "base_data")
 STATE_FORMAT = "nanochat-workbench-loader"
@@ -32,6 +37,26 @@ STATE_FORMAT = "nanochat-workbench-loader"
 
 class DataError(ValueError):
     """Missing, unreadable or unusable training data, with a one-line reason."""
+
+
+@dataclass(frozen=True)
+class DocSource:
+    """Where a buffered document came from: `pq_idx` into the loader's file list, its row group and row;
+    None fields for a document restored from a saved buffer (its origin was not saved)."""
+    pq_idx: int | None
+    rg_idx: int | None
+    row: int | None
+    epoch: int | None
+
+
+@dataclass(frozen=True)
+class RowSegment:
+    """The first `length` tokens of one document, placed at `offset` in a batch row (best fit only ever
+    crops a document's end, and throws the rest away)."""
+    source: DocSource
+    offset: int
+    length: int
+    doc_tokens: int  # the document's length, BOS included; length < doc_tokens means it was cropped
 
 
 def find_data_dir(base_dir: str | os.PathLike) -> Path:
@@ -122,7 +147,9 @@ class BosBestFitLoader:
     """(inputs, targets) batches of shape (B, T), every row starting with BOS; see the module docstring."""
 
     def __init__(self, files: list[Path], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, device="cpu", buffer_size: int = 1000):
+                 world_size: int = 1, device="cpu", buffer_size: int = 1000, track: bool = False):
+        import torch
+
         self.stream = DocumentStream(files, rank, world_size)
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
@@ -130,33 +157,53 @@ class BosBestFitLoader:
         self.device = torch.device(device)
         self.buffer_size = buffer_size
         self.buffer: list[list[int]] = []
+        self.track = track
+        self.sources: list[DocSource] = []  # parallel to buffer when tracking
+        self.last_packing: list[list[RowSegment]] = []
 
     def _refill(self) -> None:
         while len(self.buffer) < self.buffer_size:
             texts = self.stream.next_texts()
             self.buffer.extend(self.tokenizer.encode(texts, prepend=self.bos))
+            if self.track:
+                last = self.stream.last
+                self.sources.extend(DocSource(last["pq_idx"], last["rg_idx"], row, last["epoch"]) for row in range(len(texts)))
 
-    def _take(self, remaining: int) -> list[int]:
-        """The largest buffered document that fits, else the shortest cropped to fit (upstream's best fit)."""
+    def _take(self, remaining: int) -> tuple[int, list[int]]:
+        """The largest buffered document that fits, else the shortest cropped to fit (upstream's best fit).
+        Returns its index in the buffer, which the caller pops."""
         self._refill()
         best, best_len = -1, 0
         for i, doc in enumerate(self.buffer):
             n = len(doc)
             if best_len < n <= remaining:
                 best, best_len = i, n
-        if best >= 0:
-            return self.buffer.pop(best)
-        shortest = min(range(len(self.buffer)), key=lambda i: len(self.buffer[i]))
-        return self.buffer.pop(shortest)[:remaining]
+        if best < 0:
+            best = min(range(len(self.buffer)), key=lambda i: len(self.buffer[i]))
+        return best, self.buffer[best][:remaining]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_rows(self) -> list[list[int]]:
+        """The next batch as B rows of T + 1 token ids (inputs are row[:-1], targets row[1:])."""
         width = self.T + 1
-        rows = []
+        rows, packing = [], []
         for _ in range(self.B):
             row: list[int] = []
+            segments: list[RowSegment] = []
             while len(row) < width:
-                row.extend(self._take(width - len(row)))
+                i, piece = self._take(width - len(row))
+                doc = self.buffer.pop(i)
+                if self.track:
+                    segments.append(RowSegment(self.sources.pop(i), len(row), len(piece), len(doc)))
+                row.extend(piece)
             rows.append(row)
+            packing.append(segments)
+        self.last_packing = packing if self.track else []
+        return rows
+
+    def next_batch(self):
+        import torch
+
+        rows = self.next_rows()
         data = torch.tensor(rows, dtype=torch.long)
         x, y = data[:, :-1], data[:, 1:]
         if self.device.type == "cuda":
@@ -175,6 +222,8 @@ class BosBestFitLoader:
         return {"epoch": last["epoch"], "pq_idx": last["pq_idx"], "rg_idx": last["rg_idx"]}
 
     def state_dict(self) -> dict:
+        import torch
+
         lengths = torch.tensor([len(d) for d in self.buffer], dtype=torch.int64)
         flat = [t for d in self.buffer for t in d]
         pos = self.stream.position()
@@ -201,3 +250,4 @@ class BosBestFitLoader:
         for n in sd["buffer_lengths"].tolist():
             self.buffer.append(tokens[offset:offset + n])
             offset += n
+        self.sources = [DocSource(None, None, None, None) for _ in self.buffer]

@@ -8,7 +8,7 @@ persistence in our own data-only JSON format. Upstream's `tokenizer.pkl` (a pick
 tokenizer file from a stranger can never run code.
 
 What it does not do: load models or choose where a tokenizer lives (see `checkpoint_manager.py`).
-torch is imported only by the two functions that read or write `token_bytes.pt`.
+torch is imported only to write `token_bytes.pt` (it is read with `torchfile.read_array`, torch-free).
 """
 
 from __future__ import annotations
@@ -138,32 +138,35 @@ class Tokenizer:
         are reproduced, including classic's count of 3 for ids 128-255), else computed.
         """
         if self._token_bytes is None:
-            stored = self._read_token_bytes()
-            self._token_bytes = stored if stored is not None else self._computed_token_bytes()
+            stored = self.stored_token_bytes()
+            self._token_bytes = stored if stored is not None else self.computed_token_bytes()
         return self._token_bytes
 
-    def _computed_token_bytes(self) -> list[int]:
+    def computed_token_bytes(self) -> list[int]:
+        """The correct byte length of every token, from its raw bytes (upstream since 2ce972a; specials 0)."""
         specials = set(self.enc._special_tokens.values())
         return [0 if i in specials else len(self.enc.decode_single_token_bytes(i)) for i in range(self.get_vocab_size())]
 
-    def _read_token_bytes(self) -> list[int] | None:
+    def stored_token_bytes(self) -> list[int] | None:
+        """token_bytes.pt beside the tokenizer, as a list (None when there is none)."""
         if self.directory is None or not (self.directory / TOKEN_BYTES_FILE).is_file():
             return None
-        import torch
+        from nanochat.torchfile import TorchFileError, read_array
 
+        path = self.directory / TOKEN_BYTES_FILE
         try:
-            t = torch.load(self.directory / TOKEN_BYTES_FILE, weights_only=True, map_location="cpu")
-        except Exception as e:  # any unreadable file: say which and why, in one line
-            raise TokenizerError(f"cannot read {self.directory / TOKEN_BYTES_FILE}: {e}") from None
-        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.numel() != self.get_vocab_size():
-            raise TokenizerError(f"{self.directory / TOKEN_BYTES_FILE} does not match a vocabulary of {self.get_vocab_size()}")
+            t = read_array(path)  # torch-free, and nothing in the file is executed
+        except TorchFileError as e:
+            raise TokenizerError(f"cannot read {path}: {e}") from None
+        if t.ndim != 1 or t.size != self.get_vocab_size():
+            raise TokenizerError(f"{path} does not match a vocabulary of {self.get_vocab_size()}")
         return [int(x) for x in t.tolist()]
 
     def save_token_bytes(self, directory: str | os.PathLike) -> None:
         import torch
 
         buf = io.BytesIO()
-        torch.save(torch.tensor(self._computed_token_bytes(), dtype=torch.int32), buf)
+        torch.save(torch.tensor(self.computed_token_bytes(), dtype=torch.int32), buf)
         _atomic_write(Path(directory) / TOKEN_BYTES_FILE, buf.getvalue())
 
     # ------------------------------------------------------------------ encoding

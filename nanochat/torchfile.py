@@ -221,3 +221,37 @@ def tensor_shapes(tree, prefix: str = "") -> dict[str, TensorStub]:
         for i, v in enumerate(tree):
             out.update(tensor_shapes({str(i): v}, prefix))
     return out
+
+
+_NUMPY_DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int16": "<i2",
+                 "int8": "i1", "uint8": "u1", "bool": "?"}
+
+
+def read_array(path: str | Path):
+    """The one tensor a small torch.save file holds (e.g. token_bytes.pt), as a NumPy array, without torch.
+
+    Only a top-level tensor of a NumPy-representable dtype, little-endian, is accepted; anything else
+    raises TorchFileError (load such files with torch.load(weights_only=True) instead)."""
+    import numpy as np
+
+    stub = read_structure(path)
+    if not isinstance(stub, TensorStub):
+        raise TorchFileError("not_a_tensor", f"{Path(path).name} does not hold a single tensor")
+    if stub.dtype not in _NUMPY_DTYPES:
+        raise TorchFileError("bad_dtype", f"{Path(path).name} holds a {stub.dtype} tensor")
+    zf, prefix = open_archive(path)
+    with zf:
+        try:
+            order = zf.read(f"{prefix}/byteorder").decode().strip() if f"{prefix}/byteorder" in zf.namelist() else "little"
+            raw = zf.read(f"{prefix}/data/{stub.storage_key}")
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
+            raise TorchFileError("truncated", f"{Path(path).name}: cannot read its tensor data ({e})") from None
+    if order != "little":
+        raise TorchFileError("bad_byteorder", f"{Path(path).name} was written on a {order}-endian machine")
+    storage = np.frombuffer(raw, dtype=np.dtype(_NUMPY_DTYPES[stub.dtype]))
+    last = stub.storage_offset + sum((n - 1) * s for n, s in zip(stub.shape, stub.stride)) if stub.numel else -1
+    if len(stub.shape) != len(stub.stride) or min(stub.stride, default=0) < 0 or stub.storage_offset < 0 \
+            or last >= len(storage):  # as_strided does not check bounds: never read past the storage
+        raise TorchFileError("truncated", f"{Path(path).name}: the tensor does not fit its storage")
+    return np.lib.stride_tricks.as_strided(storage[stub.storage_offset:], shape=stub.shape,
+                                           strides=tuple(s * storage.itemsize for s in stub.stride)).copy()
