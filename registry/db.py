@@ -47,16 +47,22 @@ from registry.errors import (
     SchemaTooNewError,
     SchemaTooOldError,
 )
-from registry.models import Base, RegistryInfo, Run
+from registry.models import Base, DatasetShard, RegistryInfo, Run, ShardTokenCount
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: dataset_shards and shard_token_counts (the dataset inspector's cache)
 APPLICATION = "nanochat-workbench registry"
 ENV_URL = "NANOCHAT_REGISTRY_URL"
 ENV_BASE = "NANOCHAT_BASE_DIR"  # nanochat's own base-dir variable (nanochat.common.get_base_dir)
 DEFAULT_FILENAME = "registry.sqlite"
 BUSY_TIMEOUT_MS = 30_000
+
+
+def _add_dataset_tables(conn: Connection) -> None:
+    Base.metadata.create_all(conn, tables=[DatasetShard.__table__, ShardTokenCount.__table__])
+
+
 # from_version -> function(connection) that upgrades the schema to from_version + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_dataset_tables}
 _PG_SCHEMA_LOCK = 0x6E616E6F  # advisory lock id serialising schema creation and migration on PostgreSQL
 _RETRYABLE_PG = {"40P01", "40001", "55P03"}  # deadlock, serialization failure, lock not available
 

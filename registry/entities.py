@@ -14,6 +14,10 @@ import dataclasses
 import math
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing the registry never imports pyarrow
+    from nanochat.shards import DatasetFindings, ShardStats
 
 # Run statuses, in the order they are decided (first that applies).
 RUN_STATUSES = ("missing", "finished", "training", "incomplete", "stopped")
@@ -293,6 +297,44 @@ class RegistrySummary:
     metric_points: int
     integrity_results: int
     last_scan: ScanReport | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCount:
+    tokenizer: str  # digest of the tokenizer file (nanochat.tokenizer_inspect.fingerprint)
+    tokens: int
+    exact: bool  # False: estimated from a sample
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    """One shard as the dataset inspector last read it (`stats` is a nanochat.shards.ShardStats)."""
+    stats: ShardStats
+    inspected_at: datetime
+    duration_s: float
+    token_counts: tuple[TokenCount, ...]
+    reused: bool = False  # taken from the registry this time (the file was unchanged)
+
+    def tokens(self, tokenizer: str | None) -> TokenCount | None:
+        return next((t for t in self.token_counts if t.tokenizer == tokenizer), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetReport:
+    """A folder of shards: every shard (validation last), the findings that matter before training and
+    the token total under one tokenizer (None when some shard has no count)."""
+    data_dir: str
+    shards: tuple[ShardRecord, ...]
+    findings: DatasetFindings
+    world_size: int
+    tokenizer: str | None  # fingerprint
+    tokenizer_dir: str | None
+    tokens: int | None
+    train_tokens: int | None
+    tokens_exact: bool
+    inspected: int  # shards read in this call
+    reused: int  # shards taken from the registry unchanged
+    duration_s: float
 
 
 def to_jsonable(obj):

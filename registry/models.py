@@ -15,6 +15,10 @@ Design notes (the why behind the columns):
 - `metric_rollups` keeps, per series, segment and power-of-two block of steps (levels 4..32), the
   count, the minimum and the maximum point: a history query of a million points reads at most a few
   thousand rows instead of scanning the series.
+- `dataset_shards` caches one pass of the dataset inspector over a parquet shard (`nanochat.shards`), keyed
+  by the resolved path and valid while (size, mtime_ns) match; `shard_token_counts` holds its token count
+  per tokenizer (tokenizer-file digest), exact or sampled, and is deleted with a changed shard's old row.
+  Added in schema version 2.
 - `integrity_results` and the `sha256*` columns of `checkpoint_files` are written by the integrity
   checks (`registry.store.RegistryStore.record_integrity`); the scanner leaves them alone.
 """
@@ -246,3 +250,34 @@ class MetricRollup(Base):
     max_step: Mapped[int | None]
     max_value: Mapped[float | None]
     max_wall_time: Mapped[float | None]
+
+
+class DatasetShard(Base):
+    __tablename__ = "dataset_shards"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(String(PATH_LEN), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    row_groups: Mapped[int] = mapped_column(default=0)
+    columns: Mapped[list] = mapped_column(JSON, default=list)
+    docs: Mapped[int] = mapped_column(BigInteger, default=0)
+    chars: Mapped[int] = mapped_column(BigInteger, default=0)
+    utf8_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    empty: Mapped[int] = mapped_column(BigInteger, default=0)
+    duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
+    noisy: Mapped[int] = mapped_column(BigInteger, default=0)
+    invalid_utf8: Mapped[int] = mapped_column(BigInteger, default=0)
+    hist: Mapped[list] = mapped_column(JSON, default=list)  # document-length counts per nanochat.shards.HIST_EDGES bin
+    error: Mapped[str | None] = mapped_column(Text)  # unreadable, no text column: the shard is reported, not used
+    inspected_at: Mapped[float]
+    duration_s: Mapped[float] = mapped_column(default=0.0)
+
+
+class ShardTokenCount(Base):
+    __tablename__ = "shard_token_counts"
+    shard_id: Mapped[int] = mapped_column(ForeignKey("dataset_shards.id"), primary_key=True)
+    tokenizer: Mapped[str] = mapped_column(String(32), primary_key=True)  # nanochat.tokenizer_inspect.fingerprint
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    exact: Mapped[bool] = mapped_column(Boolean)  # False: estimated from a sample
+    counted_at: Mapped[float]

@@ -151,6 +151,14 @@ class RegistryStore:
 
         return import_log(self, path, run, segment=segment)
 
+    def inspect_dataset(self, path, tokenizer_dir=None, exact: bool = False, world_size: int = 1, progress=None,
+                        should_stop=None):
+        """A folder of parquet shards, each read only when it changed (see `registry/datasets.py`)."""
+        from registry.datasets import inspect_dataset
+
+        return inspect_dataset(self, path, tokenizer_dir, exact=exact, world_size=world_size, progress=progress,
+                               should_stop=should_stop)
+
     # ------------------------------------------------------------------ runs
 
     def list_runs(self, where: Mapping[str, object] | None = None, now: float | None = None,
