@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nanochat.dataloader import split_files
+from nanochat.dataloader import DataError, find_data_dir, list_parquet_files, split_files
 
 TEXT = "text"
 # Document length histogram edges, in characters: [0, 1), [1, 2), [2, 4), ... [2^20, inf).
@@ -142,6 +142,22 @@ def fmt_duration(seconds: float | None) -> str:
         return "?"
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def resolve_data_dir(path: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """A base dir (its base_data_climbmix/ or base_data/, as training picks) or any folder of *.parquet
+    files, and its shards in name order."""
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise DataError(f"{p} is not a folder")
+    files = list_parquet_files(p)
+    if not files:
+        try:
+            p = find_data_dir(p)
+        except DataError:
+            raise DataError(f"no *.parquet shards in {p} (nor in its base_data_climbmix/ or base_data/)") from None
+        files = list_parquet_files(p)
+    return p, files
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[int, int]:
@@ -400,7 +416,7 @@ def dataset_findings(stats: list[ShardStats], world_size: int = 1) -> DatasetFin
     usable = [s for s in stats if not s.error]
     for s in stats:
         if s.error:
-            findings.append(Finding("error", s.name, f"{s.name}: {s.error}; training would stop on it"))
+            findings.append(Finding("error", s.name, f"{s.name}: {s.error.rstrip('.')}; training would stop on it"))
     try:  # training splits every *.parquet file, readable or not: so does this
         train = split_files([Path(s.path) for s in stats], "train")
         val = split_files([Path(s.path) for s in stats], "val")[0]

@@ -132,16 +132,24 @@ def split(tok: Tokenizer, text: str, specials_in_text: bool = True) -> list[Toke
     return out
 
 
-def counts(tok: Tokenizer, texts: Iterable[str], threads: int | None = None) -> TextCounts:
-    """Tokens (ordinary encoding, as training sees documents), UTF-8 bytes and characters of texts."""
+def counts(tok: Tokenizer, texts: Iterable[str], specials_in_text: bool = False, threads: int | None = None) -> TextCounts:
+    """Tokens, UTF-8 bytes and characters of texts. Tokens as training sees documents (ordinary encoding),
+    or with `specials_in_text` as `split` counts them (a typed <|bos|> is one token)."""
     texts = list(texts)
-    ids = tok.enc.encode_ordinary_batch(texts, num_threads=threads or os.cpu_count() or 1)
+    threads = threads or os.cpu_count() or 1
+    ids = (tok.enc.encode_batch(texts, num_threads=threads, allowed_special="all") if specials_in_text
+           else tok.enc.encode_ordinary_batch(texts, num_threads=threads))
     return TextCounts(sum(map(len, ids)), sum(len(t.encode("utf-8")) for t in texts), sum(map(len, texts)))
 
 
-def compare(tokenizers: dict[str, Tokenizer], texts: list[str]) -> dict[str, TextCounts]:
+def compare(tokenizers: dict[str, Tokenizer], texts: list[str], specials_in_text: bool = False) -> dict[str, TextCounts]:
     """The same texts under each tokenizer (in the given order)."""
-    return {name: counts(tok, texts) for name, tok in tokenizers.items()}
+    return {name: counts(tok, texts, specials_in_text) for name, tok in tokenizers.items()}
+
+
+def longest(entries: list[VocabEntry], n: int) -> list[VocabEntry]:
+    """The n longest ordinary tokens, in bytes (special tokens are names, not text)."""
+    return sorted((v for v in entries if v.kind != "special"), key=lambda v: (-len(v.raw), v.id))[:n]
 
 
 def vocabulary(tok: Tokenizer) -> list[VocabEntry]:

@@ -34,23 +34,6 @@ class DatasetPathError(RegistryError):
     """A folder that holds no parquet shards, or a tokenizer that cannot be read."""
 
 
-def resolve_data_dir(path: str | os.PathLike) -> tuple[Path, list[Path]]:
-    """A base dir (its base_data_climbmix/ or base_data/) or any folder of *.parquet files, and its shards."""
-    from nanochat.dataloader import DataError, find_data_dir, list_parquet_files
-
-    p = Path(path).expanduser().resolve()
-    if not p.is_dir():
-        raise DatasetPathError(f"{p} is not a folder")
-    files = list_parquet_files(p)
-    if not files:
-        try:
-            p = find_data_dir(p)
-        except DataError:
-            raise DatasetPathError(f"no *.parquet shards in {p} (nor in its base_data_climbmix/ or base_data/)") from None
-        files = list_parquet_files(p)
-    return p, files
-
-
 def _record(row: DatasetShard, counts: list[ShardTokenCount], reused: bool) -> ShardRecord:
     from nanochat.shards import ShardStats
 
@@ -130,9 +113,13 @@ def inspect_dataset(store, path: str | os.PathLike, tokenizer_dir: str | os.Path
                     should_stop: Callable[[], bool] | None = None) -> DatasetReport:
     """Every shard of a folder, read only where it changed (see the module docstring)."""
     from nanochat import shards as sh
+    from nanochat.dataloader import DataError
 
     t0 = time.monotonic()
-    data_dir, files = resolve_data_dir(path)
+    try:
+        data_dir, files = sh.resolve_data_dir(path)
+    except DataError as e:
+        raise DatasetPathError(str(e)) from None
     tok, key = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else (None, None)
     known = stored_shards(store, files)
     records: list[ShardRecord] = []
