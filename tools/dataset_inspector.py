@@ -76,7 +76,7 @@ def report_json(report, dups, sample_n: int, epochs) -> dict:
     from nanochat.shards import HIST_EDGES
 
     shards = []
-    for i, r in enumerate(report.shards):
+    for r in report.shards:
         s, t = r.stats, r.tokens(report.tokenizer)
         shards.append({"name": s.name, "path": s.path, "size": s.size, "rows": s.rows, "row_groups": s.row_groups,
                        "docs": s.docs, "chars": s.chars, "utf8_bytes": s.utf8_bytes, "empty": s.empty,
