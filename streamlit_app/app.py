@@ -37,6 +37,8 @@ def pages() -> dict[str, list]:
                      page("integrity.py", "Integrity", "verified_user", "integrity")],
         "Sampling": [page("generate.py", "Generate", "auto_awesome", "generate"),
                      page("compare.py", "Compare", "view_column", "compare")],
+        "Data": [page("tokenizer.py", "Tokenizer", "text_fields", "tokenizer"),
+                 page("dataset.py", "Dataset", "dataset", "dataset")],
         "Planning": [page("calculator.py", "Model calculator", "calculate", "calculator")],
     }
 

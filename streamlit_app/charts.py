@@ -287,3 +287,31 @@ def legend_html(df: pd.DataFrame) -> str:
                     f'height:3px;background:{run_color(i)};vertical-align:middle;margin-right:6px"></span>{html.escape(n)}</span>'
                     for i, n in zip(pairs["run_id"], pairs["run"]))
     return f'<div style="font-size:0.9rem;color:#374151;margin:0.2rem 0 0.4rem">{items}</div>'
+
+
+# ---------------------------------------------------------------------- data: tokenizers and datasets
+
+
+def length_histogram_chart(hist: pd.DataFrame, height: int = 240) -> alt.Chart:
+    """Documents per length bin (columns split, bin, label, docs), log2 bins of characters."""
+    shown = hist[hist["docs"] > 0] if not hist.empty else hist
+    order = list(dict.fromkeys(shown.sort_values("bin")["label"])) if not shown.empty else []
+    return alt.Chart(shown).mark_bar(cornerRadiusEnd=2).encode(
+        x=alt.X("label:N", sort=order, title="document length (characters)", axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("docs:Q", title="documents", stack=True),
+        color=alt.Color("split:N", title=None, scale=alt.Scale(domain=["train", "validation"], range=["#1f77b4", "#ff7f0e"]),
+                        legend=alt.Legend(orient="top")),
+        tooltip=["split:N", alt.Tooltip("label:N", title="characters"), alt.Tooltip("docs:Q", format=",")],
+    ).properties(height=height)
+
+
+def bytes_per_token_chart(comparison: pd.DataFrame, height: int = 60) -> alt.LayerChart:
+    """Bytes per token of each tokenizer on the same text (columns name, bytes_per_token, tokens)."""
+    base = alt.Chart(comparison).encode(
+        y=alt.Y("name:N", title=None, sort=None),
+        x=alt.X("bytes_per_token:Q", title="bytes per token (higher: fewer tokens for the same text)"),
+        tooltip=["name:N", alt.Tooltip("bytes_per_token:Q", format=".3f"), alt.Tooltip("tokens:Q", format=","),
+                 alt.Tooltip("bpb_factor:Q", format=".3f", title="bpb of an equal per-token loss, relative")])
+    return alt.layer(base.mark_bar(color="#1f77b4", cornerRadiusEnd=2),
+                     base.mark_text(align="left", dx=4, color="#374151").encode(text=alt.Text("bytes_per_token:Q", format=".2f"))
+                     ).properties(height=alt.Step(max(28, height // max(len(comparison), 1))))

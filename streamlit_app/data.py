@@ -31,7 +31,7 @@ from nanochat.common import DEFAULT_BASE_DIR
 from nanochat.sampling import SamplingSettings, TraceOptions
 from registry import open_store
 from registry.db import DEFAULT_FILENAME, RegistryLocation, locate
-from registry.errors import ScanPathError
+from registry.errors import RegistryError, ScanPathError
 from streamlit_app import frames, traces
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -408,3 +408,239 @@ def problem_codes() -> pd.DataFrame:
     from registry.integrity import PROBLEM_CODES
 
     return pd.DataFrame([{"code": k, "meaning": v} for k, v in PROBLEM_CODES.items()], columns=["code", "meaning"])
+
+
+# ====================================================================== data: tokenizers and datasets (issue 13)
+# The Tokenizer and Dataset pages. Tokenizers are cached per (folder, file stamp); dataset reads per
+# (folder, stamps of its shards), so a rewritten file is read again. Inspection passes go through the
+# registry (`registry/datasets.py`), which stores their results: reopening a folder costs a stat per shard.
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st_ = path.stat()
+        return st_.st_size, st_.st_mtime_ns
+    except OSError:
+        return 0, 0
+
+
+def tokenizer_stamp(directory: str) -> tuple:
+    d = Path(directory)
+    return tuple(_stamp(d / name) for name in ("tokenizer.json", "tokenizer.pkl", "token_bytes.pt"))
+
+
+def _base_dirs(url: str) -> list[Path]:
+    """Base dirs the open registry knows: where scans start, and the folders above each run."""
+    found = [Path(registry_target().scan_default).expanduser()]
+    try:
+        for r in runs(url):
+            p = Path(r.path)
+            found.append(p.parent.parent if p.parent.name.endswith("_checkpoints") else p.parent)
+    except RegistryError:  # no registry: the scan default alone (the page shows the registry's error)
+        pass
+    out: list[Path] = []
+    for p in found:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+@registry_read(max_entries=8)
+def tokenizer_choices(url: str) -> list[str]:
+    """Tokenizer folders the registry's runs use (their base dir's tokenizer/), existing ones only."""
+    return [str(d / "tokenizer") for d in _base_dirs(url)
+            if (d / "tokenizer" / "tokenizer.json").is_file() or (d / "tokenizer" / "tokenizer.pkl").is_file()]
+
+
+@registry_read(max_entries=8)
+def dataset_choices(url: str) -> list[str]:
+    """Data folders of the registry's base dirs (base_data_climbmix/ or base_data/ with shards)."""
+    from nanochat.dataloader import DataError, find_data_dir
+
+    out = []
+    for d in _base_dirs(url):
+        try:
+            out.append(str(find_data_dir(d)))
+        except DataError:
+            continue
+    return list(dict.fromkeys(out))
+
+
+@st.cache_resource(max_entries=8, ttl=3600, show_spinner=False)
+def tokenizer(directory: str, stamp: tuple):
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.from_directory(directory)
+
+
+@st.cache_data(ttl=3600, max_entries=8, show_spinner=False)
+def tokenizer_info(directory: str, stamp: tuple) -> dict:
+    from nanochat import tokenizer_inspect as ti
+
+    tok = tokenizer(directory, stamp)
+    return {"file": ti.tokenizer_file(directory).name, "fingerprint": ti.fingerprint(directory),
+            "vocab_size": tok.get_vocab_size(),
+            "special": pd.DataFrame([{"token": n, "id": i, "role": r} for n, i, r in ti.special_tokens(tok)])}
+
+
+@st.cache_data(ttl=3600, max_entries=64, show_spinner=False)
+def token_pieces(directory: str, stamp: tuple, text: str) -> pd.DataFrame:
+    """One row per token of `text`: position, id, shown text (visible whitespace), kind, bytes."""
+    from nanochat import tokenizer_inspect as ti
+
+    pieces = ti.split(tokenizer(directory, stamp), text)
+    return pd.DataFrame([{"pos": k, "id": p.id, "shown": p.shown, "kind": p.kind, "bytes": len(p.raw)}
+                         for k, p in enumerate(pieces)], columns=["pos", "id", "shown", "kind", "bytes"])
+
+
+@st.cache_data(ttl=3600, max_entries=16, show_spinner=False)
+def validation_sample(data_dir: str, stamps: tuple, max_docs: int = 300) -> list[str]:
+    """Documents from a few row groups of the validation shard (the last) of a data folder."""
+    from nanochat import shards
+
+    _, files = shards.resolve_data_dir(data_dir)
+    return [d.text for d in shards.sample_documents(files[-1:], max_docs=max_docs)]
+
+
+def shard_stamps(data_dir: str) -> tuple:
+    from nanochat import shards
+
+    _, files = shards.resolve_data_dir(data_dir)
+    return tuple((f.name, *_stamp(f)) for f in files)
+
+
+@st.cache_data(ttl=3600, max_entries=32, show_spinner=False)
+def tokenizer_comparison(directories: tuple[str, ...], stamps: tuple, texts: tuple[str, ...], specials_in_text: bool) -> pd.DataFrame:
+    """Tokens, bytes and bytes per token of the same texts under each tokenizer; `bpb_factor`: the bpb of
+    an equal per-token loss, relative to the first tokenizer."""
+    from nanochat import tokenizer_inspect as ti
+
+    toks = {d: tokenizer(d, s) for d, s in zip(directories, stamps)}
+    result = ti.compare(toks, list(texts), specials_in_text)
+    first = next(iter(result.values())).bytes_per_token
+    return pd.DataFrame([{"tokenizer": d, "tokens": c.tokens, "bytes": c.bytes, "chars": c.chars,
+                          "bytes_per_token": c.bytes_per_token,
+                          "bpb_factor": first / c.bytes_per_token if c.bytes_per_token else None} for d, c in result.items()])
+
+
+@st.cache_data(ttl=3600, max_entries=8, show_spinner=False)
+def vocabulary_table(directory: str, stamp: tuple, sample_key: tuple = (), sample: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Every token: id, shown text, bytes, kind, and whether it occurs in `sample` (None without one)."""
+    from nanochat import tokenizer_inspect as ti
+
+    tok = tokenizer(directory, stamp)
+    unused = ti.unused_ids(tok, sample) if sample else None
+    return pd.DataFrame([{"id": v.id, "token": v.shown, "bytes": len(v.raw), "kind": v.kind,
+                          "used_on_sample": None if unused is None else (v.kind == "special" or v.id not in unused)}
+                         for v in ti.vocabulary(tok)])
+
+
+@st.cache_data(ttl=3600, max_entries=16, show_spinner=False)
+def token_bytes_check(directory: str, stamp: tuple):
+    """nanochat.tokenizer_inspect.TokenBytesCheck of the folder's token_bytes.pt."""
+    from nanochat import tokenizer_inspect as ti
+
+    return ti.check_token_bytes(tokenizer(directory, stamp))
+
+
+def inspect_dataset(url: str, data_dir: str, tokenizer_dir: str | None, exact: bool, world_size: int,
+                    progress=None, should_stop=None):
+    """The registry's inspection of a data folder (a pass only over changed shards); not cached here:
+    the registry is the cache, and reopening costs one stat per shard."""
+    report = store(url).inspect_dataset(data_dir, tokenizer_dir, exact=exact, world_size=world_size, progress=progress,
+                                        should_stop=should_stop)
+    summary.clear()
+    return report
+
+
+def shards_table(report) -> pd.DataFrame:
+    rows = []
+    for r in report.shards:
+        s, t = r.stats, r.tokens(report.tokenizer)
+        rows.append({"shard": s.name, "split": "validation" if s.name == report.findings.validation else "train",
+                     "size_mb": s.size / 1e6, "rows": s.rows, "row_groups": s.row_groups, "docs": s.docs, "chars": s.chars,
+                     "tokens": t.tokens if t else None, "counted": ("exact" if t.exact else "sampled") if t else "",
+                     "empty": s.empty, "duplicates": s.duplicates, "noisy": s.noisy + s.invalid_utf8,
+                     "error": s.error or "", "inspected": r.inspected_at})
+    return pd.DataFrame(rows)
+
+
+def length_histogram(report) -> pd.DataFrame:
+    """Documents per length bin (characters), train and validation apart."""
+    from nanochat.shards import HIST_EDGES
+
+    rows = []
+    for r in report.shards:
+        split = "validation" if r.stats.name == report.findings.validation else "train"
+        for k, n in enumerate(r.stats.hist):
+            lo, hi = HIST_EDGES[k], (HIST_EDGES[k + 1] if k + 1 < len(HIST_EDGES) else None)
+            rows.append({"split": split, "bin": k, "low": lo, "label": f"{lo:,}–{hi - 1:,}" if hi and hi - 1 > lo
+                         else (f"{lo:,}" if hi else f"{lo:,}+"), "docs": n})
+    df = pd.DataFrame(rows, columns=["split", "bin", "low", "label", "docs"])
+    return df.groupby(["split", "bin", "low", "label"], as_index=False)["docs"].sum() if not df.empty else df
+
+
+@st.cache_data(ttl=3600, max_entries=16, show_spinner=False)
+def near_duplicates(data_dir: str, stamps: tuple, sample: int = 2000) -> tuple[int, pd.DataFrame]:
+    from nanochat import shards
+
+    _, files = shards.resolve_data_dir(data_dir)
+    docs = shards.sample_documents(files, max_docs=sample)
+    pairs = shards.near_duplicates(docs)
+    text = {d.ref: d.text for d in docs}
+    return len(docs), pd.DataFrame([{"similarity": p.similarity, "a": p.a.label(), "b": p.b.label(),
+                                     "a_text": text[p.a][:300], "b_text": text[p.b][:300]} for p in pairs],
+                                   columns=["similarity", "a", "b", "a_text", "b_text"])
+
+
+@st.cache_data(ttl=3600, max_entries=32, show_spinner=False)
+def documents(data_dir: str, stamps: tuple, needle: str = "", n: int = 5, seed: int = 0) -> list:
+    """n documents containing `needle`, or at random (seeded) when it is empty."""
+    from nanochat import shards
+
+    _, files = shards.resolve_data_dir(data_dir)
+    if needle:
+        return list(shards.search(files, needle, limit=n))
+    return shards.random_documents(files, n, seed=seed)
+
+
+def run_choices_for_replay(url: str) -> list:
+    """Runs of our trainer (a checkpoint with a training state), newest activity first."""
+    return [r for r in runs(url) if not r.missing]
+
+
+@st.cache_data(ttl=3600, max_entries=16, show_spinner=False)
+def step_batch(run_dir: str, step: int, stamp: tuple):
+    """nanochat.data_replay.StepBatch: what rank 0 trained on at `step` (the loader replayed from the
+    nearest saved state; imports torch)."""
+    from nanochat.data_replay import step_batch as replay
+
+    return replay(run_dir, step)
+
+
+def run_stamp(run_dir: str) -> tuple:
+    """Names, sizes and mtimes of a run's meta files: a new checkpoint changes the replay cache key."""
+    d = Path(run_dir)
+    return tuple(sorted((p.name, *_stamp(p)) for p in d.glob("meta_*.json"))) if d.is_dir() else ()
+
+
+def step_segments(batch) -> pd.DataFrame:
+    rows = []
+    for k, m in enumerate(batch.micro_batches):
+        for s in m.segments:
+            rows.append({"micro_batch": k, "row": s.row, "offset": s.offset, "length": s.length, "doc_tokens": s.doc_tokens,
+                         "cropped": s.cropped, "source": f"{s.shard} · rg {s.row_group} · row {s.doc_row}" if s.shard
+                         else "in the loader's buffer at the restored checkpoint", "text": s.text})
+    return pd.DataFrame(rows)
+
+
+def approximate_position(run_dir: str) -> str | None:
+    """For an upstream run: where its newest meta says the loader was."""
+    from nanochat import checkpoint_manager as cm
+    from nanochat.data_replay import approximate_position as where
+
+    try:
+        found = [c for c in cm.list_checkpoints(run_dir) if c.meta is not None]
+        return where(cm.read_meta(found[-1])) if found else None
+    except cm.CheckpointError:
+        return None
