@@ -82,13 +82,13 @@ stats = [r.stats for r in report.shards]
 errors = [f for f in report.findings.findings if f.level == "error"]
 warnings = [f for f in report.findings.findings if f.level != "error"]
 t1, t2, t3, t4 = st.columns(4)
-t1.metric("Shards", f"{len(stats)}", f"validation: {report.findings.validation or 'none'}", delta_color="off",
-          delta_arrow="off", border=True)
+t1.metric("Shards", f"{len(stats)}", f"{len(report.findings.train)} train + validation" if report.findings.validation
+          else "no validation split", delta_color="off", delta_arrow="off", border=True)
 t2.metric("Documents", f"{sum(s.docs for s in stats):,}", f"{sum(s.chars for s in stats) / 1e6:,.1f} M characters",
           delta_color="off", delta_arrow="off", border=True)
 if report.tokens is not None:
-    t3.metric("Tokens", f"{report.tokens:,}", ("exact" if report.tokens_exact else "estimated from samples") +
-              f" · train {report.train_tokens or 0:,}", delta_color="off", delta_arrow="off", border=True)
+    t3.metric("Tokens", f"{report.tokens:,}", "exact count" if report.tokens_exact else "estimated from samples",
+              delta_color="off", delta_arrow="off", border=True)
 else:
     t3.metric("Tokens", "–", "pick a tokenizer", delta_color="off", delta_arrow="off", border=True)
 t4.metric(f"Ready for {world} rank(s)", "no" if errors else "yes", f"{len(errors)} error(s), {len(warnings)} warning(s)",
@@ -97,7 +97,8 @@ for f in errors:
     st.error(f.message, icon=":material/error:")
 for f in warnings[:8]:
     st.warning(f.message, icon=":material/warning:")
-st.caption(f"{report.data_dir} · {report.inspected} shard(s) read now, {report.reused} unchanged since their last "
+st.caption(f"{report.data_dir} · validation: {report.findings.validation or 'none'} (the last shard, as training "
+           f"uses it) · {report.train_tokens or 0:,} train tokens · {report.inspected} shard(s) read now, {report.reused} unchanged since their last "
            f"inspection (taken from the registry) · {report.duration_s * 1000:,.0f} ms")
 
 st.subheader("Document lengths")
