@@ -32,6 +32,8 @@ PAGES = {
     "generate": ("Generate", 3),
     "compare": ("Compare", 1),
     "calculator": ("Model calculator", 3),
+    "tokenizer": ("Tokenizer", 1),
+    "dataset": ("Dataset", 1),
 }
 CHART = '[data-testid="stVegaLiteChart"] :is(canvas, svg.marks)'
 

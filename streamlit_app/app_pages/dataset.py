@@ -42,14 +42,14 @@ world = int(c_world.number_input("Ranks", min_value=1, max_value=4096, value=1, 
                                  help="GPUs you will train with: the validation shard needs a row group per rank"))
 
 b1, b2, _ = st.columns([1.6, 1, 4])
-exact = b1.button("Count every token", icon=":material/functions:", disabled=tokenizer_dir is None,
+exact = b1.button("Count every token", key="exact", icon=":material/functions:", disabled=tokenizer_dir is None,
                   help="One streaming pass per shard on every core; results are stored, so it runs once per shard")
-if b2.button("Stop", icon=":material/stop:", help="Stop a running pass (shards finished so far are kept)"):
+if b2.button("Stop", key="stop", icon=":material/stop:", help="Stop a running pass (shards finished so far are kept)"):
     st.session_state[PAUSED] = True
 if st.session_state.get(PAUSED):
     st.info("Inspection stopped. Shards finished before the stop are stored and will not be read again.",
             icon=":material/pause_circle:")
-    if st.button("Resume inspection", type="primary", icon=":material/play_arrow:"):
+    if st.button("Resume inspection", key="resume", type="primary", icon=":material/play_arrow:"):
         st.session_state.pop(PAUSED)
         st.rerun()
     st.stop()
