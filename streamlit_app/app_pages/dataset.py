@@ -98,8 +98,9 @@ for f in errors:
 for f in warnings[:8]:
     st.warning(f.message, icon=":material/warning:")
 st.caption(f"{report.data_dir} · validation: {report.findings.validation or 'none'} (the last shard, as training "
-           f"uses it) · {report.train_tokens or 0:,} train tokens · {report.inspected} shard(s) read now, {report.reused} unchanged since their last "
-           f"inspection (taken from the registry) · {report.duration_s * 1000:,.0f} ms")
+           f"uses it) · {report.train_tokens or 0:,} train tokens · {report.inspected} shard(s) read now, "
+           f"{report.reused} unchanged since their last inspection (taken from the registry) · "
+           f"{report.duration_s * 1000:,.0f} ms")
 
 st.subheader("Document lengths")
 hist = data.length_histogram(report)
