@@ -56,6 +56,7 @@ class Tokenizer:
         if missing:
             raise TokenizerError(f"tokenizer lacks the special token {missing[0]}")
         self._token_bytes: list[int] | None = None
+        self._chat_template = None
 
     # ------------------------------------------------------------------ building
 
@@ -197,29 +198,30 @@ class Tokenizer:
         if bad is not None:
             raise TokenizerError(f"token id {bad} is outside the vocabulary (0..{n - 1})")
 
+    def chat_template(self):
+        """Upstream's chat template on this tokenizer (`nanochat/conversation.py`), built once."""
+        if self._chat_template is None:
+            from nanochat.conversation import ChatTemplate, ConversationError
+
+            try:
+                self._chat_template = ChatTemplate(self)
+            except ConversationError as e:
+                raise TokenizerError(str(e)) from None
+        return self._chat_template
+
     def render_chat_prompt(self, messages: list[dict]) -> list[int]:
         """Ids that prime the model for an assistant reply: <|bos|>, the turns, then <|assistant_start|>.
 
-        messages: [{"role": "user"|"assistant", "content": str}, ...]; a leading "system" message is
-        merged into the first user turn, as upstream does.
+        messages: [{"role": "user"|"assistant", "content": ...}, ...] ending with a user turn; a leading
+        "system" message is merged into the first user turn, as upstream does.
         """
-        msgs = list(messages)
-        if msgs and msgs[0].get("role") == "system":
-            if len(msgs) < 2 or msgs[1].get("role") != "user":
-                raise TokenizerError("a system message must be followed by a user message")
-            msgs = [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}, *msgs[2:]]
-        if not msgs or msgs[-1].get("role") != "user":
-            raise TokenizerError("a chat prompt must end with a user message")
-        ids = [self.get_bos_token_id()]
-        for m in msgs:
-            role = m.get("role")
-            if role not in ("user", "assistant"):
-                raise TokenizerError(f"unknown chat role {role!r}")
-            ids.append(self.encode_special(f"<|{role}_start|>"))
-            ids.extend(self.enc.encode_ordinary(str(m.get("content", ""))))
-            ids.append(self.encode_special(f"<|{role}_end|>"))
-        ids.append(self.encode_special("<|assistant_start|>"))
-        return ids
+        from nanochat.conversation import Conversation, ConversationError
+
+        template = self.chat_template()
+        try:
+            return template.render_prompt(Conversation.parse(list(messages)))
+        except ConversationError as e:
+            raise TokenizerError(str(e)) from None
 
 
 # ---------------------------------------------------------------------- persistence

@@ -57,8 +57,10 @@ def test_chat_rendering():
     assert ids[0] == tok.get_bos_token_id()
     assert ids[1] == tok.encode_special("<|user_start|>") and ids[-1] == tok.encode_special("<|assistant_start|>")
     assert tok.decode(ids[2:-2]) == "Be brief.\n\nHi"
-    with pytest.raises(TokenizerError, match="end with a user"):
+    with pytest.raises(TokenizerError, match="should be from user"):
         tok.render_chat_prompt([{"role": "assistant", "content": "x"}])
+    with pytest.raises(TokenizerError, match="end with a user"):
+        tok.render_chat_prompt([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
 
 
 def test_out_of_vocabulary_ids_are_refused():
