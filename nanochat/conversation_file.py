@@ -21,6 +21,7 @@ This module knows nothing about display; see tools/conversation_builder.py and t
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -247,14 +248,16 @@ def summarize(entries: Sequence[Entry], template: ChatTemplate, seq_len: int,
 
 
 def histogram(lengths: Sequence[int], mark: int, bins: int = 20) -> tuple[HistogramBin, ...]:
-    """About `bins` equal bins of a round width (1, 2 or 5 times a power of ten), from 0 past both the
-    longest length and `mark` (so the row capacity always lies on the axis)."""
+    """About `bins` bins of a round width (1, 2 or 5 times a power of ten) from 0 past both the longest
+    length and `mark`, with `mark` (the SFT row capacity) always a bin edge: the bin it falls in is
+    split there, so every bin is wholly below or wholly at/above it."""
     top = max(max(lengths, default=0) + 1, mark + 1)
     raw = top / bins
     magnitude = 10 ** math.floor(math.log10(raw)) if raw >= 1 else 1
-    width = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    width = max(1, int(width))
-    counts = [0] * math.ceil(top / width)
+    width = max(1, int(next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)))
+    edges = sorted({*range(0, top + width, width), mark})
+    edges = edges[:bisect.bisect_left(edges, top) + 1]  # the last edge is the first one >= top
+    counts = [0] * (len(edges) - 1)
     for n in lengths:
-        counts[n // width] += 1
-    return tuple(HistogramBin(i * width, (i + 1) * width, c) for i, c in enumerate(counts))
+        counts[bisect.bisect_right(edges, n) - 1] += 1
+    return tuple(HistogramBin(a, b, c) for a, b, c in zip(edges, edges[1:], counts))

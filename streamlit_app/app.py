@@ -39,6 +39,7 @@ def pages() -> dict[str, list]:
                      page("compare.py", "Compare", "view_column", "compare")],
         "Data": [page("tokenizer.py", "Tokenizer", "text_fields", "tokenizer"),
                  page("dataset.py", "Dataset", "dataset", "dataset")],
+        "Chat": [page("conversations.py", "Conversation builder", "forum", "builder")],
         "Planning": [page("calculator.py", "Model calculator", "calculate", "calculator")],
     }
 

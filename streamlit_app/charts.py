@@ -16,6 +16,7 @@ import altair as alt
 import pandas as pd
 
 from streamlit_app.frames import CHECKPOINT_STATES, STATE_COLORS
+from streamlit_app.traces import visible
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 # x axes of the run curves: frame column, axis title, d3 format
@@ -315,3 +316,47 @@ def bytes_per_token_chart(comparison: pd.DataFrame, height: int = 60) -> alt.Lay
     return alt.layer(base.mark_bar(color="#1f77b4", cornerRadiusEnd=2),
                      base.mark_text(align="left", dx=4, color="#374151").encode(text=alt.Text("bytes_per_token:Q", format=".2f"))
                      ).properties(height=alt.Step(max(28, height // max(len(comparison), 1))))
+
+
+# ---------------------------------------------------------------------- conversations (the builder page)
+
+TOKEN_KIND_STYLES = {  # kind from ChatTemplate.token_kinds: trained (mask 1), context (mask 0), special (a chat token)
+    "trained": "background:#dcfce7;color:#14532d",
+    "context": "background:#f3f4f6;color:#4b5563",
+    "special": "background:#1e3a8a;color:#ffffff;font-weight:600",
+}
+
+
+def conversation_tokens_html(tokens: pd.DataFrame, capacity: int | None = None) -> str:
+    """Every token of a rendered conversation as a box: green = trained on (mask 1), grey = context (mask 0),
+    dark blue = a chat special token (with a green underline when trained on, e.g. <|assistant_end|>).
+    A red rule marks where a row of `capacity` tokens ends. Columns: position, id, text, mask, kind. Escaped."""
+    out = []
+    for pos, tid, text, mask, kind in zip(tokens["position"], tokens["id"], tokens["text"], tokens["mask"],
+                                          tokens["kind"]):
+        if capacity is not None and pos == capacity:
+            out.append('<span title="the SFT row ends here" style="border-left:3px solid #dc2626;margin:0 3px"></span>')
+        style = TOKEN_KIND_STYLES[kind] + (";box-shadow:inset 0 -3px 0 #22c55e" if kind == "special" and mask else "")
+        shown = html.escape(visible(str(text)))
+        title = f"position {pos} · id {tid} · {'trained (mask 1)' if mask else 'not trained (mask 0)'}"
+        out.append(f'<span title="{title}" style="{style};border-radius:3px;padding:1px 2px;margin:1px;'
+                   f'display:inline-block;font-family:monospace;font-size:0.85rem">{shown}</span>')
+        if kind == "special" and text in ("<|user_end|>", "<|assistant_end|>"):
+            out.append("<br>")
+    return f'<div style="line-height:1.9">{"".join(out)}</div>'
+
+
+def length_histogram(lengths: pd.DataFrame, capacity: int, height: int = 260) -> alt.LayerChart:
+    """Bars of conversations per token-length bin (columns start, end, count) and a red rule at the SFT row
+    capacity (sequence length + 1): bars right of it are never trained on."""
+    df = lengths.assign(over=lengths["start"] >= capacity)
+    bars = alt.Chart(df).mark_bar().encode(
+        x=alt.X("start:Q", title="rendered length (tokens)", bin="binned", axis=alt.Axis(format=",d")),
+        x2="end:Q",
+        y=alt.Y("count:Q", title="conversations"),
+        color=alt.Color("over:N", scale=alt.Scale(domain=[False, True], range=["#1f77b4", "#d62728"]), legend=None),
+        tooltip=[alt.Tooltip("start:Q", title="from", format=",d"), alt.Tooltip("end:Q", title="to (excl.)", format=",d"),
+                 alt.Tooltip("count:Q", title="conversations")])
+    rule = alt.Chart(pd.DataFrame({"capacity": [capacity]})).mark_rule(color="#d62728", strokeDash=[4, 3]).encode(
+        x="capacity:Q", tooltip=[alt.Tooltip("capacity:Q", title="SFT row capacity (seq len + 1)", format=",d")])
+    return alt.layer(bars, rule).properties(height=height)

@@ -644,3 +644,100 @@ def approximate_position(run_dir: str) -> str | None:
         return where(cm.read_meta(found[-1])) if found else None
     except cm.CheckpointError:
         return None
+
+
+# ---------------------------------------------------------------------- conversations (the builder page)
+
+
+def file_stamp(path: str) -> tuple:
+    """(size, mtime_ns) of a file, () when absent: part of a cache key, so a rewritten file is re-read."""
+    try:
+        st_ = os.stat(path)
+    except OSError:
+        return ()
+    return (st_.st_size, st_.st_mtime_ns)
+
+
+def tokenizer_dir_for(run_path: str) -> str | None:
+    """The tokenizer folder a run was trained with (beside its checkpoints, or $NANOCHAT_BASE_DIR's)."""
+    from nanochat.checkpoint_manager import find_tokenizer_dir
+
+    found = find_tokenizer_dir(run_path)
+    return str(found) if found else None
+
+
+def chat_tokenizer(tokenizer_dir: str):
+    """The Tokenizer of a folder (with its chat template), read once per file version; raises
+    TokenizerError (one line) for a missing, damaged or non-chat tokenizer."""
+    from nanochat.tokenizer import TokenizerError
+
+    if not Path(tokenizer_dir).expanduser().is_dir():
+        raise TokenizerError(f"no tokenizer folder {tokenizer_dir}")
+    d = str(Path(tokenizer_dir).expanduser())
+    tok = tokenizer(d, tokenizer_stamp(d))  # the one tokenizer cache (Tokenizer and Dataset pages share it)
+    tok.chat_template()  # a tokenizer without the chat tokens fails here with a TokenizerError
+    return tok
+
+
+@st.cache_data(ttl=3600, max_entries=8, show_spinner=False)
+def conversation_entries(path: str, stamp: tuple) -> list:
+    """Every non-empty line of a conversation file as a nanochat.conversation_file.Entry (read only)."""
+    from nanochat.conversation_file import read_conversations
+
+    return read_conversations(path)
+
+
+@st.cache_data(ttl=3600, max_entries=8, show_spinner=False)
+def conversation_table(path: str, stamp: tuple, tokenizer_dir: str, seq_len: int):
+    """(one row per line: line, valid, error, turns, length, trained, tool_use, fits, cut, preview;
+    the DatasetSummary) of a conversation file rendered with the tokenizer against seq_len."""
+    from nanochat.conversation_file import fit, summarize
+
+    entries = conversation_entries(path, stamp)
+    template = chat_tokenizer(tokenizer_dir).chat_template()
+    renders = [template.render(e.conversation) for e in entries if e.valid]
+    summary = summarize(entries, template, seq_len, renders=renders)
+    rows, it = [], iter(renders)
+    for e in entries:
+        if not e.valid:
+            rows.append({"line": e.line, "valid": False, "error": e.error, "turns": None, "length": None,
+                         "trained": None, "tool_use": None, "fits": None, "cut": None, "preview": e.raw[:120]})
+            continue
+        r = next(it)
+        first = next((m.content for m in e.conversation.turns if m.role == "user"), "")
+        rows.append({"line": e.line, "valid": True, "error": "", "turns": len(e.conversation.turns), "length": r.length,
+                     "trained": r.supervised, "tool_use": e.conversation.has_tool_use, "fits": fit(r, seq_len).fits,
+                     "cut": r.truncated, "preview": first[:120]})
+    cols = ["line", "valid", "error", "turns", "length", "trained", "tool_use", "fits", "cut", "preview"]
+    return pd.DataFrame(rows, columns=cols), summary
+
+
+def render_conversation(tokenizer_dir: str, messages: list[dict], seq_len: int) -> dict:
+    """The editor's view of one conversation: its Conversation, Rendered (upstream's 2048 cut), Fit
+    against seq_len, and a per-token frame (position, id, text, mask, kind, message). Raises
+    ConversationError (one line) for an ill-formed conversation. Uncached: one render is ~0.1 ms."""
+    from nanochat.conversation import Conversation
+    from nanochat.conversation_file import fit
+
+    tok = chat_tokenizer(tokenizer_dir)
+    template = tok.chat_template()
+    conv = Conversation.parse(messages)
+    r = template.render(conv)
+    owner = [None] * len(r.ids)
+    for span in r.spans:
+        for i in range(span.start, min(span.end, len(r.ids))):
+            owner[i] = span.message
+    text = _token_text(tok)
+    frame = pd.DataFrame({"position": range(len(r.ids)), "id": r.ids, "text": [text(i) for i in r.ids],
+                          "mask": r.mask, "kind": template.token_kinds(r), "message": owner})
+    return {"conversation": conv, "rendered": r, "fit": fit(r, seq_len), "tokens": frame}
+
+
+def save_conversations(path: str, entries: list) -> int:
+    """Write entries (nanochat.conversation_file.Entry, kept lines as read) atomically; re-read next time."""
+    from nanochat.conversation_file import write_conversations
+
+    n = write_conversations(path, entries)
+    conversation_entries.clear()
+    conversation_table.clear()
+    return n

@@ -31,6 +31,7 @@ PAGES = {
     "integrity": ("Integrity", 1),
     "generate": ("Generate", 3),
     "compare": ("Compare", 1),
+    "builder": ("Conversation builder", 0),  # no conversation file in the demo yet: the editor, no histogram
     "calculator": ("Model calculator", 3),
     "tokenizer": ("Tokenizer", 1),
     "dataset": ("Dataset", 1),

@@ -103,11 +103,15 @@ def test_summary_against_the_sequence_length(conv_file, template):
         summarize(entries, template, seq_len=0)
 
 
-def test_histogram_bins_are_round_and_reach_the_mark():
-    bins = histogram([0, 5, 99, 1000], mark=2049)
-    assert bins[0].start == 0 and bins[-1].end > 2049 and sum(b.count for b in bins) == 4
-    assert len({b.end - b.start for b in bins}) == 1 and (bins[0].end - bins[0].start) in (100, 200, 500)
-    assert histogram([], mark=1)[0].count == 0
+def test_histogram_bins_are_round_and_split_at_the_mark():
+    bins = histogram([0, 5, 99, 1000, 2049, 2050], mark=2049)
+    assert bins[0].start == 0 and bins[-1].end > 2050 and sum(b.count for b in bins) == 6
+    assert all(a.end == b.start for a, b in zip(bins, bins[1:]))
+    assert any(b.start == 2049 for b in bins) and any(b.end == 2049 for b in bins)
+    widths = {b.end - b.start for b in bins if 2049 not in (b.start, b.end)}
+    assert len(widths) == 1 and widths.pop() in (100, 200, 500)
+    assert next(b for b in bins if b.start == 2049).count == 2
+    assert histogram([], mark=1)[0].count == 0 and histogram([3], mark=3)[-1].count == 1
 
 
 def run_cli(capsys, *args):
