@@ -218,7 +218,7 @@ with edit_tab:
                     st.text_area("content", key=f"cb_text_{t['id']}", label_visibility="collapsed", height=68)
                     continue
                 for pid in t["parts"]:
-                    c_type, c_text, c_del = st.columns([2, 4, 0.6], vertical_alignment="top")
+                    c_type, c_text, c_del = st.columns([2.4, 4, 0.6], vertical_alignment="top")
                     c_type.selectbox("part", list(PART_LABELS), key=f"cb_ptype_{pid}", label_visibility="collapsed",
                                      format_func=PART_LABELS.get, help="text and tool call are trained on; a tool "
                                      "output is not (at inference the tool writes it)")
@@ -279,7 +279,7 @@ with edit_tab:
                                  help="Replace the line this conversation was opened from; every other line is kept as is")
         save_append = s2.button("Append to file", icon=":material/playlist_add:", disabled=not can_save, width="stretch",
                                 help="Add it as a new last line (creates the file if there is none)")
-        s3.button("New conversation", icon=":material/note_add:", on_click=load_draft,
+        s3.button("New", icon=":material/note_add:", help="Start a new conversation (the file is not changed)", on_click=load_draft,
                   args=([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], None), width="stretch")
         if save_replace or save_append:
             conv = view["conversation"]
