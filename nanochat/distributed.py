@@ -117,6 +117,13 @@ def all_gather_into(out: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def broadcast(t: torch.Tensor, src: int) -> torch.Tensor:
+    """In place: every rank's t <- rank src's."""
+    if is_initialized():
+        dist.broadcast(t, src)
+    return t
+
+
 def get_rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 

@@ -13,9 +13,14 @@ exact, resumable runs under any backend:
   the owned parameters, then all_gather_into_tensor the updated parameters (padded to equal lengths).
   Both collectives exist in gloo, so 2 CPU processes under torchrun train the same way 8 GPUs do
   (upstream's reduce_scatter futures are NCCL-only).
-- State is keyed by parameter name and stored as plain tensors and numbers, readable with
-  `torch.load(weights_only=True)`; loading a shard checks rank, world size, names and shapes and
-  fails with a one-line `OptimizerStateError` instead of silently training from zeros.
+- Saved state is upstream's, whatever the in-memory layout: `state_dict()` returns for this rank exactly
+  what upstream's `MuonAdamW.state_dict()` holds (integer indices in upstream's group order, upstream's
+  group keys, Muon state stacked per group, and for W ranks upstream's split: large AdamW state by rows,
+  Muon groups in chunks of ceil(K/W) params), so upstream's trainer continues our runs. Building a rank's
+  file needs state other ranks own, so with W > 1 it is a collective (one broadcast per tensor, from its
+  owner). `load_shards()` takes every rank's file of one step, in this layout or our earlier per-name one
+  (format "nanochat-workbench-optimizer", v1), rebuilds each parameter's full state and keeps what this
+  rank owns; anything that does not fit the model fails with a one-line `OptimizerStateError`.
 
 It does not choose learning-rate schedules (see `schedule.py`) or talk to the file system.
 """
@@ -29,7 +34,13 @@ import torch
 
 from nanochat import distributed
 
-STATE_FORMAT = "nanochat-workbench-optimizer"
+STATE_FORMAT = "nanochat-workbench-optimizer"  # our earlier per-name layout, still read
+SMEAR_PARAMS = ("smear_gate.weight", "smear_lambda", "backout_lambda")  # upstream's order within the group
+SMALL_NUMEL = 1024  # upstream keeps the full AdamW state of smaller params on every rank, row shards of larger
+# Key order of upstream's saved groups (torch's state_dict keeps the group's insertion order, params last).
+UPSTREAM_GROUP_KEYS = {"adamw": ("kind", "lr", "betas", "eps", "weight_decay", "initial_lr"),
+                       "muon": ("kind", "lr", "momentum", "ns_steps", "beta2", "weight_decay", "initial_lr")}
+STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq"), "muon": ("momentum_buffer", "second_momentum_buffer")}
 
 # Polar Express coefficients (Amsel et al. 2025, arXiv:2505.16932; num_iters=5, safety 2e-2, cushion 2).
 POLAR_EXPRESS = (
@@ -68,13 +79,14 @@ def param_groups_for(model: torch.nn.Module, lrs: LearningRates) -> list[dict]:
              betas=(0.8, 0.96), eps=1e-10, weight_decay=0.01),
         dict(name="embedding", params=names(lambda n: n == "transformer.wte.weight"), lr=lrs.embedding * scale,
              betas=(0.8, 0.995), eps=1e-10, weight_decay=0.001),
-        dict(name="value_embeds", params=names(lambda n: n.startswith("value_embeds.")),
+        dict(name="value_embeds", params=sorted(names(lambda n: n.startswith("value_embeds.")),
+                                                 key=lambda n: int(n.split(".")[1])),
              lr=lrs.embedding * scale * 0.5, betas=(0.8, 0.995), eps=1e-10, weight_decay=0.01),
         dict(name="resid_lambdas", params=names(lambda n: n == "resid_lambdas"), lr=lrs.scalar * 0.01,
              betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05),
         dict(name="x0_lambdas", params=names(lambda n: n == "x0_lambdas"), lr=lrs.scalar,
              betas=(0.96, 0.95), eps=1e-10, weight_decay=0.0),
-        dict(name="smear", params=names(lambda n: n in ("smear_gate.weight", "smear_lambda", "backout_lambda")),
+        dict(name="smear", params=[n for n in SMEAR_PARAMS if n in named],
              lr=0.2, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
     ]
     groups = [dict(kind="adamw", **g) for g in adamw if g["params"]]
@@ -225,45 +237,186 @@ class MuonAdamW:
     # ------------------------------------------------------------------ persistence
 
     def state_dict(self) -> dict:
-        """This rank's shard: plain tensors (cloned, on CPU) and numbers, keyed by parameter name."""
-        return {
-            "format": STATE_FORMAT,
-            "version": 1,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "owned": list(self.owned),
-            "state": {n: {k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v) for k, v in s.items()}
-                      for n, s in self.state.items()},
-            "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-                             for g in self.param_groups],
-        }
+        """This rank's file, in upstream's layout (module docstring): plain CPU tensors and numbers.
+        With world_size > 1 every rank must call it (it broadcasts each parameter's state from its owner)."""
+        world, rank = self.world_size, self.rank
+        groups, state, index = [], {}, 0
+        for g in self.param_groups:
+            names, kind = g["params"], g["kind"]
+            ids = list(range(index, index + len(names)))
+            index += len(names)
+            groups.append(_upstream_group(g, ids))
+            if kind == "muon":
+                full = [self._state_everywhere(n, kind) for n in names]
+                if any(s is None for s in full):
+                    continue  # no step yet: upstream has no entry either
+                chunk = -(-len(names) // world)
+                mine = full[rank * chunk:(rank + 1) * chunk]
+                entry = {}
+                for key in STATE_KEYS[kind]:
+                    shape = full[0][key].shape
+                    stacked = torch.zeros((chunk, *shape), dtype=full[0][key].dtype)
+                    for j, s in enumerate(mine):
+                        stacked[j].copy_(s[key])
+                    entry[key] = stacked
+                state[ids[0]] = entry
+                continue
+            for i, n in zip(ids, names):
+                s = self._state_everywhere(n, kind)
+                if s is not None:
+                    state[i] = {"step": s["step"], **{k: self._rows_of_rank(s[k]) for k in STATE_KEYS[kind]}}
+        return {"state": state, "param_groups": groups}
 
-    def load_state_dict(self, sd: dict) -> None:
-        if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
-            raise OptimizerStateError("the optimizer shard was not written by this trainer (upstream's optimizer "
-                                      "state cannot be resumed exactly)")
-        if sd.get("world_size") != self.world_size or sd.get("rank") != self.rank:
-            raise OptimizerStateError(f"the optimizer shard is rank {sd.get('rank')} of {sd.get('world_size')}, "
-                                      f"but this process is rank {self.rank} of {self.world_size}")
-        if list(sd.get("owned", [])) != self.owned:
-            raise OptimizerStateError("the optimizer shard covers different parameters than this model "
-                                      "(changed model config?)")
+    def _rows_of_rank(self, t: torch.Tensor) -> torch.Tensor:
+        """Upstream's AdamW split: rank r keeps rows [r*R/W, (r+1)*R/W) of a large parameter's state.
+        (Upstream cannot train when R % W != 0; such state is then written whole.)"""
+        w = self.world_size
+        if w == 1 or t.numel() < SMALL_NUMEL or t.shape[0] % w:
+            return t
+        rows = t.shape[0] // w
+        return t[self.rank * rows:(self.rank + 1) * rows].clone()
+
+    def _state_everywhere(self, name: str, kind: str) -> dict | None:
+        """One parameter's full state on every rank (CPU copies); None before its first step."""
+        p = self.named[name]
+        owner = self.owners[name]
+        mine = self.state.get(name) if owner == self.rank else None
+        if self.world_size == 1:
+            return None if mine is None else {k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v)
+                                              for k, v in mine.items()}
+        head = torch.tensor([mine is not None, (mine or {}).get("step", 0)], dtype=torch.int64, device=p.device)
+        distributed.broadcast(head, owner)
+        if not head[0].item():
+            return None
+        out = {"step": int(head[1].item())} if kind == "adamw" else {}
+        for key in STATE_KEYS[kind]:
+            t = mine[key] if mine is not None else torch.empty(_state_shape(p, key), dtype=p.dtype, device=p.device)
+            distributed.broadcast(t, owner)
+            out[key] = t.detach().to("cpu", copy=True)
+        return out
+
+    def load_shards(self, shards: list) -> None:
+        """Restore from every rank's file of one step (index = rank), upstream's layout or our v1 one.
+        The files may come from another world size: each parameter's full state is rebuilt first."""
+        if not shards:
+            raise OptimizerStateError("no optimizer files to load")
+        if all(isinstance(sd, dict) and sd.get("format") == STATE_FORMAT for sd in shards):
+            full = self._full_state_from_v1(shards)
+        else:
+            full = self._full_state_from_upstream(shards)
         state = {}
-        for n, s in sd["state"].items():
-            p = self.named.get(n)
-            if p is None or n not in self.owned:
-                raise OptimizerStateError(f"the optimizer shard holds state for {n}, which this rank does not own")
-            restored = {}
-            for k, v in s.items():
-                if torch.is_tensor(v):
-                    expected = p.shape if k in ("momentum_buffer", "exp_avg", "exp_avg_sq") else None
-                    if expected is not None and tuple(v.shape) != tuple(expected):
-                        raise OptimizerStateError(f"optimizer state {n}.{k} has shape {list(v.shape)}, "
-                                                  f"the parameter has {list(p.shape)}")
-                    v = v.to(device=p.device, dtype=p.dtype, copy=True)
-                restored[k] = v
-            state[n] = restored
+        for n in self.owned:
+            if n in full:
+                p = self.named[n]
+                state[n] = {k: (v.to(device=p.device, dtype=p.dtype, copy=True) if torch.is_tensor(v) else v)
+                            for k, v in full[n].items()}
         self.state = state
+
+    def _full_state_from_v1(self, shards: list[dict]) -> dict[str, dict]:
+        full = {}
+        for r, sd in enumerate(shards):
+            if (sd.get("rank"), sd.get("world_size")) != (r, len(shards)):
+                raise OptimizerStateError(f"optimizer file {r} of {len(shards)} says it is rank {sd.get('rank')} "
+                                          f"of {sd.get('world_size')}")
+            for n, s in sd["state"].items():
+                p = self.named.get(n)
+                if p is None:
+                    raise OptimizerStateError(f"the optimizer state holds {n}, which this model does not have "
+                                              "(changed model config?)")
+                full[n] = dict(s)
+        for n, s in full.items():
+            for k in ("exp_avg", "exp_avg_sq", "momentum_buffer", "second_momentum_buffer"):
+                if k in s and tuple(s[k].shape) != _state_shape(self.named[n], k):
+                    raise OptimizerStateError(f"optimizer state {n}.{k} has shape {list(s[k].shape)}, the parameter "
+                                              f"has {list(self.named[n].shape)}")
+        return full
+
+    def _full_state_from_upstream(self, shards: list) -> dict[str, dict]:
+        world = len(shards)
+        for r, sd in enumerate(shards):
+            if isinstance(sd, list):
+                raise OptimizerStateError("this is classic upstream optimizer state (a list [adamw, muon]); only "
+                                          "the current single-dict layout can be continued")
+            if not (isinstance(sd, dict) and isinstance(sd.get("state"), dict)
+                    and isinstance(sd.get("param_groups"), list)):
+                raise OptimizerStateError(f"optimizer file of rank {r} is not an optimizer state dict")
+        ours = self.param_groups
+        for sd in shards:
+            theirs = sd["param_groups"]
+            sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in theirs]
+            if [g.get("kind") if isinstance(g, dict) else None for g in theirs] != [g["kind"] for g in ours] \
+                    or sizes != [len(g["params"]) for g in ours]:
+                raise OptimizerStateError(f"the optimizer state has groups of sizes {sizes}, this model's are "
+                                          f"{[len(g['params']) for g in ours]} (changed model config?)")
+        full, index = {}, 0
+        for g in ours:
+            names, kind = g["params"], g["kind"]
+            ids = list(range(index, index + len(names)))
+            index += len(names)
+            if kind == "adamw":
+                for i, n in zip(ids, names):
+                    entries = [sd["state"].get(i) for sd in shards]
+                    if entries[0] is None:
+                        continue
+                    full[n] = {"step": _as_int(entries[0].get("step"), n),
+                               **{k: self._join_rows(n, k, entries) for k in STATE_KEYS[kind]}}
+                continue
+            entries = [sd["state"].get(ids[0]) for sd in shards]
+            if entries[0] is None:
+                continue
+            chunk = -(-len(names) // world)
+            for key in STATE_KEYS[kind]:
+                parts = [_entry_tensor(e, key, names[0], r) for r, e in enumerate(entries)]
+                want = _state_shape(self.named[names[0]], key)
+                for r, t in enumerate(parts):
+                    if tuple(t.shape) != (chunk, *want):
+                        raise OptimizerStateError(f"rank {r}'s {key} for the {g['name']} group has shape "
+                                                  f"{list(t.shape)}, expected {[chunk, *want]}")
+                stacked = torch.cat(parts)[:len(names)]
+                for j, n in enumerate(names):
+                    full.setdefault(n, {})[key] = stacked[j].clone()
+        return full
+
+    def _join_rows(self, name: str, key: str, entries: list) -> torch.Tensor:
+        """An AdamW tensor whole (on every rank alike) or as upstream's row shards, one per rank."""
+        want = tuple(self.named[name].shape)
+        parts = [_entry_tensor(e, key, name, r) for r, e in enumerate(entries)]
+        if tuple(parts[0].shape) == want:
+            return parts[0]
+        if all(tuple(t.shape) == (want[0] // len(parts), *want[1:]) for t in parts) and want[0] % len(parts) == 0:
+            return torch.cat(parts)
+        raise OptimizerStateError(f"optimizer state {name}.{key} has shape {list(parts[0].shape)} in rank 0's file, "
+                                  f"the parameter has {list(want)}")
+
+
+def _upstream_group(g: dict, ids: list[int]) -> dict:
+    out = {k: (tuple(g[k]) if k == "betas" else g[k]) for k in UPSTREAM_GROUP_KEYS[g["kind"]]}
+    out["params"] = ids
+    return out
+
+
+def _state_shape(p: torch.Tensor, key: str) -> tuple[int, ...]:
+    if key == "second_momentum_buffer":
+        rows, cols = p.shape[-2], p.shape[-1]
+        return (rows, 1) if rows >= cols else (1, cols)
+    return tuple(p.shape)
+
+
+def _entry_tensor(entry, key: str, name: str, rank: int) -> torch.Tensor:
+    t = entry.get(key) if isinstance(entry, dict) else None
+    if not torch.is_tensor(t):
+        raise OptimizerStateError(f"rank {rank}'s optimizer file has no {key} for {name}")
+    return t
+
+
+def _as_int(v, name: str) -> int:
+    if torch.is_tensor(v) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int):
+        raise OptimizerStateError(f"the optimizer step of {name} is {v!r}, not a count")
+    return v
 
 
 def polar_express(x: torch.Tensor, steps: int) -> torch.Tensor:

@@ -431,7 +431,7 @@ def train(args, explicit: set[str], dist_info) -> int:
             state = cm.load_state_dict(ckpt, device)
             cm.config_from_checkpoint(meta, {k: v.shape for k, v in state.items()})
             model.load_state_dict(state, strict=True)
-            optimizer.load_state_dict(cm.torch_load(ckpt.optimizer_shards[rank], device))
+            optimizer.load_shards([cm.torch_load(ckpt.optimizer_shards[r]) for r in range(world)])
             ts = check_train_state(cm.torch_load(ckpt.train_states[rank]), rank=rank, world_size=world, step=ckpt.step)
             loader.load_state_dict(ts["loader"])
         except (cm.CheckpointError, OptimizerStateError, TrainStateError, DataError, RuntimeError) as e:

@@ -93,3 +93,17 @@ class RunsCode:
 def touch_payload(marker: Path) -> RunsCode:
     """Unpickling this creates `marker`: a test asserts the file never appears."""
     return RunsCode(os.system, f"touch {marker}")
+
+
+def v1_optimizer_files(full, world: int, model: GPT) -> list[dict]:
+    """Our earlier optimizer layout (format nanochat-workbench-optimizer v1), from a one-process MuonAdamW
+    holding the whole state: per rank, the state of the params that rank owned, keyed by name."""
+    from nanochat.optim import STATE_FORMAT, LearningRates, MuonAdamW, param_groups_for
+
+    out = []
+    for r in range(world):
+        owner = MuonAdamW(model, param_groups_for(model, LearningRates()), rank=r, world_size=world)
+        out.append({"format": STATE_FORMAT, "version": 1, "rank": r, "world_size": world, "owned": owner.owned,
+                    "state": {n: s for n, s in full.state.items() if n in owner.owned},
+                    "param_groups": [dict(g) for g in owner.param_groups]})
+    return out

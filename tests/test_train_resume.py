@@ -23,7 +23,9 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from tests.modelkit import write_training_base
+from nanochat.gpt import GPT
+from nanochat.optim import LearningRates, MuonAdamW, param_groups_for
+from tests.modelkit import v1_optimizer_files, write_training_base
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_META = ROOT / "tests" / "fixtures" / "upstream" / "current" / "base_checkpoints" / "d2" / "meta_000300.json"
@@ -76,9 +78,9 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 
 def assert_same_optimizer_shard(a: Path, b: Path) -> None:
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert sa["owned"] == sb["owned"] and sa["state"].keys() == sb["state"].keys()
-    for name in sa["state"]:
-        assert_bit_identical(sa["state"][name], sb["state"][name])
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    for index in sa["state"]:
+        assert_bit_identical(sa["state"][index], sb["state"][index])
 
 
 def metrics(base: Path, tag: str) -> list[dict]:
@@ -186,6 +188,27 @@ def test_two_processes_under_torchrun_resume_bit_identically(base, ddp_reference
                                     run_dir(base, "ddp-crash") / f"optim_000030_rank{rank}.pt")
     assert series(metrics(base, "ddp-crash"), after=10) == series(metrics(base, "ddp-ref"), after=10)
     assert cm.read_meta(cm.find_last_complete(run_dir(base, "ddp-crash")))["world_size"] == 2
+
+
+def test_checkpoints_with_our_earlier_optimizer_layout_still_resume_exactly(base, ddp_reference):
+    """Runs saved before the optimizer files took upstream's layout (per-name state, v1) continue bit-exactly."""
+    src, dst = run_dir(base, "ddp-ref"), run_dir(base, "ddp-v1")
+    dst.mkdir(parents=True)
+    for p in src.glob("*_000010*"):
+        shutil.copy2(p, dst / p.name)
+    shutil.copy2(src / "metrics.jsonl", dst / "metrics.jsonl")
+    meta = json.loads((dst / "meta_000010.json").read_text())
+    shapes = {k: v.shape for k, v in torch.load(dst / "model_000010.pt", weights_only=True).items()}
+    model = GPT(cm.config_from_checkpoint(meta, shapes))
+    full = MuonAdamW(model, param_groups_for(model, LearningRates()))
+    full.load_shards([torch.load(dst / f"optim_000010_rank{r}.pt", weights_only=True) for r in (0, 1)])
+    for r, sd in enumerate(v1_optimizer_files(full, 2, model)):
+        torch.save(sd, dst / f"optim_000010_rank{r}.pt")
+    res = run(command("ddp-v1", "--resume", nproc=2), base)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_bit_identical(weights(base, "ddp-ref"), weights(base, "ddp-v1"))
+    for rank in (0, 1):  # and from now on it writes upstream's layout
+        assert_same_optimizer_shard(src / f"optim_000030_rank{rank}.pt", dst / f"optim_000030_rank{rank}.pt")
 
 
 # ---------------------------------------------------------------------- kill while a checkpoint is written
