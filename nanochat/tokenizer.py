@@ -3,9 +3,10 @@ The BPE tokenizer of upstream nanochat: trained with rustbpe, run with tiktoken.
 
 What it does: train from a text iterator (upstream's split pattern and special tokens, in upstream's
 order), encode and decode, per-token byte lengths for bits-per-byte, chat rendering for prompts, and
-persistence in our own data-only JSON format. Upstream's `tokenizer.pkl` (a pickled
-`tiktoken.Encoding`) is read by a restricted unpickler that can only rebuild that one object, so a
-tokenizer file from a stranger can never run code.
+persistence in our own data-only JSON format plus upstream's `tokenizer.pkl` (a pickled
+`tiktoken.Encoding`, byte for byte what upstream writes, so upstream's loader works on our base dirs).
+A `tokenizer.pkl` is only ever read by a restricted unpickler that can only rebuild that one object, so
+a tokenizer file from a stranger can never run code.
 
 What it does not do: load models or choose where a tokenizer lives (see `checkpoint_manager.py`).
 torch is imported only to write `token_bytes.pt` (it is read with `torchfile.read_array`, torch-free).
@@ -86,7 +87,7 @@ class Tokenizer:
         raise TokenizerError(f"no {OUR_FILE} or {UPSTREAM_FILE} in {d}")
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json and token_bytes.pt into `directory` (atomically, each file)."""
+        """Write tokenizer.json, upstream's tokenizer.pkl and token_bytes.pt into `directory` (atomically, each file)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         ranks = self.enc._mergeable_ranks
@@ -100,6 +101,7 @@ class Tokenizer:
             "special_tokens": self.enc._special_tokens,
         }
         _atomic_write(d / OUR_FILE, json.dumps(doc).encode("utf-8"))
+        self.save_upstream_pickle(d)
         self.save_token_bytes(d)
         self.directory = d
         return d / OUR_FILE
@@ -162,6 +164,16 @@ class Tokenizer:
         if t.ndim != 1 or t.size != self.get_vocab_size():
             raise TokenizerError(f"{path} does not match a vocabulary of {self.get_vocab_size()}")
         return [int(x) for x in t.tolist()]
+
+    def save_upstream_pickle(self, directory: str | os.PathLike) -> Path:
+        """Upstream's tokenizer.pkl: `pickle.dump` (protocol 4) of the Encoding, as upstream's tok_train
+        writes it (one global, tiktoken.core.Encoding, NEWOBJ and a BUILD dict of its four constructor
+        arguments). The bytes are read back through the restricted reader before they are written."""
+        data = pickle.dumps(self.enc, protocol=4)
+        _unpickle_encoding(data, UPSTREAM_FILE)  # tiktoken pickles a registered name as a bare string: refuse
+        path = Path(directory) / UPSTREAM_FILE
+        _atomic_write(path, data)
+        return path
 
     def save_token_bytes(self, directory: str | os.PathLike) -> None:
         import torch
@@ -278,6 +290,10 @@ def read_upstream_pickle(path: str | os.PathLike) -> tiktoken.Encoding:
         data = path.read_bytes()
     except OSError as e:
         raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
+    return _unpickle_encoding(data, path)
+
+
+def _unpickle_encoding(data: bytes, path: Path | str) -> tiktoken.Encoding:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data)).load()
     except UnsafePickleError as e:
@@ -289,7 +305,7 @@ def read_upstream_pickle(path: str | os.PathLike) -> tiktoken.Encoding:
     return _build_encoding(obj.state, path)
 
 
-def _build_encoding(state: dict, path: Path) -> tiktoken.Encoding:
+def _build_encoding(state: dict, path: Path | str) -> tiktoken.Encoding:
     expected = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
     if set(state) != expected:
         raise TokenizerError(f"{path}: tokenizer state has keys {sorted(state)}, expected {sorted(expected)}")

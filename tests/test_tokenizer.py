@@ -38,11 +38,66 @@ def test_train_roundtrip_and_save_load(tmp_path):
     assert tok.encode([text, "x"], prepend="<|bos|>")[1][0] == tok.get_bos_token_id()
     path = tok.save(tmp_path / "tok")
     assert path.name == "tokenizer.json" and (tmp_path / "tok" / "token_bytes.pt").exists()
+    assert (tmp_path / "tok" / "tokenizer.pkl").exists()
     again = Tokenizer.from_directory(tmp_path / "tok")
     assert again.encode(text) == ids
     assert again.token_bytes() == tok.token_bytes()
     assert sum(again.token_bytes()[i] for i in ids) == len(text.encode("utf-8"))
     assert b"pickle" not in path.read_bytes()[:100]
+
+
+def pickle_globals(data: bytes) -> list[tuple[str, str]]:
+    """Every class or function a pickle references (protocol 4: STACK_GLOBAL takes the two strings before it)."""
+    import pickletools
+
+    strings, found = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "STACK_GLOBAL":
+            found.append((strings[-2], strings[-1]))
+        elif op.name in ("GLOBAL", "INST"):
+            found.append(tuple(arg.split(" ", 1)))
+    return found
+
+
+def test_we_write_upstreams_tokenizer_pickle(tmp_path, upstream_dir):
+    """tokenizer.pkl as upstream's loader expects it: for upstream's own vocabulary our file is byte for byte
+    upstream's; for one we trained, the same opcodes around the data and the one global tiktoken.core.Encoding.
+    We read it back only through the restricted reader."""
+    import pickletools
+
+    fixture = (upstream_dir / "current" / "tokenizer" / "tokenizer.pkl").read_bytes()
+    Tokenizer.from_directory(upstream_dir / "current" / "tokenizer").save(tmp_path / "same")
+    assert (tmp_path / "same" / "tokenizer.pkl").read_bytes() == fixture
+    tok = tiny_tokenizer(300)
+    tok.save(tmp_path / "ours")
+    ours = (tmp_path / "ours" / "tokenizer.pkl").read_bytes()
+    assert pickle_globals(ours) == pickle_globals(fixture) == [("tiktoken.core", "Encoding")]
+    names = [[op.name for op, _, _ in pickletools.genops(b)] for b in (ours, fixture)]
+    assert names[0][:12] == names[1][:12] and names[0][-3:] == names[1][-3:]  # PROTO 4 ... NEWOBJ {..} BUILD STOP
+    assert set(names[0]) <= set(names[1]) | {"BININT", "BINUNICODE", "BINBYTES"}
+    assert ours[:2] == b"\x80\x04"
+    (tmp_path / "ours" / "tokenizer.json").unlink()
+    again = Tokenizer.from_directory(tmp_path / "ours")  # only the pickle is left: the restricted reader
+    assert again.enc._mergeable_ranks == tok.enc._mergeable_ranks
+    assert again.enc._special_tokens == tok.enc._special_tokens and again.enc._pat_str == tok.enc._pat_str
+    assert read_upstream_pickle(tmp_path / "ours" / "tokenizer.pkl").name == "rustbpe"
+
+
+def test_tok_train_exports_the_pickle_for_an_existing_tokenizer(tmp_path, monkeypatch, capsys):
+    from scripts import tok_train
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert tok_train.main(["--export-pickle"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    tok = tiny_tokenizer(300)
+    tok.save(tmp_path / "tokenizer")
+    (tmp_path / "tokenizer" / "tokenizer.pkl").unlink()  # a base dir written before we wrote the pickle
+    before = (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+    assert tok_train.main(["--export-pickle"]) == 0
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == before
+    assert read_upstream_pickle(tmp_path / "tokenizer" / "tokenizer.pkl")._mergeable_ranks == tok.enc._mergeable_ranks
 
 
 def test_special_tokens_in_text_are_plain_text():
