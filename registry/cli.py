@@ -153,26 +153,49 @@ def cmd_scan(args, ctx) -> Output:
     return Output(report, "\n".join(text))
 
 
-@command("import-log", "import an upstream training log (console output) into a run's metrics", args=[
-    arg("file", metavar="FILE", help="the log, e.g. what `tee` saved from base_train"),
-    arg("--run", required=True, metavar="RUN", help="the run it belongs to: id, tag, phase/tag or folder path"),
+@command("import-log", "import upstream's console logs and base_eval CSVs (metrics and evaluations) into runs", args=[
+    arg("file", metavar="FILE|DIR", help="a log (what `tee` saved from base_train, chat_sft, chat_rl, base_eval, "
+        "chat_eval, or all of them), a base_eval/base_model_NNNNNN.csv, or a folder: every *.log and base_eval CSV in it"),
+    arg("--run", metavar="RUN", help="the run it belongs to: id, tag, phase/tag or folder path (default: the file says, "
+        "from its 'Saved model parameters to' / 'Loading model from' lines; a CSV: the one run with that step)"),
     arg("--segment", type=int, default=1, metavar="N", help="resume segment these lines belong to (default 1)"),
 ])
 def cmd_import_log(args, ctx) -> Output:
-    """Parse `step 00001/00300 (0.33%) | loss: ... | lrm: ... | dt: ... | tok/sec: ...` and
-    `Step 00050 | Validation bpb: ...` lines into train_loss, lrm, dt_ms, tok_per_sec, grad_norm, mfu and
-    val_bpb. Points already present are skipped; malformed lines are counted and shown."""
-    from registry.logimport import import_log
+    """Step lines (base_train's `step N/T`, chat_sft's `step N (p%)`, chat_rl's rewards) into train_loss_ema
+    (upstream prints a debiased EMA), lrm, dt_ms, tok_per_sec, grad_norm, mfu, reward, sequence_length;
+    `Validation bpb` into val_bpb; CORE, ChatCORE, per-task accuracies, bpb and pass@k into evaluation
+    results. Points and evaluations already present are not added twice; malformed lines are counted and shown."""
+    from pathlib import Path
 
-    r = import_log(ctx.store(), args.file, args.run, segment=args.segment)
-    text = [f"imported {r.path} into {r.run_label} (id {r.run_id})",
-            f"  lines: {r.lines} ({r.train_lines} step lines, {r.eval_lines} validation lines, {r.malformed} malformed)",
-            f"  points: {r.points_new} new, {r.points_existing} already present"]
-    if r.ignored_fields:
-        text.append(f"  ignored fields: {', '.join(r.ignored_fields)}")
-    text += [f"  malformed line {n}: {t}" for n, t in r.malformed_examples]
-    warnings = [f"{r.malformed} malformed line(s) in {r.path} were skipped"] if r.malformed else []
-    return Output(r, "\n".join(text), warnings)
+    from registry.logimport import import_log, import_logs
+
+    if Path(args.file).expanduser().is_dir():
+        if args.run is not None:
+            raise RegistryError("--run goes with one file, not a folder (each file in a folder says its own run)")
+        done = import_logs(ctx.store(), args.file)
+        reports, failures = list(done.reports), list(done.failures)
+    else:
+        reports, failures = [import_log(ctx.store(), args.file, args.run, segment=args.segment)], []
+    text, warnings = [], []
+    for r in reports:
+        text += [f"imported {r.path} into {', '.join(r.runs) or r.run_label}",
+                 f"  lines: {r.lines} ({r.train_lines} step lines, {r.eval_lines} evaluation lines, {r.malformed} malformed)",
+                 f"  points: {r.points_new} new, {r.points_existing} already present; "
+                 f"evaluations: {r.evals_new} new, {r.evals_updated} already present"]
+        if r.ignored_fields:
+            text.append(f"  ignored fields: {', '.join(r.ignored_fields)}")
+        text += [f"  malformed line {n}: {t}" for n, t in r.malformed_examples]
+        text += [f"  not imported: {u}" for u in r.unmatched]
+        if r.malformed:
+            warnings.append(f"{r.malformed} malformed line(s) in {r.path} were skipped")
+        warnings += [f"{r.path}: not imported: {u}" for u in r.unmatched]
+    text += [f"not imported {f}: {why}" for f, why in failures]
+    warnings += [f"{f}: {why}" for f, why in failures]
+    if not reports and not failures:
+        text.append(f"no *.log or base_eval CSV under {args.file}")
+    data = reports[0] if len(reports) == 1 and not failures and not Path(args.file).expanduser().is_dir() else \
+        {"reports": reports, "failures": [{"path": f, "error": why} for f, why in failures]}
+    return Output(data, "\n".join(text), warnings)
 
 
 def _where(items: list[str]) -> dict[str, str]:
@@ -247,9 +270,17 @@ def cmd_show(args, ctx) -> Output:
         help="at most N points per series; minima and maxima are kept (default 100)"),
     arg("--from", dest="step_min", type=int, metavar="STEP", help="first step to include"),
     arg("--to", dest="step_max", type=int, metavar="STEP", help="last step to include"),
+    arg("--evals", action="store_true", help="the run's evaluation results instead (CORE, ChatCORE, per-task "
+        "accuracies, bpb, pass@k: task, metric, value, examples, step, source)"),
 ])
 def cmd_history(args, ctx) -> Output:
-    """Points of each metric series (step, value, resume segment, wall time)."""
+    """Points of each metric series (step, value, resume segment, wall time); with --evals, evaluation results."""
+    if args.evals:
+        found = [e for e in ctx.store().eval_results(args.run)
+                 if (args.step_min is None or e.step >= args.step_min) and (args.step_max is None or e.step <= args.step_max)]
+        rows = [[e.step, e.key, fmt_num(e.value, 6), fmt_num(e.n_examples), e.script, e.source] for e in found]
+        return Output(found, table(["step", "evaluation", "value", "examples", "script", "source"], rows,
+                                   "no evaluations for this run (import upstream's logs: python -m registry import-log)"))
     if args.max_points < 1:
         raise RegistryError("--max-points must be at least 1")
     series = ctx.store().metric_history(args.run, args.key, max_points=args.max_points, step_min=args.step_min,
@@ -264,7 +295,8 @@ def cmd_history(args, ctx) -> Output:
 
 @command("best", "the best complete checkpoint of a run by a metric", args=[
     arg("run", metavar="RUN", help="id, tag, phase/tag or folder path"),
-    arg("--metric", default="val_bpb", help="metric to rank by (default val_bpb)"),
+    arg("--metric", default="val_bpb", help="metric to rank by (default val_bpb): a metric series, or an evaluation "
+        "TASK:METRIC such as CORE:core, ChatCORE:chatcore or ARC-Easy:accuracy (history RUN --evals lists them)"),
     arg("--max", action="store_true", help="higher is better (default: lower is better)"),
 ])
 def cmd_best(args, ctx) -> Output:

@@ -49,7 +49,7 @@ from registry.errors import (
 )
 from registry.models import Base, DatasetShard, RegistryInfo, Run, ShardTokenCount
 
-SCHEMA_VERSION = 2  # 2: dataset_shards and shard_token_counts (the dataset inspector's cache)
+SCHEMA_VERSION = 3  # 2: dataset_shards and shard_token_counts (the dataset inspector's cache); 3: eval_results
 APPLICATION = "nanochat-workbench registry"
 ENV_URL = "NANOCHAT_REGISTRY_URL"
 ENV_BASE = "NANOCHAT_BASE_DIR"  # nanochat's own base-dir variable (nanochat.common.get_base_dir)
@@ -61,8 +61,15 @@ def _add_dataset_tables(conn: Connection) -> None:
     Base.metadata.create_all(conn, tables=[DatasetShard.__table__, ShardTokenCount.__table__])
 
 
+def _add_eval_results(conn: Connection) -> None:
+    """Version 3 adds eval_results (evaluations imported from upstream's logs and base_eval CSVs)."""
+    from registry.models import EvalResult
+
+    EvalResult.__table__.create(conn)
+
+
 # from_version -> function(connection) that upgrades the schema to from_version + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_dataset_tables}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_dataset_tables, 2: _add_eval_results}
 _PG_SCHEMA_LOCK = 0x6E616E6F  # advisory lock id serialising schema creation and migration on PostgreSQL
 _RETRYABLE_PG = {"40P01", "40001", "55P03"}  # deadlock, serialization failure, lock not available
 

@@ -280,6 +280,39 @@ class ImportReport:
     malformed: int
     malformed_examples: tuple[tuple[int, str], ...]  # (line number, text) of the first few
     ignored_fields: tuple[str, ...]  # field names seen in step lines that are not imported
+    evals_new: int = 0  # evaluation results added (eval_results rows)
+    evals_updated: int = 0  # already there from this source (value refreshed)
+    runs: tuple[str, ...] = ()  # every run the file fed (a log may hold several scripts' output)
+    unmatched: tuple[str, ...] = ()  # parts of the file that no run could be found for, and why
+
+
+@dataclasses.dataclass(frozen=True)
+class LogsImport:
+    """Logs and base_eval CSVs imported from one file or folder: what went in, and what could not."""
+    path: str
+    reports: tuple[ImportReport, ...]
+    failures: tuple[tuple[str, str], ...]  # (file, one-line reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+    """One evaluation figure (eval_results row): `task` and `metric` name it, `key` = "task:metric" is
+    what `best --metric` and the app use."""
+    id: int
+    run_id: int
+    run_label: str
+    step: int
+    task: str
+    metric: str
+    value: float | None
+    n_examples: int | None
+    script: str  # base_train | base_eval | chat_sft | chat_eval | chat_rl
+    source: str
+    recorded_at: datetime
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}:{self.metric}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,6 +379,8 @@ def to_jsonable(obj):
         if isinstance(obj, CheckpointRecord):
             out["label"] = obj.label
             out["state"] = obj.state
+        if isinstance(obj, EvalRecord):
+            out["key"] = obj.key
         return out
     if isinstance(obj, datetime):
         return obj.isoformat()

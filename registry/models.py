@@ -19,6 +19,10 @@ Design notes (the why behind the columns):
   by the resolved path and valid while (size, mtime_ns) match; `shard_token_counts` holds its token count
   per tokenizer (tokenizer-file digest), exact or sampled, and is deleted with a changed shard's old row.
   Added in schema version 2.
+- `eval_results` holds evaluations (CORE and its tasks, ChatCORE and chat tasks, bpb, RL pass@k) imported
+  from upstream's logs and base_eval CSVs: one row per (run, source file, step, task, metric), so a
+  re-import updates instead of duplicating. The step is the checkpoint's (updates done), not a foreign key:
+  a log may be imported before its run's checkpoints are scanned, and a deleted checkpoint keeps its evals.
 - `integrity_results` and the `sha256*` columns of `checkpoint_files` are written by the integrity
   checks (`registry.store.RegistryStore.record_integrity`); the scanner leaves them alone.
 """
@@ -281,3 +285,20 @@ class ShardTokenCount(Base):
     tokens: Mapped[int] = mapped_column(BigInteger)
     exact: Mapped[bool] = mapped_column(Boolean)  # False: estimated from a sample
     counted_at: Mapped[float]
+
+
+class EvalResult(Base):
+    """One evaluation figure of a run at a step (schema version 3)."""
+    __tablename__ = "eval_results"
+    __table_args__ = (UniqueConstraint("run_id", "source", "step", "task", "metric", name="uq_eval_results_key"),
+                      Index("ix_eval_results_run_step", "run_id", "step"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    step: Mapped[int]  # updates done when evaluated (the checkpoint's step)
+    task: Mapped[str] = mapped_column(String(100))  # CORE, arc_easy, ChatCORE, ARC-Easy, GSM8K, bpb, ...
+    metric: Mapped[str] = mapped_column(String(64))  # accuracy | centered | core | chatcore | chatcore_cat | pass@k | ...
+    value: Mapped[float | None]
+    n_examples: Mapped[int | None]  # when the source says (chat evals' "Final: passed/total")
+    script: Mapped[str] = mapped_column(String(32))  # base_train | base_eval | chat_sft | chat_eval | chat_rl
+    source: Mapped[str] = mapped_column(String(PATH_LEN))  # the log or CSV it came from
+    recorded_at: Mapped[float]

@@ -35,6 +35,7 @@ from registry.entities import (
     CheckpointRecord,
     ConfigDiff,
     DiffRow,
+    EvalRecord,
     FileRecord,
     IntegrityRecord,
     MetricKeyInfo,
@@ -50,6 +51,7 @@ from registry.errors import AmbiguousRunError, CheckpointNotIndexedError, Regist
 from registry.models import (
     Checkpoint,
     CheckpointFile,
+    EvalResult,
     IntegrityResult,
     MetricSegment,
     Root,
@@ -146,7 +148,7 @@ class RegistryStore:
 
         return scan_path(self, path, progress)
 
-    def import_log(self, path, run, segment: int = 1):
+    def import_log(self, path, run=None, segment: int = 1):
         from registry.logimport import import_log
 
         return import_log(self, path, run, segment=segment)
@@ -158,6 +160,11 @@ class RegistryStore:
 
         return inspect_dataset(self, path, tokenizer_dir, exact=exact, world_size=world_size, progress=progress,
                                should_stop=should_stop)
+
+    def import_logs(self, path, progress=None):
+        from registry.logimport import import_logs
+
+        return import_logs(self, path, progress)
 
     # ------------------------------------------------------------------ runs
 
@@ -371,9 +378,19 @@ class RegistryStore:
         r = self.resolve_run(run)
         usable = [c for c in self.checkpoints(r) if c.complete and not c.missing and c.step is not None]
         values: dict[int, float] = {}
-        if metric == "val_bpb":
+        if ":" in metric:  # an evaluation, TASK:METRIC (eval_results)
+            at = {}
+            for e in self.eval_results(r):
+                if e.key == metric and e.value is not None:
+                    at[e.step] = e.value  # newest recorded wins (eval_results is oldest first)
+            values = {c.id: at[c.step] for c in usable if c.step in at}
+            if not values:
+                keys = sorted({e.key for e in self.eval_results(r)})
+                raise CheckpointNotIndexedError(f"no complete checkpoint of {r.label} has an evaluation {metric} "
+                                                f"(evaluations: {', '.join(keys) or 'none'})")
+        elif metric == "val_bpb":
             values = {c.id: c.val_bpb for c in usable if c.val_bpb is not None}
-        if not values and usable:
+        if not values and usable and ":" not in metric:
             with self.db.session() as s:
                 sid = s.execute(sa.select(SeriesRow.id).where(SeriesRow.run_id == r.id, SeriesRow.key == metric)).scalar()
                 if sid is not None:
@@ -386,6 +403,18 @@ class RegistryStore:
             raise CheckpointNotIndexedError(f"no complete checkpoint of {r.label} has a {metric} value (metrics: {keys})")
         pick = (min if mode == "min" else max)(values, key=lambda cid: (values[cid], -cid if mode == "min" else cid))
         return BestCheckpoint(next(c for c in usable if c.id == pick), metric, values[pick], mode)
+
+    def eval_results(self, run, step: int | None = None) -> list[EvalRecord]:
+        """A run's evaluation results (imported from upstream's logs and base_eval CSVs), by step, task,
+        metric, then oldest recorded first."""
+        r = self.resolve_run(run)
+        q = sa.select(EvalResult).where(EvalResult.run_id == r.id)
+        if step is not None:
+            q = q.where(EvalResult.step == step)
+        q = q.order_by(EvalResult.step, EvalResult.task, EvalResult.metric, EvalResult.recorded_at, EvalResult.id)
+        with self.db.session() as s:
+            return [EvalRecord(e.id, r.id, r.label, e.step, e.task, e.metric, e.value, e.n_examples, e.script, e.source,
+                               utc(e.recorded_at)) for e in s.scalars(q)]
 
     # ------------------------------------------------------------------ metrics
 

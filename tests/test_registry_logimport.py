@@ -31,7 +31,7 @@ def test_parse_current_and_classic_lines():
     kind, pts, ignored = parse_log_line(CURRENT_LOG.splitlines()[3])
     assert kind == "train" and ignored == ["epoch", "total time", "eta"]
     assert sorted(pts) == [("dt_ms", 1, 1, 47.1, None), ("lrm", 1, 1, 0.05, None), ("mfu", 1, 1, 0.02, None),
-                           ("tok_per_sec", 1, 1, 43500.0, None), ("train_loss", 1, 1, 7.512, None)]
+                           ("tok_per_sec", 1, 1, 43500.0, None), ("train_loss_ema", 1, 1, 7.512, None)]
     kind, pts, _ = parse_log_line(CLASSIC_LOG.splitlines()[0], segment=3)
     assert ("grad_norm", 10, 3, 0.8389, None) in pts and ("tok_per_sec", 10, 3, 17066.0, None) in pts
     assert parse_log_line("Step 00050 | Validation bpb: 2.472756") == ("eval", [("val_bpb", 50, 1, 2.472756, None)], [])
@@ -50,15 +50,17 @@ def test_import_log_into_a_run(store, tmp_path):
     r = store.import_log(log, "d2")
     assert (r.lines, r.train_lines, r.eval_lines, r.malformed) == (9, 3, 2, 2)
     assert [n for n, _ in r.malformed_examples] == [6, 8] and "lrm: oops" in r.malformed_examples[0][1]
-    assert "bf16_mfu" in r.ignored_fields and "epoch" in r.ignored_fields
-    assert r.points_new == 4 + 5 + 5 + 2 and r.points_existing == 0
-    loss = store.metric_history("d2", "train_loss")[0]
+    assert "bf16_mfu" not in r.ignored_fields and "epoch" in r.ignored_fields  # bf16_mfu is current upstream's mfu
+    assert r.points_new == 5 + 5 + 5 + 2 and r.points_existing == 0
+    assert [p.value for p in store.metric_history("d2", "mfu")[0].points] == [0.01, 0.02, 0.02]
+    assert "train_loss" not in {k.key for k in store.metric_keys("d2")}  # upstream's loss is a debiased EMA
+    loss = store.metric_history("d2", "train_loss_ema")[0]
     assert [(p.step, p.value, p.wall_time) for p in loss.points] == [(0, 7.624457, None), (1, 7.512, None), (2, 7.401, None)]
     val = {p.step: p.value for p in store.metric_history("d2", "val_bpb")[0].points}
     assert val == {0: 3.312345, 50: 2.472756, 300: 2.2}  # the meta's own point is kept beside the log's
     again = store.import_log(log, "d2")
-    assert (again.points_new, again.points_existing) == (0, 16)
-    assert store.metric_history("d2", "train_loss")[0].total_points == 3
+    assert (again.points_new, again.points_existing) == (0, 17)
+    assert store.metric_history("d2", "train_loss_ema")[0].total_points == 3
 
 
 def test_import_classic_log_with_segment(store, tmp_path):
@@ -81,7 +83,7 @@ def test_import_log_bad_input(store, tmp_path):
     with pytest.raises(LogImportError, match="is not a file"):
         store.import_log(tmp_path, "base/d2")
     (tmp_path / "other.txt").write_text("hello\nworld\n")
-    with pytest.raises(LogImportError, match="holds no nanochat training lines"):
+    with pytest.raises(LogImportError, match="holds no nanochat training or evaluation lines"):
         store.import_log(tmp_path / "other.txt", "base/d2")
     with pytest.raises(RunNotFoundError, match="no run 'd9'"):
         store.import_log(tmp_path / "ok.log", "d9")
