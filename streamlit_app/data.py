@@ -172,7 +172,29 @@ def scan(url: str, path: str, progress: Progress | None = None):
     return report
 
 
+def scan_or_import(url: str, path: str, progress: Progress | None = None):
+    """What the scan box does: a folder is scanned and the upstream logs (*.log) and base_eval CSVs in it are
+    imported; a log or CSV file is imported alone. Returns (ScanReport or None, LogsImport or None)."""
+    if not path or not path.strip():
+        raise ScanPathError("give a folder to scan (a nanochat base dir, or any folder with checkpoints) or a log file")
+    p = Path(path.strip()).expanduser()
+    report = None if p.is_file() else store(url).scan(path.strip(), progress)
+    try:
+        logs = store(url).import_logs(p)
+    finally:
+        clear_registry_caches()
+    return report, logs
+
+
 # ---------------------------------------------------------------------- checkpoints
+
+
+@registry_read(max_entries=64)
+def checkpoint_evals(url: str, run_id: int, step: int) -> pd.DataFrame:
+    """The evaluation results recorded for one checkpoint (its run and step), one row each."""
+    rows = [{"evaluation": e.key, "value": e.value, "examples": e.n_examples, "script": e.script,
+             "source": Path(e.source).name} for e in store(url).eval_results(run_id, step)]
+    return pd.DataFrame(rows, columns=["evaluation", "value", "examples", "script", "source"])
 
 
 @registry_read(max_entries=32)

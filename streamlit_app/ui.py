@@ -8,6 +8,8 @@ It calls `data.py` and Streamlit only; no SQL, no torch, no caching of its own.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from nanochat.checkpoint_manager import CheckpointError
@@ -72,7 +74,8 @@ def scan_control(url: str, key: str = "scan", label: str = "Folder to scan") -> 
     left, right = st.columns([6, 1], vertical_alignment="bottom")
     path = left.text_input(label, value=target.scan_default, key=f"{key}_path",
                            help="A nanochat base dir (with base_checkpoints/, chatsft_checkpoints/...), one run's "
-                                "checkpoint folder, or any folder above them. Only metadata is read.")
+                                "checkpoint folder, or any folder above them. Only metadata is read. Upstream console "
+                                "logs (*.log) and base_eval CSVs found there are imported too; a log file alone works.")
     if right.button("Scan", key=f"{key}_go", type="primary", width="stretch"):
         bar = st.progress(0.0, text="Looking for checkpoints…")
 
@@ -80,7 +83,7 @@ def scan_control(url: str, key: str = "scan", label: str = "Folder to scan") -> 
             bar.progress(min(1.0, done / max(total, 1)), text=f"scanned {done}/{total} · {message}")
 
         try:
-            report = data.scan(url, path, progress)
+            report = data.scan_or_import(url, path, progress)
         except RegistryError as e:
             bar.empty()
             show_error(e, "Give a folder that holds nanochat checkpoints (model_NNNNNN.pt + meta_NNNNNN.json) "
@@ -89,7 +92,15 @@ def scan_control(url: str, key: str = "scan", label: str = "Folder to scan") -> 
         bar.empty()
         st.session_state[SCAN_REPORT] = report
         st.rerun()
-    report = st.session_state.pop(SCAN_REPORT, None)
+    report, logs = st.session_state.pop(SCAN_REPORT, (None, None))
+    if logs is not None:
+        for r in logs.reports:
+            st.success(f"Imported {Path(r.path).name} into {', '.join(r.runs)}: {r.points_new:,} new metric points, "
+                       f"{r.evals_new} new evaluations.", icon=":material/article:")
+            for u in r.unmatched:
+                st.warning(f"{Path(r.path).name}: not imported: {u}")
+        for f, why in logs.failures:
+            st.warning(f"{Path(f).name}: not imported: {why}")
     if report is not None:
         st.success(f"Scanned {report.root} in {report.duration_s or 0:.1f} s: {report.runs_found} runs ({report.runs_new} new), "
                    f"{report.checkpoints_seen} checkpoints ({report.checkpoints_new} new, {report.checkpoints_changed} changed, "

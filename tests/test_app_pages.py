@@ -435,3 +435,24 @@ def test_calculator_matches_what_a_run_recorded(registry):
     assert metric(at, "Training run").value == "12 steps"
     at.slider(key="depth").set_value(3).run()
     assert any("Differs from what base/d2 recorded" in w.value for w in at.warning)
+
+
+def test_scan_box_imports_an_upstream_log_and_checkpoints_show_its_evaluations(own_base):
+    run = own_base / "base_checkpoints" / "d1"
+    log = own_base / "logs" / "base_train.log"
+    log.parent.mkdir()
+    log.write_text("Distributed world size: 1\n"
+                   "step 00011/00012 (91.67%) | loss: 5.100000 | lrm: 0.30 | dt: 47.10ms | tok/sec: 43,478 | bf16_mfu: 0.00\n"
+                   "Evaluating: arc_easy (10-shot, type: multiple_choice)... accuracy: 0.5105 | centered: 0.3474 | time: 1.00s\n"
+                   "Step 00012 | CORE metric: 0.3474\n"
+                   f"2026-11-24 06:24:02,880 - nanochat.checkpoint_manager - INFO - Saved model parameters to: {run}/model_000012.pt\n")
+    at = open_app("runs")
+    at.text_input(key="scan_path").set_value(str(log))
+    at.button(key="scan_go").click().run()
+    assert_clean(at)
+    assert any("Imported base_train.log into base/d1" in s.value and "3 new evaluations" in s.value for s in at.success), \
+        [s.value for s in at.success]
+    at = open_app("checkpoints", {"run": "base/d1"})  # its newest checkpoint, step 12, is shown
+    evals = next(df.value for df in at.dataframe if "evaluation" in df.value.columns)
+    assert dict(zip(evals["evaluation"], evals["value"])) == {"CORE:core": 0.3474, "arc_easy:accuracy": 0.5105,
+                                                              "arc_easy:centered": 0.3474}

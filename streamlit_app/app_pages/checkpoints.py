@@ -121,6 +121,13 @@ d4.metric("Last check", "✓ ok" if latest_check and latest_check.ok else ("⚠ 
           delta_color="off", delta_arrow="off", border=True)
 for p in c.problems:
     st.warning(f"**{p.code}**: {p.message}" + (f" ({p.file})" if p.file else ""))
+evals = data.checkpoint_evals(url, run_id, int(c.step)) if c.step is not None else None
+if evals is not None and not evals.empty:
+    with st.expander(f"Evaluations ({len(evals)})", icon=":material/fact_check:", expanded=True):
+        st.dataframe(evals, hide_index=True, width="stretch", column_config={
+            "evaluation": st.column_config.TextColumn("evaluation", help="TASK:METRIC (best --metric takes it)"),
+            "value": st.column_config.NumberColumn("value", format="%.4f"),
+            "examples": st.column_config.NumberColumn("examples", format="%d")})
 with st.expander("Model and training config", icon=":material/tune:"):
     left, right = st.columns(2)
     left.markdown("**model_config**")
