@@ -341,13 +341,16 @@ class MuonAdamW:
                     and isinstance(sd.get("param_groups"), list)):
                 raise OptimizerStateError(f"optimizer file of rank {r} is not an optimizer state dict")
         ours = self.param_groups
-        for sd in shards:
+        for r, sd in enumerate(shards):
             theirs = sd["param_groups"]
             sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in theirs]
+            if len(theirs) != len(ours):
+                raise OptimizerStateError(f"the optimizer file of rank {r} holds {len(theirs)} parameter groups, this "
+                                          f"model has {len(ours)} (written for another model?)")
             if [g.get("kind") if isinstance(g, dict) else None for g in theirs] != [g["kind"] for g in ours] \
                     or sizes != [len(g["params"]) for g in ours]:
-                raise OptimizerStateError(f"the optimizer state has groups of sizes {sizes}, this model's are "
-                                          f"{[len(g['params']) for g in ours]} (changed model config?)")
+                raise OptimizerStateError(f"the optimizer file of rank {r} has groups of sizes {sizes}, this model's "
+                                          f"are {[len(g['params']) for g in ours]} (changed model config?)")
         full, index = {}, 0
         for g in ours:
             names, kind = g["params"], g["kind"]

@@ -426,7 +426,7 @@ def train(args, explicit: set[str], dist_info) -> int:
     step, val_bpb, min_val_bpb, smooth_loss, total_time, last_eval_step = 0, None, float("inf"), 0.0, 0.0, None
     if plan.resume is not None:
         ckpt, meta = plan.resume, plan.resume_meta
-        failure = None
+        failure, shared = None, False
         try:
             state = cm.load_state_dict(ckpt, device)
             cm.config_from_checkpoint(meta, {k: v.shape for k, v in state.items()})
@@ -436,10 +436,11 @@ def train(args, explicit: set[str], dist_info) -> int:
             loader.load_state_dict(ts["loader"])
         except (cm.CheckpointError, OptimizerStateError, TrainStateError, DataError, RuntimeError) as e:
             failure = f"cannot resume from {ckpt.label}: {str(e).splitlines()[0]}"
+            shared = isinstance(e, OptimizerStateError)  # every rank reads every optimizer file: rank 0 says it
         # Each rank reads its own shard: all must agree before anyone waits for the others in a collective.
         failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item()
         if failure is not None:
-            raise TrainError(failure, local=True)
+            raise TrainError(failure, local=not shared)
         if failed:
             raise TrainError("another rank could not resume", quiet=True)
         step = ckpt.step
