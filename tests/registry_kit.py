@@ -24,6 +24,21 @@ TINY = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
+# Tables each schema version after 1 added (registry/db.py MIGRATIONS): a migration test drops them, and sets
+# the stored version to 1, to make what a version-1 registry looked like. A new migration adds its tables here.
+TABLES_ADDED_AFTER_V1 = ("eval_results", "shard_token_counts", "dataset_shards")
+
+
+def make_version_1(path) -> None:
+    """Turn a current SQLite registry at `path` into a version-1 one (runs, checkpoints, metrics kept)."""
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        for table in TABLES_ADDED_AFTER_V1:
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+        conn.exec_driver_sql("UPDATE registry_info SET value = '1' WHERE key = 'schema_version'")
+    engine.dispose()
+
+
 def pg_schema_url(base_url: str, schema: str) -> str:
     url = sa.engine.make_url(base_url)
     return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)

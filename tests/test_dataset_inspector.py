@@ -142,16 +142,12 @@ def test_migration_from_schema_1_adds_the_dataset_tables(tmp_path):
     import sqlalchemy as sa
 
     from registry import db as regdb
+    from tests.registry_kit import make_version_1
 
     path = tmp_path / "old.sqlite"
     with open_store(path):
         pass
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as c:
-        c.exec_driver_sql("DROP TABLE shard_token_counts")
-        c.exec_driver_sql("DROP TABLE dataset_shards")
-        c.exec_driver_sql("UPDATE registry_info SET value = '1' WHERE key = 'schema_version'")
-    engine.dispose()
+    make_version_1(path)
     database = regdb.Database(path, create=False)
     assert database.migrate()[:2] == (1, regdb.SCHEMA_VERSION)
     database.close()

@@ -8,13 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from registry import db as regdb
 from registry import open_store
 from registry.cli import main as cli
 from registry.errors import LogImportError
-from tests.registry_kit import make_checkpoint
+from tests.registry_kit import make_checkpoint, make_version_1
 
 CORE_TASKS = ["hellaswag_zeroshot", "jeopardy", "arc_easy"]
 
@@ -249,20 +248,16 @@ def test_best_history_and_json_offer_evaluations(reg, tree, tmp_path, capsys):
     assert "evaluations: CORE:core" in capsys.readouterr().err
 
 
-def test_a_version_1_registry_migrates_to_2_and_keeps_its_runs(tree, tmp_path):
+def test_a_version_1_registry_migrates_to_the_current_version_and_keeps_its_runs(tree, tmp_path):
     path = tmp_path / "old.sqlite"
     with open_store(path) as s:
         s.scan(tree)
         before = [(r.id, r.path) for r in s.list_runs()]
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:  # what a version-1 registry looked like
-        conn.execute(sa.text("DROP TABLE eval_results"))
-        conn.execute(sa.text("UPDATE registry_info SET value = '1' WHERE key = 'schema_version'"))
-    engine.dispose()
+    make_version_1(path)
     with pytest.raises(regdb.SchemaTooOldError, match="migrate"):
         open_store(path)
     database = regdb.Database(path, create=False)
-    assert database.migrate()[:2] == (1, 2)
+    assert database.migrate()[:2] == (1, regdb.SCHEMA_VERSION)
     database.close()
     with open_store(path) as s:
         assert [(r.id, r.path) for r in s.list_runs()] == before
