@@ -140,7 +140,7 @@ def list_checkpoints(directory: str | os.PathLike) -> list[CheckpointFiles]:
 def _single_file_checkpoint(path: Path) -> CheckpointFiles:
     step = None
     try:
-        meta = torchfile.read_structure(path).get("metadata") or {}
+        meta = torchfile.read_structure(path, shapes_only=True).get("metadata") or {}
         step = int(meta["step"]) if isinstance(meta.get("step"), int) else None
     except (torchfile.TorchFileError, AttributeError):
         pass  # reported by quick_problems; discovery never fails on a bad file
@@ -199,20 +199,30 @@ def find_run_dirs(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:
     return sorted(out)
 
 
+def _file_problems(ckpt: CheckpointFiles) -> list[Problem]:
+    """The quick check's findings on whether a save finished and its files are whole (see
+    `quick_check.QuickCheck.file_problems`): what makes a checkpoint complete here."""
+    from nanochat import quick_check
+
+    return quick_check.quick_check(ckpt).file_problems
+
+
 def _raise_if_incomplete(ckpt: CheckpointFiles) -> None:
-    blocking = [p for p in quick_problems(ckpt) if p.blocks == "load"]
+    blocking = [p for p in _file_problems(ckpt) if p.blocks == "load"]
     if blocking:
         raise IncompleteCheckpointError(f"{ckpt.label} is not usable: {blocking[0].message}", blocking[0].code)
 
 
 def find_last_complete(directory: str | os.PathLike, resumable: bool = False) -> CheckpointFiles:
-    """The newest step whose files pass the quick checks (and, if `resumable`, have every optimizer
-    shard and training state). Upstream picks the largest model file even when truncated; we never do."""
+    """The newest step whose save finished with whole files (the quick check's file problems; and, if
+    `resumable`, with every optimizer shard and training state). Upstream picks the largest model file
+    even when truncated; we never do. A finished save whose contents are wrong is still found, so that
+    loading it says what is wrong instead of quietly loading an older step."""
     found = list_checkpoints(directory)
     if not found:
         raise CheckpointNotFoundError(f"no checkpoints in {directory}")
     for ckpt in reversed(found):
-        if not any(p.blocks == "load" or resumable for p in quick_problems(ckpt)):
+        if not any(p.blocks == "load" or resumable for p in _file_problems(ckpt)):
             return ckpt
     what = "resumable" if resumable else "complete"
     raise IncompleteCheckpointError(f"no {what} checkpoint in {directory} ({len(found)} incomplete steps)")
@@ -222,14 +232,10 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
     """The checkpoint's metadata dict, read from JSON (or from the single file's pickle, stubbed)."""
     if ckpt.layout == "single_file":
         try:
-            meta = torchfile.read_structure(ckpt.model).get("metadata")
+            tree = torchfile.read_structure(ckpt.model, shapes_only=True)
         except torchfile.TorchFileError as e:
             raise CheckpointError(f"{ckpt.model.name}: {e}", e.code) from None
-        except AttributeError:
-            meta = None
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{ckpt.model.name} has no metadata dict", "missing_meta")
-        return meta
+        return single_file_meta(tree, ckpt.model.name)
     if ckpt.meta is None:
         raise CheckpointError(f"step {ckpt.step} has no meta_{ckpt.step:06d}.json", "missing_meta")
     try:
@@ -243,6 +249,14 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
     return meta
 
 
+def single_file_meta(tree, name: str) -> dict:
+    """The `metadata` dict of a single-file checkpoint's object tree."""
+    meta = tree.get("metadata") if isinstance(tree, dict) else None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{name} has no metadata dict", "missing_meta")
+    return meta
+
+
 def expected_world_size(ckpt: CheckpointFiles, meta: dict | None) -> int:
     """Optimizer shards a resume needs: our meta records it; for upstream, the ranks present say it."""
     if meta and isinstance(meta.get("world_size"), int) and meta["world_size"] > 0:
@@ -251,60 +265,12 @@ def expected_world_size(ckpt: CheckpointFiles, meta: dict | None) -> int:
 
 
 def quick_problems(ckpt: CheckpointFiles, meta: dict | None = None) -> list[Problem]:
-    """Checks that read no tensor data: files present and non-empty, zip directories readable,
-    meta parseable with the required keys and the right step, optimizer shards for the world size."""
-    problems: list[Problem] = []
+    """The quick check's problems: files, zips, meta, resume files and the model's pickle against its
+    config, no torch and no tensor data (its one home is `nanochat.quick_check`; imported here lazily
+    because it builds on this module)."""
+    from nanochat import quick_check
 
-    def check_zip(path: Path, blocks: str) -> bool:
-        try:
-            zf, _ = torchfile.open_archive(path)
-            zf.close()
-            return True
-        except torchfile.TorchFileError as e:
-            problems.append(Problem(e.code, str(e), blocks, path.name))
-            return False
-
-    model_readable = False
-    if ckpt.model is None:
-        problems.append(Problem("missing_model", f"step {ckpt.step} has no model_{ckpt.step:06d}.pt"))
-    else:
-        model_readable = check_zip(ckpt.model, "load")
-    if ckpt.layout == "single_file" and not model_readable:
-        return problems  # its metadata lives in the unreadable file: one problem, already reported
-    if meta is None:
-        try:
-            meta = read_meta(ckpt)
-        except CheckpointError as e:
-            where = ckpt.meta.name if ckpt.meta else (ckpt.model.name if ckpt.model else None)
-            problems.append(Problem(e.code, str(e), "load", where))
-            return problems
-    missing = [k for k in REQUIRED_META_KEYS if k not in meta]
-    if missing:
-        problems.append(Problem("bad_meta", f"meta lacks {', '.join(missing)}", "load",
-                                ckpt.meta.name if ckpt.meta else None))
-    elif ckpt.layout == "upstream" and meta["step"] != ckpt.step:
-        problems.append(Problem("step_mismatch", f"meta says step {meta['step']} but its file name says step {ckpt.step}",
-                                "load", ckpt.meta.name))
-    if ckpt.layout == "single_file":
-        return problems
-    world = expected_world_size(ckpt, meta)
-    if world == 0:
-        problems.append(Problem("missing_optimizer_shard",
-                                "no optimizer state saved: the weights load but training cannot resume", "resume"))
-    for rank in range(world):
-        shard = ckpt.optimizer_shards.get(rank)
-        if shard is None:
-            problems.append(Problem("missing_optimizer_shard", f"optimizer shard of rank {rank} of {world} is missing", "resume"))
-        else:
-            check_zip(shard, "resume")
-    if meta.get("train_state"):
-        for rank in range(world):
-            state = ckpt.train_states.get(rank)
-            if state is None:
-                problems.append(Problem("missing_train_state", f"training state (RNG, data position) of rank {rank} is missing", "resume"))
-            else:
-                check_zip(state, "resume")
-    return problems
+    return quick_check.quick_problems(ckpt, meta)
 
 
 def find_tokenizer_dir(checkpoint_dir: str | os.PathLike) -> Path | None:

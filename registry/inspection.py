@@ -3,12 +3,9 @@ Inspecting one checkpoint for the scanner: which files it has, its metadata, its
 problems, and what it says about its run (configs, target steps, model size). Metadata only: never
 torch, never tensor data, never the pickle's code.
 
-The common case takes the fast path (`registry.archive`): the meta JSON parses with the right step
-and required keys, every archive (model, optimizer shards for the world size, training states when
-the meta says so) has a readable central directory, or a single-file checkpoint's pickle yields its
-metadata. Anything else goes to `checkpoint_manager.quick_problems` / `read_meta`, the reference
-implementation, so every problem code and message comes from there (a test checks that both paths
-agree on intact and broken checkpoints).
+The problems are `nanochat.quick_check`'s, the one quick check (the same the integrity check's quick
+level and checkpoint discovery run); this module only hands it the meta JSON it parsed and keeps what
+the check read on the way (the state dict's shapes, the world size), so nothing is read twice.
 
 This module writes nothing (scanner.py does) and does not walk folders.
 """
@@ -23,8 +20,8 @@ from pathlib import Path
 
 from nanochat import checkpoint_manager as cm
 from nanochat.model_config import GPTConfig, classic_flops_per_token, flops_per_token, param_counts
+from nanochat.quick_check import quick_check
 from nanochat.schedule import resolve_from_meta
-from registry import archive
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -107,7 +104,7 @@ class Inspection:
     step: int  # -1 when unknown (a single file whose metadata cannot be read)
     meta: dict | None
     problems: list[dict]  # [{code, message, blocks, file}] as checkpoint_manager.Problem
-    shapes: dict | None = None  # state-dict shapes when they were read on the way (single file)
+    shapes: dict | None = None  # state-dict shapes, when the quick check read the model's pickle
     world: int | None = None  # the world size expected for the optimizer shards, when inspection worked it out
 
     @property
@@ -148,90 +145,21 @@ def _problems(items) -> list[dict]:
     return [{"code": p.code, "message": p.message, "blocks": p.blocks, "file": p.file} for p in items]
 
 
-def _archive_ok(path: str | None) -> bool:
-    if path is None:
-        return False
-    try:
-        archive.check_archive(path)
-        return True
-    except archive.ArchiveError:
-        return False
-
-
-def _expected_world(meta: dict, shards: dict[int, str]) -> int:
-    """checkpoint_manager.expected_world_size without building a CheckpointFiles (a test checks they agree)."""
-    world = meta.get("world_size")
-    return world if isinstance(world, int) and world > 0 else max(shards, default=-1) + 1
-
-
-def _fast_upstream_ok(d: str, step: int | None, parts: tuple, meta) -> int | None:
-    """The expected world size when quick_problems would find nothing, else None (the reference then
-    decides every other case). Paths are plain strings: a scan of 10,000 checkpoints builds no Path."""
-    if not isinstance(meta, dict) or any(k not in meta for k in cm.REQUIRED_META_KEYS) or meta["step"] != step:
-        return None
-    model, _, shards, states = parts
-    world = _expected_world(meta, shards)
-    if world < 1 or model is None or not _archive_ok(os.path.join(d, model)):
-        return None
-    for r in range(world):
-        if r not in shards or not _archive_ok(os.path.join(d, shards[r])):
-            return None
-    if meta.get("train_state"):
-        for r in range(world):
-            if r not in states or not _archive_ok(os.path.join(d, states[r])):
-                return None
-    return world
-
-
 def inspect_checkpoint(slot: Slot, directory: Path) -> Inspection:
-    """Read one checkpoint's metadata and run the quick checks."""
-    if slot.layout == "single_file":
-        return _inspect_single_file(slot, directory)
-    d = os.fspath(directory)
+    """Read one checkpoint's metadata and run the quick check."""
     meta = None
-    parts = slot.parts()
-    meta_name = parts[1]
+    meta_name = slot.parts()[1]
     if meta_name is not None:
         try:
-            with open(os.path.join(d, meta_name), "rb") as f:
+            with open(os.path.join(directory, meta_name), "rb") as f:
                 meta = json.loads(f.read())
         except (OSError, ValueError):
-            meta = None  # the reference reader names the problem below
-    world = _fast_upstream_ok(d, slot.step, parts, meta)
-    if world is not None:
-        return Inspection(slot, slot.step, meta, [], world=world)
-    ckpt = slot.checkpoint_files(directory)
-    meta = meta if isinstance(meta, dict) else None
-    problems = cm.quick_problems(ckpt, meta) if meta is not None else cm.quick_problems(ckpt)
-    return Inspection(slot, ckpt.step, meta, _problems(problems), world=cm.expected_world_size(ckpt, meta))
-
-
-def _inspect_single_file(slot: Slot, directory: Path) -> Inspection:
-    try:
-        tree = archive.read_tree(os.path.join(directory, slot.parts()[0]))
-        meta, shapes = tree.get("metadata"), archive.state_dict_shapes(tree.get("model"))
-        if isinstance(meta, dict) and all(k in meta for k in cm.REQUIRED_META_KEYS) and isinstance(meta["step"], int) and shapes:
-            return Inspection(slot, meta["step"], meta, [], shapes)
-    except (archive.ArchiveError, AttributeError):
-        pass
-    ckpt = slot.checkpoint_files(directory)
-    try:
-        meta = cm.read_meta(ckpt)
-    except cm.CheckpointError:
-        meta = None
-    step = meta["step"] if meta is not None and isinstance(meta.get("step"), int) else None
-    ckpt = slot.checkpoint_files(directory, step)
-    problems = _problems(cm.quick_problems(ckpt, meta) if meta is not None else cm.quick_problems(ckpt))
-    shapes = None
-    if meta is not None and not problems:  # metadata fine: is there a model in it?
-        try:
-            shapes = {k: tuple(v.shape) for k, v in cm.state_dict_shapes(ckpt).items()}
-            if not shapes:
-                problems = [{"code": "empty_state_dict", "message": f"{ckpt.model.name} holds an empty state dict",
-                             "blocks": "load", "file": ckpt.model.name}]
-        except cm.CheckpointError as e:
-            problems = [{"code": e.code, "message": str(e), "blocks": "load", "file": ckpt.model.name}]
-    return Inspection(slot, step if step is not None else -1, meta, problems, shapes)
+            meta = None  # the quick check reads it again and names the problem
+    check = quick_check(slot.checkpoint_files(directory), meta if isinstance(meta, dict) else None)
+    step = slot.step
+    if slot.layout == "single_file":
+        step = check.meta["step"] if check.meta is not None and isinstance(check.meta.get("step"), int) else -1
+    return Inspection(slot, step, check.meta, _problems(check.problems), check.shapes, check.world)
 
 
 def run_config(ins: Inspection, directory: Path) -> dict:
@@ -252,12 +180,9 @@ def run_config(ins: Inspection, directory: Path) -> dict:
            "n_params": None, "flops_per_token": None, "generation": None}
     if ins.complete:
         try:  # the architecture generation needs the state dict's key names, read from the pickle only
-            shapes = ins.shapes
-            if shapes is None:
-                shapes = archive.state_dict_shapes(archive.read_tree(os.path.join(directory, ins.slot.parts()[0])))
-            config = GPTConfig.from_checkpoint(mc, shapes)
+            config = GPTConfig.from_checkpoint(mc, ins.shapes)
             out.update(n_params=param_counts(config)["total"], generation="classic" if config.is_classic else "current",
                        flops_per_token=classic_flops_per_token(config) if config.is_classic else flops_per_token(config))
-        except (archive.ArchiveError, ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             pass  # an unusual architecture: sizes stay unknown, the run is still indexed
     return out

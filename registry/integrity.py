@@ -2,11 +2,11 @@
 Checkpoint integrity: can these files be trusted, and for what (loading the weights, or resuming)?
 
 Two levels, both over one `nanochat.checkpoint_manager.CheckpointFiles`:
-- quick (milliseconds, torch-free, no tensor data read): `checkpoint_manager.quick_problems` (files
-  present and non-empty, zip central directories readable, meta parses with the right step, optimizer
-  shards and training states for the world size) plus "the model config explains the state dict":
-  key names and shapes read from the pickle alone (never executed) against the shapes that
-  `nanochat.model_config.expected_state_shapes` computes from the meta's model_config.
+- quick (milliseconds, torch-free, no tensor data read): `nanochat.quick_check`, the one quick check
+  that the scanner and checkpoint discovery run too (files present and non-empty, zip central
+  directories readable, meta parses with the right step, optimizer shards and training states for the
+  world size, and "the model config explains the state dict": key names and shapes read from the
+  pickle alone, never executed, against `nanochat.model_config.expected_state_shapes`).
 - deep (one sequential pass over every byte): sha256 of each file and the CRC-32 of every zip member
   computed in the same streaming read, with every floating storage checked for NaN/Inf in the same
   chunks (IEEE exponent bits, so bfloat16 too); a static scan of each pickle for globals outside the
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import time
-import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -36,7 +34,7 @@ from pathlib import Path
 from nanochat import checkpoint_manager as cm
 from nanochat import torchfile
 from nanochat.checkpoint_manager import CheckpointError, CheckpointFiles, Problem
-from nanochat.model_config import ArchitectureError, GPTConfig, expected_state_shapes, is_state_dict_key
+from nanochat.quick_check import dedupe, quick_problems, shape_problems, unsafe_problem
 
 CHUNK_BYTES = 8 << 20  # the streaming buffer: the deep check's memory does not grow with the file
 LEVELS = ("quick", "deep")
@@ -174,86 +172,11 @@ def _stat_files(ckpt: CheckpointFiles) -> tuple[FileDigest, ...]:
     return tuple(out)
 
 
-def shape_problems(model_config, shapes: Mapping[str, tuple[int, ...]], file: str | None = None) -> list[Problem]:
-    """Does `model_config` (a meta's dict) explain a state dict's {key: shape}? Torch-free: the
-    architecture generation is detected from the key names like `GPTConfig.from_checkpoint` does."""
-    if not isinstance(model_config, dict):
-        return [Problem("bad_meta", "meta's model_config is not an object", "load", file)]
-    if not shapes:
-        return [Problem("empty_state_dict", f"{file or 'the model file'} holds an empty state dict", "load", file)]
-    shapes = {k.removeprefix("_orig_mod."): tuple(v) for k, v in shapes.items()}
-    known = {k: v for k, v in shapes.items() if is_state_dict_key(k)}
-    try:
-        cfg = GPTConfig.from_checkpoint(model_config, known)
-        expected = expected_state_shapes(cfg)
-    except (ArchitectureError, TypeError, ValueError) as e:
-        return [Problem("bad_model_config", f"model_config does not describe a model: {e}", "load", file)]
-    problems = []
-    if extra := sorted(set(shapes) - set(expected)):
-        more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
-        problems.append(Problem("unexpected_keys", f"state dict has {len(extra)} key(s) the model config does not explain: "
-                                f"{extra[0]}{more}", "load", file))
-    if missing := sorted(set(expected) - set(shapes)):
-        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
-        problems.append(Problem("missing_keys", f"state dict lacks {len(missing)} key(s) the model config needs: "
-                                f"{missing[0]}{more}", "load", file))
-    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
-    if wrong:
-        k = wrong[0]
-        more = f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        problems.append(Problem("shape_mismatch", f"{k} has shape {list(shapes[k])} but model_config implies "
-                                f"{list(expected[k])}{more}", "load", file))
-    return problems
-
-
-def config_problems(ckpt: CheckpointFiles, meta: dict) -> list[Problem]:
-    """The quick check's "model config consistent with the file set": state-dict keys and shapes,
-    read from the model file's pickle (stub-unpickled, never executed), against the meta's config."""
-    if ckpt.model is None:
-        return []
-    try:
-        stubs = cm.state_dict_shapes(ckpt)
-    except CheckpointError as e:
-        if e.code == "unsafe_pickle":
-            try:
-                return [_unsafe_problem(ckpt.model, torchfile.unsafe_globals(ckpt.model), "load")]
-            except torchfile.TorchFileError:
-                pass
-        return [Problem(e.code, f"{ckpt.model.name}: {e}", "load", ckpt.model.name)]
-    return shape_problems(meta.get("model_config"), {k: v.shape for k, v in stubs.items()}, ckpt.model.name)
-
-
-def quick_problems(ckpt: CheckpointFiles) -> list[Problem]:
-    """`checkpoint_manager.quick_problems` plus the config/state-dict consistency check."""
-    meta, meta_error = None, None
-    try:
-        meta = cm.read_meta(ckpt)
-    except CheckpointError as e:
-        meta_error = e  # reported by cm.quick_problems with its code (except for single files, below)
-    problems = cm.quick_problems(ckpt, meta)
-    if meta_error is not None and ckpt.layout == "single_file" and not problems:
-        # a single file's metadata lives in its pickle: one that cannot be read is that file's problem
-        problems.append(Problem(meta_error.code, str(meta_error), "load", ckpt.model.name))
-    model_broken = ckpt.model is None or any(p.file == ckpt.model.name and p.blocks == "load" for p in problems)
-    if meta is not None and not model_broken and not any(p.code in ("bad_meta",) for p in problems):
-        problems += config_problems(ckpt, meta)
-    return _dedupe(problems)
-
-
 def quick_check(ckpt: CheckpointFiles) -> IntegrityResult:
     started, t0 = time.time(), time.perf_counter()
     problems = quick_problems(ckpt)
     return IntegrityResult(str(ckpt.directory), ckpt.step, ckpt.layout, "quick", tuple(problems), _stat_files(ckpt),
                            started, time.perf_counter() - t0)
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen, out = set(), []
-    for p in problems:
-        if (p.code, p.file) not in seen:
-            seen.add((p.code, p.file))
-            out.append(p)
-    return out
 
 
 # ---------------------------------------------------------------------- deep: one streaming pass per file
@@ -304,55 +227,43 @@ def _check_floats(np, m: _Member, seg, big_endian: bool) -> None:
         m.nonfinite += _count_nonfinite(np, seg, m.dtype, big_endian)
 
 
-def _zip_layout(path: Path, size: int, blocks: str) -> tuple[list[_Member], list, dict, bool, list[Problem]]:
+def _zip_layout(path: Path, blocks: str) -> tuple[list[_Member], dict, bool, list[Problem]]:
     """Members with their data ranges (from the local headers), the pickle's tensors, byte order."""
     problems: list[Problem] = []
     try:
-        zf, prefix = torchfile.open_archive(path)
+        archive = torchfile.Archive(path)
     except torchfile.TorchFileError:
-        return [], [], {}, False, []  # reported by the quick check with its code
-    members, compressed = [], []
-    with zf, open(path, "rb") as f:
+        return [], {}, False, []  # reported by the quick check with its code
+    members, stubs = [], {}
+    with archive:
         big_endian = False
-        try:
-            big_endian = zf.read(f"{prefix}/byteorder").strip() == b"big"
-        except (KeyError, OSError, zipfile.BadZipFile):
-            pass
-        for info in zf.infolist():
-            f.seek(info.header_offset)
-            header = f.read(30)
-            if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                problems.append(Problem("corrupt_zip", f"{path.name}: local header of {info.filename} is damaged", blocks, path.name))
-                continue
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            if start + info.compress_size > size:
-                problems.append(Problem("corrupt_zip", f"{path.name}: {info.filename} ends past the end of the file",
-                                        blocks, path.name))
-                continue
-            if info.compress_type != 0:
-                compressed.append(info)  # torch.save stores; a re-zipped file is checked by zipfile below
-                continue
-            members.append(_Member(info.filename, start, start + info.compress_size, info.CRC))
-        for info in compressed:
+        if (byteorder := archive.member(f"{archive.prefix}/byteorder")) is not None:
             try:
-                with zf.open(info) as member:
-                    while member.read(CHUNK_BYTES):
-                        pass
-            except (OSError, EOFError, zipfile.BadZipFile):
-                problems.append(Problem("crc_mismatch", f"{path.name}: {info.filename} fails its CRC-32", blocks, path.name))
-    stubs: dict[str, torchfile.TensorStub] = {}
-    try:
-        stubs = torchfile.tensor_shapes(torchfile.read_structure(path))
-    except torchfile.TorchFileError:
-        pass  # an unsafe or malformed pickle is reported by the pickle scan; no float check then
+                big_endian = archive.read(byteorder).strip() == b"big"
+            except torchfile.TorchFileError:
+                pass
+        for info in archive.members():
+            try:
+                start = archive.data_start(info)
+            except torchfile.TorchFileError as e:
+                problems.append(Problem(e.code, str(e), blocks, path.name))
+                continue
+            if info.method != 0:  # torch.save stores; a re-zipped file's members are inflated to check them
+                if not archive.crc_ok(info, CHUNK_BYTES):
+                    problems.append(Problem("crc_mismatch", f"{path.name}: {info.name} fails its CRC-32", blocks, path.name))
+                continue
+            members.append(_Member(info.name, start, start + info.compressed_size, info.crc))
+        try:
+            stubs = torchfile.tensor_shapes(torchfile.load_pickle(archive.read_pickle(), path.name))
+        except torchfile.TorchFileError:
+            pass  # an unsafe or malformed pickle is reported by the pickle scan; no float check then
     dtypes = {s.storage_key: s.dtype for s in stubs.values()}
     for m in members:
         key = m.name.rsplit("/data/", 1)[-1] if "/data/" in m.name else None
         if key is not None and dtypes.get(key) in _FLOAT_VIEWS:
             m.dtype = dtypes[key]
     members.sort(key=lambda m: m.start)
-    return members, stubs, dtypes, big_endian, problems
+    return members, stubs, big_endian, problems
 
 
 def _tensor_names(stubs: Mapping[str, torchfile.TensorStub], member: str) -> list[str]:
@@ -366,9 +277,7 @@ def scan_file(path: Path, role: str, progress: Callable[[int], None] | None = No
     import numpy as np
 
     blocks = "load" if role in ("model", "meta") else "resume"
-    size = path.stat().st_size
-    members, stubs, _dtypes, big_endian, problems = ([], {}, {}, False, []) if role == "meta" else \
-        _zip_layout(path, size, blocks)
+    members, stubs, big_endian, problems = ([], {}, False, []) if role == "meta" else _zip_layout(path, blocks)
     sha = hashlib.sha256()
     buf = bytearray(CHUNK_BYTES)
     view = memoryview(buf)
@@ -434,13 +343,7 @@ def _pickle_problems(path: Path, role: str) -> list[Problem]:
         unsafe = unsafe_pickle_globals(path)
     except torchfile.TorchFileError as e:
         return [Problem(e.code, f"{path.name}: {e}", blocks, path.name)]
-    return [_unsafe_problem(path, unsafe, blocks)] if unsafe else []
-
-
-def _unsafe_problem(path: Path, unsafe: list[str], blocks: str) -> Problem:
-    shown = ", ".join(unsafe[:3]) + (f" (+{len(unsafe) - 3} more)" if len(unsafe) > 3 else "")
-    return Problem("unsafe_pickle", f"{path.name} references code, not just tensors: {shown} (not executed)",
-                   blocks, path.name)
+    return [unsafe_problem(path.name, unsafe, blocks)] if unsafe else []
 
 
 def _load_problems(ckpt: CheckpointFiles, meta: dict | None, path: Path, role: str) -> list[Problem]:
@@ -505,7 +408,7 @@ def deep_check(ckpt: CheckpointFiles, previous: Mapping[str, FileDigest | str] |
     for d in digests:
         if problem := _changed(d, (previous or {}).get(d.name), roles.get(d.name)):
             problems.append(problem)
-    return IntegrityResult(str(ckpt.directory), ckpt.step, ckpt.layout, "deep", tuple(_dedupe(problems)), tuple(digests),
+    return IntegrityResult(str(ckpt.directory), ckpt.step, ckpt.layout, "deep", tuple(dedupe(problems)), tuple(digests),
                            started, time.perf_counter() - t0, total)
 
 

@@ -56,9 +56,9 @@ def test_app_pages_touch_neither_sql_nor_torch():
 
 @pytest.mark.parametrize("modules", [
     ["nanochat", "nanochat.checkpoint_manager", "nanochat.tokenizer", "nanochat.torchfile", "nanochat.common",
-     "nanochat.model_config", "nanochat.schedule", "nanochat.sampling"],
+     "nanochat.model_config", "nanochat.schedule", "nanochat.sampling", "nanochat.quick_check"],
     ["registry", "registry.cli", "registry.store", "registry.scanner", "registry.history", "registry.logimport",
-     "registry.archive", "registry.inspection"],
+     "registry.inspection", "registry.integrity"],
 ])
 def test_modules_import_without_torch(modules):
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules) + \

@@ -1,5 +1,5 @@
-"""The scanner's fast path agrees with the reference implementation (nanochat.torchfile and
-checkpoint_manager.quick_problems) on intact and broken archives and checkpoints, and never runs a
+"""The scanner's inspection, checkpoint discovery and the integrity check's quick level run one quick
+check (nanochat.quick_check) and agree on intact, broken and hostile checkpoints, and never run a
 pickle's code."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
 from nanochat import torchfile
-from registry import archive, inspection
+from registry import integrity
 from registry.inspection import file_kind, inspect_checkpoint
 from registry.scanner import group_slots, list_run_dir
 from tests.modelkit import touch_payload
 from tests.registry_kit import make_checkpoint, tiny_model
+from tests.test_torchfile import MEMO_HIDDEN
 
 
 def rewrite_pickle(path: Path, data: bytes) -> None:
@@ -30,86 +30,6 @@ def rewrite_pickle(path: Path, data: bytes) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         for info, content in members:
             z.writestr(info, data if info.filename.endswith("/data.pkl") else content)
-
-
-def flat_shapes(tree, prefix: str = "") -> dict[str, tuple]:
-    """archive.read_tree's tensors (tuples of ints) by dotted key, as torchfile.tensor_shapes lists them."""
-    out = {}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
-    for k, v in items:
-        key = f"{prefix}{k}"
-        if isinstance(v, tuple) and all(isinstance(x, int) for x in v):
-            out[key] = v
-        elif isinstance(v, (dict, list, tuple)):
-            out.update(flat_shapes(v, key + "."))
-    return out
-
-
-@pytest.fixture
-def archives(tmp_path, upstream_dir):
-    """name -> path of intact and broken torch.save files."""
-    out = {}
-    for gen in ("classic", "current"):
-        for p in (upstream_dir / gen / "base_checkpoints" / "d2").glob("*.pt"):
-            out[f"{gen}/{p.name}"] = p
-    torch.save(tiny_model().state_dict(), tmp_path / "state.pt")
-    out["state"] = tmp_path / "state.pt"
-    torch.save({"model": tiny_model().state_dict(), "metadata": {"step": 3, "model_config": {}}}, tmp_path / "single.pt")
-    out["single"] = tmp_path / "single.pt"
-    big = tmp_path / "deflated.pt"  # re-zipped with compression
-    with zipfile.ZipFile(tmp_path / "state.pt") as src, zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as dst:
-        for info in src.infolist():
-            dst.writestr(info.filename, src.read(info.filename), zipfile.ZIP_DEFLATED)
-    out["deflated"] = big
-    data = (tmp_path / "state.pt").read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    out["truncated"] = tmp_path / "truncated.pt"
-    (tmp_path / "empty.pt").write_bytes(b"")
-    out["empty"] = tmp_path / "empty.pt"
-    (tmp_path / "text.pt").write_text("not a zip file at all" * 10)
-    out["text"] = tmp_path / "text.pt"
-    with zipfile.ZipFile(tmp_path / "plain.zip.pt", "w") as z:
-        z.writestr("readme.txt", "a zip, not torch.save")
-    out["plain zip"] = tmp_path / "plain.zip.pt"
-    shutil.copy(tmp_path / "state.pt", tmp_path / "evil.pt")
-    rewrite_pickle(tmp_path / "evil.pt", pickle.dumps(touch_payload(tmp_path / "PWNED"), protocol=2))
-    out["evil"] = tmp_path / "evil.pt"
-    shutil.copy(tmp_path / "state.pt", tmp_path / "garbage.pt")
-    rewrite_pickle(tmp_path / "garbage.pt", b"\x80\x02garbage that is no pickle")
-    out["garbage"] = tmp_path / "garbage.pt"
-    return out
-
-
-def test_archive_reader_agrees_with_torchfile(archives, tmp_path):
-    for name, path in archives.items():
-        try:
-            zf, _ = torchfile.open_archive(path)
-            zf.close()
-            ref_ok = True
-        except torchfile.TorchFileError:
-            ref_ok = False
-        try:
-            archive.check_archive(path)
-            fast_ok = True
-        except archive.ArchiveError:
-            fast_ok = False
-        assert fast_ok == ref_ok, name
-        try:
-            ref_tree = torchfile.read_structure(path)
-        except torchfile.TorchFileError:
-            ref_tree = None
-        try:
-            tree = archive.read_tree(path)
-        except archive.ArchiveError:
-            tree = None
-        assert (tree is None) == (ref_tree is None), name
-        if tree is not None:  # the same tensors (shapes) at the same places of the tree
-            ref_shapes = {k: v.shape for k, v in torchfile.tensor_shapes(ref_tree).items()}
-            assert ref_shapes and flat_shapes(tree) == ref_shapes, name
-    assert not (tmp_path / "PWNED").exists()  # neither reader ran the pickle's code
-    with pytest.raises(archive.ArchiveError, match="posix.system|os.system|allow-list"):
-        archive.read_tree(archives["evil"])
-    assert archive.read_tree(archives["single"])["metadata"] == {"step": 3, "model_config": {}}
 
 
 def _break(run: Path, step: int, how: str) -> None:
@@ -146,13 +66,42 @@ def _break(run: Path, step: int, how: str) -> None:
         m.unlink()
     elif how == "unsafe_model":
         rewrite_pickle(m, pickle.dumps(touch_payload(run / "PWNED"), protocol=2))
+    elif how == "memo_hidden_global":
+        rewrite_pickle(m, MEMO_HIDDEN)
+    elif how == "unsafe_optimizer":  # the quick check reads only the model's pickle: the deep check finds this
+        rewrite_pickle(run / f"optim_{step:06d}_rank0.pt", pickle.dumps(touch_payload(run / "PWNED"), protocol=2))
+    elif how == "garbage_pickle":
+        rewrite_pickle(m, b"\x80\x02garbage that is no pickle")
+    elif how == "not_a_state_dict":
+        torch.save([1, 2, 3], m)
+    elif how == "empty_state_dict":
+        torch.save({}, m)
+    elif how == "wrong_shapes":
+        d = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**d, "model_config": {**d["model_config"], "vocab_size": 999}}))
+    elif how == "flipped_pickle_bit":
+        with torchfile.Archive(m) as a:
+            at = a.data_start(a.pickle) + 5
+        data = bytearray(m.read_bytes())
+        data[at] ^= 1
+        m.write_bytes(bytes(data))
 
 
-BREAKS = ["intact", "truncate_model", "empty_model", "no_meta", "bad_json", "json_list", "no_model_config",
-          "step_mismatch", "world_2", "no_optimizer", "truncated_optimizer", "train_state_claimed", "no_model", "unsafe_model"]
+# how -> the codes the quick check finds
+BREAKS = {
+    "intact": [], "truncate_model": ["truncated"], "empty_model": ["empty_file"], "no_meta": ["missing_meta"],
+    "bad_json": ["bad_meta_json"], "json_list": ["bad_meta_json"], "no_model_config": ["bad_meta"],
+    "step_mismatch": ["step_mismatch"], "world_2": ["missing_optimizer_shard"], "no_optimizer": ["missing_optimizer_shard"],
+    "truncated_optimizer": ["truncated"], "train_state_claimed": ["missing_train_state"], "no_model": ["missing_model"],
+    "unsafe_model": ["unsafe_pickle"], "memo_hidden_global": ["unsafe_pickle"], "unsafe_optimizer": [],
+    "garbage_pickle": ["bad_pickle"], "not_a_state_dict": ["bad_state_dict"], "empty_state_dict": ["empty_state_dict"],
+    "wrong_shapes": ["shape_mismatch"], "flipped_pickle_bit": ["truncated"],
+}
 
 
-def test_inspection_agrees_with_quick_problems(tmp_path, upstream_copy):
+def test_one_quick_check_for_scanner_discovery_and_integrity(tmp_path, upstream_copy):
+    """Every caller of the quick check gets the same problems: the scanner (inspection, handed the meta
+    it parsed), checkpoint discovery (cm.quick_problems) and the integrity check's quick level."""
     run = tmp_path / "base_checkpoints" / "d1"
     for i, how in enumerate(BREAKS):
         make_checkpoint(run, 10 * (i + 1))
@@ -164,27 +113,23 @@ def test_inspection_agrees_with_quick_problems(tmp_path, upstream_copy):
         by_step = {c.step: c for c in cm.list_checkpoints(d)}
         for (_layout, step), slot in slots.items():
             ins = inspect_checkpoint(slot, d)
-            expected = [p.code for p in cm.quick_problems(by_step[step])]
-            assert [p["code"] for p in ins.problems] == expected, (d.name, step)
-            try:  # the world size the fast path works out is the reference's, too
+            ref = cm.quick_problems(by_step[step])
+            assert ins.problems == [vars(p) for p in ref], (d.name, step)
+            assert [p.code for p in integrity.quick_check(by_step[step]).problems] == [p.code for p in ref], (d.name, step)
+            if d == run:
+                assert [p.code for p in ref] == BREAKS[list(BREAKS)[step // 10 - 1]], (step, ref)
+            try:  # the world size the inspection works out is the reference's, too
                 meta = json.loads(by_step[step].meta.read_text())
             except (AttributeError, OSError, ValueError):
                 meta = None
             world = cm.expected_world_size(by_step[step], meta if isinstance(meta, dict) else None)
             assert ins.world_size(d) == (world if world > 0 else None), (d.name, step)
-    intact = inspect_checkpoint(group_slots(list_run_dir(run)[0])[0][("upstream", 10)], run)
+    slots = group_slots(list_run_dir(run)[0])[0]
+    intact = inspect_checkpoint(slots[("upstream", 10)], run)
     assert intact.problems == [] and intact.complete and intact.resumable
+    memo = inspect_checkpoint(slots[("upstream", 10 * (list(BREAKS).index("memo_hidden_global") + 1))], run)
+    assert "posix.system" in memo.problems[0]["message"] and not memo.complete
     assert not (run / "PWNED").exists()
-
-
-def test_expected_world_size_without_checkpoint_files(tmp_path):
-    shards = {0: "optim_000010_rank0.pt", 1: "optim_000010_rank1.pt", 3: "optim_000010_rank3.pt"}
-    ckpt = cm.CheckpointFiles(directory=tmp_path, step=10, layout="upstream",
-                              optimizer_shards={r: tmp_path / n for r, n in shards.items()})
-    for meta in ({}, {"world_size": 2}, {"world_size": 0}, {"world_size": -1}, {"world_size": "2"}, {"world_size": True},
-                 {"world_size": 2.0}, {"world_size": None}):
-        assert inspection._expected_world(meta, shards) == cm.expected_world_size(ckpt, meta), meta
-    assert inspection._expected_world({}, {}) == cm.expected_world_size(cm.CheckpointFiles(tmp_path, 10, "upstream"), {})
 
 
 def test_single_file_inspection(tmp_path):
