@@ -17,7 +17,8 @@ How one scan goes:
    queries); a checkpoint whose files all match is not opened. The rest are inspected
    (`inspection.inspect_checkpoint`: meta JSON, zip central directories, optimizer shards for the
    world size; never `torch.load`).
-3. Writes (`writer.py`): one short transaction per batch of at most BATCH inspected checkpoints
+3. Writes (`writer.py`, handed each run as a `writer.RunWrite`; this module decides what is new,
+   changed or gone, the writer only writes): one short transaction per batch of at most BATCH inspected checkpoints
    (across runs), holding the locks of the runs it touches, so the registry is never half-written and
    concurrent scanners serialise per run. Vanished checkpoints and files are marked missing, vanished
    runs too; nothing is deleted. metrics.jsonl is ingested incrementally afterwards
@@ -189,6 +190,17 @@ class RunPlan:
         st = self.metrics_stat
         return st is not None and self.source != (st.st_size, st.st_mtime_ns, st.st_ino)
 
+    def for_writer(self) -> writer.RunWrite:
+        """This run as the writer needs it for the next batch (named values; it never sees a plan)."""
+        st = self.metrics_stat
+        return writer.RunWrite(self.path, self.run_id, self.phase, self.tag, self.last_activity(), st is not None,
+                               first_batch=not self.written, gone=tuple(self.gone()) if not self.written else (),
+                               present=self.present)
+
+    def knows(self, ins: Inspection) -> bool:
+        """Whether an inspected checkpoint was indexed before (then it changed), or is new."""
+        return (ins.slot.layout, ins.step) in self.known_keys
+
     def last_activity(self) -> float | None:
         mtimes = [f[3] for slot in self.slots.values() for f in slot.files.values()]
         if self.metrics_stat is not None:
@@ -251,7 +263,8 @@ def scan_path(store, path, progress: Progress | None = None) -> ScanReport:
             pass  # the database itself is failing: the original error is the one to report
         raise
     finished = time.time()
-    seen = [(p.run_id, p.fingerprint, p.stored_count if p.unchanged else len(p.slots)) for p in plans]
+    seen = [writer.RunIndexedRow(p.run_id, finished, p.fingerprint, p.stored_count if p.unchanged else len(p.slots))
+            for p in plans]
     rest = db.write(lambda s: writer.finish_scan(s, db, scan_id, counts, "ok", None, seen, written, finished))
     if progress:
         progress(counts.checkpoints_seen, counts.checkpoints_seen, "done")
@@ -296,7 +309,9 @@ def _scan(db, root_id: int, scan_id: int, run_dirs: dict, known: dict[str, write
     indexed = {p.run_id: p for p in plans.values() if p.run_id is not None and not p.unchanged}
     if indexed:
         with db.session() as s:
-            writer.load_checkpoints(s, db, indexed)
+            stored = writer.load_checkpoints(s, db, list(indexed))
+        for rid, plan in indexed.items():
+            plan.known_keys, plan.present, plan.source = stored[rid].known_keys, stored[rid].present, stored[rid].source
     counts.runs_found = len(plans)
     counts.runs_new = sum(1 for p in plans.values() if p.run_id is None)
     total = sum(p.stored_count if p.unchanged else len(p.slots) for p in plans.values())
@@ -319,11 +334,16 @@ def _scan(db, root_id: int, scan_id: int, run_dirs: dict, known: dict[str, write
         if not batch_runs:
             return
         now = time.time()
-        result = db.write(lambda s: writer.write_batch(s, db, batch_runs, batch, root_id, scan_id, now))
+        views = {id(p): p.for_writer() for p in batch_runs}
+        items = [(views[id(p)], ins) for p, ins in batch]
+        result = db.write(lambda s: writer.write_batch(s, db, list(views.values()), items, root_id, scan_id, now))
         for p in batch_runs:  # only once committed: a retried transaction starts from the same plans
             p.run_id, p.written = result.run_ids[str(p.path)], True
-        counts.checkpoints_new += result.new
-        counts.checkpoints_changed += result.changed
+        for p, ins in batch:
+            if p.knows(ins):
+                counts.checkpoints_changed += 1
+            else:
+                counts.checkpoints_new += 1
         counts.checkpoints_missing += result.missing
         for x in result.problems:
             counts.problem(*x)

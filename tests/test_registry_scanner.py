@@ -383,19 +383,20 @@ def test_a_failed_batch_leaves_the_plans_as_they_were(store, tmp_path):
     base_tree(tmp_path / "base")
     c = scanner._Counts()
     plans = scanner._plan_runs(scanner.walk_runs(tmp_path / "base", c.problem), {}, c)
-    items = [(p, scanner.inspect_checkpoint(slot, p.path)) for p in plans.values() for slot in p.changed()]
+    views = {path: p.for_writer() for path, p in plans.items()}
+    items = [(views[path], scanner.inspect_checkpoint(slot, p.path)) for path, p in plans.items() for slot in p.changed()]
     root_id, scan_id = store.db.write(lambda s: writer.start_scan(s, store.db, str(tmp_path / "base"), 1.0))
 
     def fails_after_writing(s):
-        writer.write_batch(s, store.db, list(plans.values()), items, root_id, scan_id, 2.0)
+        writer.write_batch(s, store.db, list(views.values()), items, root_id, scan_id, 2.0)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         store.db.write(fails_after_writing)
     assert all(p.run_id is None and not p.written for p in plans.values())
     assert store.list_runs() == []
-    result = store.db.write(lambda s: writer.write_batch(s, store.db, list(plans.values()), items, root_id, scan_id, 2.0))
-    assert (result.new, sorted(result.run_ids)) == (3, sorted(plans))
+    result = store.db.write(lambda s: writer.write_batch(s, store.db, list(views.values()), items, root_id, scan_id, 2.0))
+    assert (len(items), sorted(result.run_ids)) == (3, sorted(plans))
     assert all(p.run_id is None for p in plans.values())  # the scanner applies the result after the commit
 
 
