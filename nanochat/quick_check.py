@@ -146,29 +146,22 @@ def _keyed(shapes: dict | None) -> tuple[dict, frozenset | None] | None:
 def _resume_problems(ckpt: CheckpointFiles, meta: dict, world: int) -> list[Problem]:
     """Optimizer shards for the world size, and training states when the meta says it saved them."""
     problems: list[Problem] = []
-
-    def check_zip(path) -> None:
-        try:
-            torchfile.check_archive(path)
-        except torchfile.TorchFileError as e:
-            problems.append(Problem(e.code, str(e), "resume", path.name))
-
     if world == 0:
         problems.append(Problem("missing_optimizer_shard",
                                 "no optimizer state saved: the weights load but training cannot resume", "resume"))
-    for rank in range(world):
-        shard = ckpt.optimizer_shards.get(rank)
-        if shard is None:
-            problems.append(Problem("missing_optimizer_shard", f"optimizer shard of rank {rank} of {world} is missing", "resume"))
-        else:
-            check_zip(shard)
+    wanted = [(ckpt.optimizer_shards, "missing_optimizer_shard", "optimizer shard of rank {rank} of {world} is missing")]
     if meta.get("train_state"):
+        wanted.append((ckpt.train_states, "missing_train_state", "training state (RNG, data position) of rank {rank} is missing"))
+    for files, code, message in wanted:
         for rank in range(world):
-            state = ckpt.train_states.get(rank)
-            if state is None:
-                problems.append(Problem("missing_train_state", f"training state (RNG, data position) of rank {rank} is missing", "resume"))
-            else:
-                check_zip(state)
+            path = files.get(rank)
+            if path is None:
+                problems.append(Problem(code, message.format(rank=rank, world=world), "resume"))
+                continue
+            try:
+                torchfile.check_archive(path)
+            except torchfile.TorchFileError as e:
+                problems.append(Problem(e.code, str(e), "resume", path.name))
     return problems
 
 

@@ -8,7 +8,6 @@ import io
 import json
 import pickle
 import shutil
-import zipfile
 from pathlib import Path
 
 import torch
@@ -20,16 +19,7 @@ from registry.inspection import file_kind, inspect_checkpoint
 from registry.scanner import group_slots, list_run_dir
 from tests.modelkit import touch_payload
 from tests.registry_kit import make_checkpoint, tiny_model
-from tests.test_torchfile import MEMO_HIDDEN
-
-
-def rewrite_pickle(path: Path, data: bytes) -> None:
-    """Replace the data.pkl member of a torch.save archive, keeping everything else."""
-    with zipfile.ZipFile(path) as z:
-        members = [(i, z.read(i.filename)) for i in z.infolist()]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for info, content in members:
-            z.writestr(info, data if info.filename.endswith("/data.pkl") else content)
+from tests.test_torchfile import MEMO_HIDDEN, rewrite_pickle
 
 
 def _break(run: Path, step: int, how: str) -> None:
