@@ -15,8 +15,9 @@ How one scan goes:
    10,000 checkpoints costs its stats, one read and two short writes (the scan's own row, start and end).
    In the other folders each checkpoint's files are compared with what the registry holds (a few bulk
    queries); a checkpoint whose files all match is not opened. The rest are inspected
-   (`inspection.inspect_checkpoint`: meta JSON, zip central directories, optimizer shards for the
-   world size; never `torch.load`).
+   (`inspection.inspect_checkpoint`: the meta JSON, then `nanochat.quick_check`, the one quick check:
+   zip central directories, optimizer shards for the world size, the model's pickle read without
+   running it and checked against its config; never `torch.load`).
 3. Writes (`writer.py`, handed each run as a `writer.RunWrite`; this module decides what is new,
    changed or gone, the writer only writes): one short transaction per batch of at most BATCH inspected checkpoints
    (across runs), holding the locks of the runs it touches, so the registry is never half-written and
