@@ -122,8 +122,8 @@ class Archive:
             self.fd = -1
 
     def _truncated(self, why: str) -> TorchFileError:
-        return TorchFileError("truncated", f"{self.name} has no readable zip central directory ({why}; "
-                                           "truncated or not a torch.save file)")
+        return TorchFileError("truncated", f"{self.name} has no zip central directory (truncated or not a "
+                                           f"torch.save file: {why})")
 
     def _pread(self, n: int, offset: int) -> bytes:
         """n bytes at offset, from the tail already read when it holds them."""
