@@ -90,10 +90,10 @@ def make_tokenizer(directory: Path) -> None:
 
 
 def child(mode: str, shard: Path, tokenizer_dir: Path, db: Path) -> dict:
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.tokenizer import Tokenizer, encode_threads
 
     tok = Tokenizer.from_directory(tokenizer_dir)
-    cores = os.cpu_count() or 1
+    cores = encode_threads()  # what the inspector uses
     reset_peak()
     base = rss_mb()
     t0 = time.perf_counter()

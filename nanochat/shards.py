@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nanochat.dataloader import DataError, find_data_dir, list_parquet_files, split_files
+from nanochat.tokenizer import encode_threads
 
 TEXT = "text"
 # Document length histogram edges, in characters: [0, 1), [1, 2), [2, 4), ... [2^20, inf).
@@ -215,7 +216,7 @@ def scan_shard(path: str | os.PathLike, tokenizer=None, threads: int | None = No
         return ShardStats(str(path), size, mtime, rows=meta.num_rows if meta else 0,
                           row_groups=meta.num_row_groups if meta else 0,
                           columns=tuple(pf.schema_arrow.names) if pf is not None else (), error=error)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or encode_threads()
     n_groups, total_rows = pf.num_row_groups, pf.metadata.num_rows
     sizes = [_row_group_bytes(pf, i) for i in range(n_groups)]
     total_bytes = sum(sizes)
@@ -317,7 +318,7 @@ def estimate_tokens(stats: ShardStats, tokenizer, max_docs: int = 2000) -> int |
     chars = sum(len(d.text) for d in sample)
     if not chars:
         return None
-    tokens = sum(map(len, tokenizer.enc.encode_ordinary_batch([d.text for d in sample], num_threads=os.cpu_count() or 1)))
+    tokens = sum(map(len, tokenizer.enc.encode_ordinary_batch([d.text for d in sample], num_threads=encode_threads(len(sample)))))
     return round(stats.chars * tokens / chars)
 
 

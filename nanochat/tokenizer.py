@@ -39,6 +39,16 @@ UPSTREAM_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 
 
+def encode_threads(n_texts: int | None = None) -> int:
+    """Threads for tiktoken's batch encoders: the cores this process may run on (its CPU affinity, which
+    `os.cpu_count` ignores under taskset or a container's cpuset), and no more than there are texts."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, n_texts)) if n_texts is not None else max(1, cores)
+
+
 class TokenizerError(ValueError):
     """A tokenizer that cannot be trained, read or used, with a one-line reason."""
 
@@ -191,7 +201,8 @@ class Tokenizer:
         if isinstance(text, str):
             return [*([pre] if pre is not None else []), *self.enc.encode_ordinary(text),
                     *([post] if post is not None else [])]
-        out = self.enc.encode_ordinary_batch(list(text), num_threads=4)
+        texts = list(text)
+        out = self.enc.encode_ordinary_batch(texts, num_threads=encode_threads(len(texts)))
         return [[*([pre] if pre is not None else []), *ids, *([post] if post is not None else [])] for ids in out]
 
     def _as_id(self, token: str | int | None) -> int | None:

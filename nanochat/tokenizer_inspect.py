@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.tokenizer import OUR_FILE, SPECIAL_TOKENS, TOKEN_BYTES_FILE, UPSTREAM_FILE, Tokenizer, TokenizerError
+from nanochat.tokenizer import OUR_FILE, SPECIAL_TOKENS, TOKEN_BYTES_FILE, UPSTREAM_FILE, Tokenizer, TokenizerError, encode_threads
 
 # What each chat-template token marks (UPSTREAM_OUTPUTS.md §7); mask = 1 where the model is trained on it.
 SPECIAL_ROLES = {
@@ -136,7 +136,7 @@ def counts(tok: Tokenizer, texts: Iterable[str], specials_in_text: bool = False,
     """Tokens, UTF-8 bytes and characters of texts. Tokens as training sees documents (ordinary encoding),
     or with `specials_in_text` as `split` counts them (a typed <|bos|> is one token)."""
     texts = list(texts)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or encode_threads(len(texts))
     ids = (tok.enc.encode_batch(texts, num_threads=threads, allowed_special="all") if specials_in_text
            else tok.enc.encode_ordinary_batch(texts, num_threads=threads))
     return TextCounts(sum(map(len, ids)), sum(len(t.encode("utf-8")) for t in texts), sum(map(len, texts)))
@@ -164,7 +164,8 @@ def vocabulary(tok: Tokenizer) -> list[VocabEntry]:
 def unused_ids(tok: Tokenizer, texts: Iterable[str]) -> set[int]:
     """Ordinary token ids that never occur when encoding these texts (special tokens excluded)."""
     seen: set[int] = set()
-    for ids in tok.enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1):
+    texts = list(texts)
+    for ids in tok.enc.encode_ordinary_batch(texts, num_threads=encode_threads(len(texts))):
         seen.update(ids)
     specials = set(tok.enc._special_tokens.values())
     return {i for i in range(tok.get_vocab_size()) if i not in seen and i not in specials}

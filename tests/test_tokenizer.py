@@ -179,3 +179,12 @@ def test_our_format_errors(tmp_path):
 def test_vocab_too_small_to_train():
     with pytest.raises(TokenizerError, match="at least 265"):
         Tokenizer.train_from_iterator(["abc"], 100)
+
+
+def test_encode_threads_follow_the_cores_this_process_may_use(monkeypatch):
+    from nanochat import tokenizer as tk
+
+    monkeypatch.setattr(tk.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert tk.encode_threads() == 3
+    assert tk.encode_threads(2) == 2  # never more threads than texts
+    assert tk.encode_threads(0) == 1
