@@ -219,10 +219,12 @@ def cmd_runs(args, ctx) -> Output:
     rows = [[r.id, r.label, r.status, r.depth, fmt_count(r.n_params),
              f"{fmt_num(r.latest_step)}/{fmt_num(r.num_iterations)}",
              f"{fmt_num(r.best_val_bpb)}@{fmt_num(r.best_val_bpb_step)}" if r.best_val_bpb is not None else "-",
-             fmt_num(r.last_val_bpb), f"{r.complete_checkpoint_count}/{r.checkpoint_count}", fmt_time(r.last_update), r.path]
+             fmt_num(r.last_val_bpb), f"{r.complete_checkpoint_count}/{r.checkpoint_count}",
+             r.token_bytes.label if r.token_bytes else "-", fmt_time(r.last_update), r.path]
             for r in runs]
     return Output(runs, table(["id", "run", "status", "depth", "params", "step/target", "best_bpb@step", "last_bpb",
-                               "ckpts ok/all", "updated", "path"], rows, "no runs (scan a folder: python -m registry scan PATH)"))
+                               "ckpts ok/all", "token_bytes", "updated", "path"], rows,
+                              "no runs (scan a folder: python -m registry scan PATH)"))
 
 
 @command("checkpoints", "list a run's checkpoints with completeness and problems", args=[

@@ -47,9 +47,11 @@ from registry.errors import (
     SchemaTooNewError,
     SchemaTooOldError,
 )
-from registry.models import Base, DatasetShard, RegistryInfo, Run, ShardTokenCount
+from registry.models import Base, DatasetShard, RegistryInfo, Run, ShardTokenCount, TokenizerCheck
 
-SCHEMA_VERSION = 3  # 2: dataset_shards and shard_token_counts (the dataset inspector's cache); 3: eval_results
+# 2: dataset_shards and shard_token_counts (the dataset inspector's cache); 3: eval_results
+# 4: tokenizer_checks and runs.tokenizer_check_id (each run's token_bytes verdict)
+SCHEMA_VERSION = 4
 APPLICATION = "nanochat-workbench registry"
 ENV_URL = "NANOCHAT_REGISTRY_URL"
 ENV_BASE = "NANOCHAT_BASE_DIR"  # nanochat's own base-dir variable (nanochat.common.get_base_dir)
@@ -68,8 +70,15 @@ def _add_eval_results(conn: Connection) -> None:
     EvalResult.__table__.create(conn)
 
 
+def _add_tokenizer_checks(conn: Connection) -> None:
+    """Version 4 adds each run's token_bytes verdict (tokenizer_checks, runs.tokenizer_check_id)."""
+    Base.metadata.create_all(conn, tables=[TokenizerCheck.__table__])
+    # a nullable column with no default: SQLite and PostgreSQL both add it without rewriting the table
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tokenizer_check_id INTEGER REFERENCES tokenizer_checks (id)"))
+
+
 # from_version -> function(connection) that upgrades the schema to from_version + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_dataset_tables, 2: _add_eval_results}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_dataset_tables, 2: _add_eval_results, 3: _add_tokenizer_checks}
 _PG_SCHEMA_LOCK = 0x6E616E6F  # advisory lock id serialising schema creation and migration on PostgreSQL
 _RETRYABLE_PG = {"40P01", "40001", "55P03"}  # deadlock, serialization failure, lock not available
 

@@ -79,6 +79,53 @@ class IntegrityRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenBytesVerdict:
+    """Whether the token_bytes.pt beside a run's tokenizer is right (registry/tokenizer_checks.py). verdict:
+    "right", "absent" (no file: bpb computed from the tokenizer, also right), "wrong" or "unreadable"."""
+    tokenizer_dir: str
+    verdict: str
+    wrong: int  # tokens whose stored byte length differs from the tokenizer's
+    old_method: bool  # the differences are exactly upstream's pre-2ce972a bug
+    vocab_size: int | None
+    stored_sum: int | None
+    correct_sum: int | None
+    values_digest: str | None  # of the byte lengths bpb was computed with
+    error: str | None
+    checked_at: datetime
+
+    @property
+    def right(self) -> bool:
+        return self.verdict in ("right", "absent")
+
+    @property
+    def label(self) -> str:
+        """A few words for tables: "right", "no file (right)", "WRONG: 312 tokens", "unreadable"."""
+        return {"right": "right", "absent": "no file (right)",
+                "wrong": f"WRONG: {self.wrong} token{'s' if self.wrong != 1 else ''}"}.get(self.verdict, self.verdict)
+
+
+def bpb_comparability(runs, names=None) -> str | None:
+    """Why these runs' val_bpb cannot be compared, or None when they can. val_bpb is comparable across
+    tokenizers only when each run's token_bytes is right; runs with a wrong file compare only with runs
+    that used the very same byte lengths. `runs`: RunSummary-like (id, label, token_bytes); `names`: run id
+    -> the name to print (default: the label)."""
+    runs = list(runs)
+    if len(runs) < 2:
+        return None
+    name = (lambda r: names.get(r.id, r.label)) if names else (lambda r: r.label)
+    unknown = [name(r) for r in runs if r.token_bytes is None or r.token_bytes.verdict == "unreadable"]
+    wrong = [r for r in runs if r.token_bytes is not None and r.token_bytes.verdict == "wrong"]
+    if wrong and (len({r.token_bytes.values_digest for r in wrong}) > 1 or len(wrong) < len(runs) - len(unknown)):
+        which = ", ".join(f"{name(r)} ({r.token_bytes.wrong} tokens wrong)" for r in wrong)
+        return (f"val_bpb not comparable: the token_bytes.pt of {which} disagrees with its tokenizer (upstream's old build), "
+                "so its bits per byte are off; rebuild it and re-evaluate, or compare only runs that used the same file")
+    if unknown:
+        return (f"val_bpb may not be comparable: the token_bytes of {', '.join(unknown)} could not be checked (no readable "
+                "tokenizer folder beside the run or in its base dir)")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSummary:
     """One run (a checkpoint directory) with what the runs overview shows."""
     id: int
@@ -111,6 +158,7 @@ class RunSummary:
     last_seen: datetime  # last scan that found it
     last_update: datetime | None  # newest mtime of its checkpoint files and metrics.jsonl
     missing: bool
+    token_bytes: TokenBytesVerdict | None = None  # None: no tokenizer folder found for it (schema 3)
 
     @property
     def progress(self) -> float | None:
@@ -376,6 +424,8 @@ def to_jsonable(obj):
         out = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         if isinstance(obj, RunSummary):
             out["progress"] = obj.progress
+        if isinstance(obj, TokenBytesVerdict):
+            out["right"] = obj.right
         if isinstance(obj, CheckpointRecord):
             out["label"] = obj.label
             out["state"] = obj.state

@@ -23,6 +23,11 @@ Design notes (the why behind the columns):
   from upstream's logs and base_eval CSVs: one row per (run, source file, step, task, metric), so a
   re-import updates instead of duplicating. The step is the checkpoint's (updates done), not a foreign key:
   a log may be imported before its run's checkpoints are scanned, and a deleted checkpoint keeps its evals.
+- `tokenizer_checks` holds, per tokenizer folder, whether its token_bytes.pt is right
+  (`nanochat.tokenizer_inspect.check_token_bytes`), valid while `stamp` (name, size and mtime_ns of the
+  tokenizer file and of token_bytes.pt) matches, so a re-scan costs two stats per folder; each run points
+  at its folder's check (`runs.tokenizer_check_id`). `values_digest` identifies the byte lengths bpb was
+  computed with: two runs with a wrong file are comparable only when it is the same. Added in schema version 4.
 - `integrity_results` and the `sha256*` columns of `checkpoint_files` are written by the integrity
   checks (`registry.store.RegistryStore.record_integrity`); the scanner leaves them alone.
 """
@@ -121,6 +126,7 @@ class Run(Base):
     dir_checkpoints: Mapped[int | None]
     has_metrics_file: Mapped[bool] = mapped_column(Boolean, default=False)
     missing: Mapped[bool] = mapped_column(Boolean, default=False)
+    tokenizer_check_id: Mapped[int | None] = mapped_column(ForeignKey("tokenizer_checks.id"))  # schema 4
 
 
 class Checkpoint(Base):
@@ -302,3 +308,20 @@ class EvalResult(Base):
     script: Mapped[str] = mapped_column(String(32))  # base_train | base_eval | chat_sft | chat_eval | chat_rl
     source: Mapped[str] = mapped_column(String(PATH_LEN))  # the log or CSV it came from
     recorded_at: Mapped[float]
+
+
+class TokenizerCheck(Base):
+    __tablename__ = "tokenizer_checks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(String(PATH_LEN), unique=True)  # the tokenizer folder, resolved
+    stamp: Mapped[str] = mapped_column(String(255))  # tokenizer file and token_bytes.pt: name:size:mtime_ns each
+    verdict: Mapped[str] = mapped_column(String(16))  # right | absent | wrong | unreadable
+    fingerprint: Mapped[str | None] = mapped_column(String(32))  # nanochat.tokenizer_inspect.fingerprint
+    vocab_size: Mapped[int | None]
+    wrong: Mapped[int] = mapped_column(default=0)  # tokens whose stored byte length differs
+    old_method: Mapped[bool] = mapped_column(Boolean, default=False)  # the differences are upstream's pre-2ce972a bug
+    stored_sum: Mapped[int | None] = mapped_column(BigInteger)
+    correct_sum: Mapped[int | None] = mapped_column(BigInteger)
+    values_digest: Mapped[str | None] = mapped_column(String(32))  # of the byte lengths bpb is computed with
+    error: Mapped[str | None] = mapped_column(Text)  # why the folder could not be checked (verdict unreadable)
+    checked_at: Mapped[float]

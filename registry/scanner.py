@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from nanochat import checkpoint_manager as cm
-from registry import writer
+from registry import tokenizer_checks, writer
 from registry.entities import ScanProblemRecord, ScanReport, utc
 from registry.errors import NoCheckpointsError, RegistryError, ScanPathError
 from registry.inspection import METRICS_FILE, Inspection, Slot, file_kind, inspect_checkpoint, is_run_file
@@ -267,6 +267,7 @@ def scan_path(store, path, progress: Progress | None = None) -> ScanReport:
     seen = [writer.RunIndexedRow(p.run_id, finished, p.fingerprint, p.stored_count if p.unchanged else len(p.slots))
             for p in plans]
     rest = db.write(lambda s: writer.finish_scan(s, db, scan_id, counts, "ok", None, seen, written, finished))
+    tokenizer_checks.refresh_under(store, str(root))  # each run's token_bytes verdict (two stats per tokenizer folder)
     if progress:
         progress(counts.checkpoints_seen, counts.checkpoints_seen, "done")
     return ScanReport(

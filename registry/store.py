@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from registry import history
+from registry import history, tokenizer_checks
 from registry.db import Database
 from registry.entities import (
     BestCheckpoint,
@@ -58,6 +58,7 @@ from registry.models import (
     Run,
     Scan,
     ScanProblem,
+    TokenizerCheck,
 )
 from registry.models import MetricPoint as PointRow
 from registry.models import MetricSeries as SeriesRow
@@ -194,6 +195,9 @@ class RegistryStore:
             steps = dict(s.execute(sa.select(SeriesRow.run_id, sa.func.max(MetricSegment.last_step))
                                    .join(MetricSegment, MetricSegment.series_id == SeriesRow.id)
                                    .where(SeriesRow.run_id.in_(ids)).group_by(SeriesRow.run_id)).all())
+            checks = {c.id: c for c in s.execute(sa.select(TokenizerCheck).where(
+                TokenizerCheck.id.in_({r.tokenizer_check_id for r in runs if r.tokenizer_check_id is not None})))
+                .scalars()}
             out = []
             for r in runs:
                 present, complete, missing, latest_complete, newest = agg.get(r.id, (0, 0, 0, None, None))
@@ -210,7 +214,8 @@ class RegistryStore:
                     last_val_bpb=last, last_val_bpb_step=last_step, checkpoint_count=int(present or 0),
                     complete_checkpoint_count=int(complete or 0), missing_checkpoint_count=int(missing or 0),
                     segments=int(segments or 0), has_metrics_file=r.has_metrics_file, first_seen=utc(r.first_seen_at),
-                    last_seen=utc(r.last_seen_at), last_update=utc(r.last_activity_at), missing=r.missing))
+                    last_seen=utc(r.last_seen_at), last_update=utc(r.last_activity_at), missing=r.missing,
+                    token_bytes=tokenizer_checks.to_verdict(checks.get(r.tokenizer_check_id))))
         out.sort(key=lambda x: (x.last_update.timestamp() if x.last_update else 0.0, x.id), reverse=True)
         return self._filter(out, where) if where else out
 

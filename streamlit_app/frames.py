@@ -60,9 +60,10 @@ def runs_frame(runs: Iterable, names: Mapping[int, str]) -> pd.DataFrame:
             "progress": r.progress, "best_val_bpb": r.best_val_bpb, "best_step": r.best_val_bpb_step,
             "last_val_bpb": r.last_val_bpb, "checkpoints": r.checkpoint_count, "segments": r.segments,
             "status": STATUS_LABELS.get(r.status, r.status), "last_update": r.last_update, "path": r.path,
+            "token_bytes": r.token_bytes.label if r.token_bytes is not None else "unknown",
         })
     columns = ["id", "run", "phase", "tag", "depth", "parameters", "steps", "progress", "best_val_bpb", "best_step",
-               "last_val_bpb", "checkpoints", "segments", "status", "last_update", "path"]
+               "last_val_bpb", "checkpoints", "segments", "status", "last_update", "path", "token_bytes"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -24,19 +24,43 @@ TINY = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
-# Tables each schema version after 1 added (registry/db.py MIGRATIONS): a migration test drops them, and sets
-# the stored version to 1, to make what a version-1 registry looked like. A new migration adds its tables here.
-TABLES_ADDED_AFTER_V1 = ("eval_results", "shard_token_counts", "dataset_shards")
+# What each schema version after 1 added (registry/db.py MIGRATIONS): tables, and columns of older tables. A
+# migration test removes them and sets the stored version, to make what an older registry looked like. A new
+# migration adds its tables and columns here.
+ADDED_IN = {2: (("shard_token_counts", "dataset_shards"), {}), 3: (("eval_results",), {}),
+            4: (("tokenizer_checks",), {"runs": ("tokenizer_check_id",)})}
+TABLES_ADDED_AFTER_V1 = tuple(t for v in sorted(ADDED_IN, reverse=True) for t in ADDED_IN[v][0])
+
+
+def make_version(path, version: int) -> None:
+    """Turn a current SQLite registry at `path` into a registry of schema `version` (rows of older tables kept)."""
+    from registry.models import Base
+
+    engine = sa.create_engine(f"sqlite:///{path}")  # no foreign_keys pragma: tables can be rebuilt in any order
+    with engine.begin() as conn:
+        for v in sorted((v for v in ADDED_IN if v > version), reverse=True):
+            tables, columns = ADDED_IN[v]
+            for table, gone in columns.items():  # SQLite cannot drop a column with a REFERENCES clause: rebuild
+                full = Base.metadata.tables[table]
+                keep = [c for c in full.columns if c.name not in gone]
+                sa.Table(f"{table}_old", sa.MetaData(), *[sa.Column(c.name, c.type, primary_key=c.primary_key,
+                                                                    nullable=c.nullable, unique=c.unique) for c in keep]
+                         ).create(conn)
+                names = ", ".join(c.name for c in keep)
+                conn.exec_driver_sql(f"INSERT INTO {table}_old ({names}) SELECT {names} FROM {table}")
+                conn.exec_driver_sql(f"DROP TABLE {table}")
+                conn.exec_driver_sql(f"ALTER TABLE {table}_old RENAME TO {table}")
+                for index in full.indexes:
+                    conn.exec_driver_sql(f"CREATE INDEX {index.name} ON {table} ({', '.join(c.name for c in index.columns)})")
+            for table in tables:
+                conn.exec_driver_sql(f"DROP TABLE {table}")
+        conn.exec_driver_sql(f"UPDATE registry_info SET value = '{version}' WHERE key = 'schema_version'")
+    engine.dispose()
 
 
 def make_version_1(path) -> None:
     """Turn a current SQLite registry at `path` into a version-1 one (runs, checkpoints, metrics kept)."""
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
-        for table in TABLES_ADDED_AFTER_V1:
-            conn.exec_driver_sql(f"DROP TABLE {table}")
-        conn.exec_driver_sql("UPDATE registry_info SET value = '1' WHERE key = 'schema_version'")
-    engine.dispose()
+    make_version(path, 1)
 
 
 def pg_schema_url(base_url: str, schema: str) -> str:

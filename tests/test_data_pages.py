@@ -92,3 +92,21 @@ def test_dataset_page_stop_and_bad_folder(registry, tmp_path):
     at.text_input(key="data_dir").set_value(str(tmp_path)).run()
     assert_clean(at)
     assert any("no *.parquet shards" in e.value for e in at.error)
+
+
+def test_runs_page_shows_each_runs_token_bytes_and_warns_where_val_bpb_is_not_comparable(upstream_copy, tmp_path,
+                                                                                        monkeypatch):
+    from registry import open_store
+
+    url = tmp_path / "registry.sqlite"
+    with open_store(url) as s:
+        for g in ("classic", "current"):  # the classic tokenizer's token_bytes.pt was built the old way
+            s.scan(upstream_copy(g))
+    monkeypatch.setenv("NANOCHAT_REGISTRY_URL", str(url))
+    at = open_app()
+    table = at.dataframe[-1].value
+    assert sorted(table["token_bytes"]) == ["WRONG: 128 tokens", "right"]
+    assert not any("not comparable" in w.value for w in at.warning)  # one run plotted: nothing to compare
+    at.multiselect(key="runs").set_value(list(table["id"])).run()
+    assert_clean(at)
+    assert any(w.value.startswith("val_bpb not comparable") and "128 tokens wrong" in w.value for w in at.warning)

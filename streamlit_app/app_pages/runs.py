@@ -6,6 +6,7 @@ from urllib.parse import quote
 
 import streamlit as st
 
+from registry.entities import bpb_comparability
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, ui
 
@@ -101,13 +102,16 @@ def curves(chosen: list[int], x: str, ema: float, log: bool, live: bool) -> None
 
 curves(chosen, x, ema, log, live)
 
+if why := bpb_comparability([by_id[i] for i in chosen if i in by_id], names):
+    st.warning(why + ". The token_bytes column below has each run's verdict; the Tokenizer page lists the wrong ids.",
+               icon=":material/warning:")
 # ---------------------------------------------------------------------- the table
 st.subheader("All runs")
 table = table.assign(open=[f"checkpoints?run={quote(n, safe='')}" for n in table["run"]])
 st.dataframe(
     table, hide_index=True, width="stretch",
     column_order=["run", "status", "depth", "parameters", "steps", "progress", "best_val_bpb", "last_val_bpb", "checkpoints",
-                  "last_update", "open"],
+                  "token_bytes", "last_update", "open"],
     column_config={
         "run": st.column_config.TextColumn("phase/tag", pinned=True, help="training phase (base, sft, rl) / model tag"),
         "status": st.column_config.TextColumn("status", width="small", help="training: files changed in the last 10 minutes; "
@@ -124,6 +128,9 @@ st.dataframe(
         "checkpoints": st.column_config.NumberColumn("ckpts", format="%d", width="small", help="checkpoints on disk"),
         "segments": st.column_config.NumberColumn("segments", format="%d", width="small",
                                                   help="launches: 2 or more means it was resumed"),
+        "token_bytes": st.column_config.TextColumn(
+            "token_bytes", width="small", help="Is the token_bytes.pt beside the run's tokenizer right? A wrong one "
+            "(upstream's build before 2ce972a) shifts every val_bpb: compare only runs whose verdicts are right"),
         "last_update": st.column_config.DatetimeColumn("updated", format="distance", width="medium"),
         "open": st.column_config.LinkColumn("", display_text="checkpoints ↗", width="small", help="This run's checkpoints"),
     })
