@@ -261,3 +261,87 @@ def histogram(lengths: Sequence[int], mark: int, bins: int = 20) -> tuple[Histog
     for n in lengths:
         counts[bisect.bisect_right(edges, n) - 1] += 1
     return tuple(HistogramBin(a, b, c) for a, b, c in zip(edges, edges[1:], counts))
+
+
+# ---------------------------------------------------------------------- a folder of files (the dataset inspector)
+
+
+def conversation_files(path: str | os.PathLike) -> list[Path]:
+    """A `.jsonl` file itself, or the `*.jsonl` files of a folder that holds no parquet shards (sorted);
+    [] otherwise. A base dir holds identity_conversations.jsonl beside base_data/: its shards are its data."""
+    from nanochat.dataloader import DataError
+    from nanochat.shards import resolve_data_dir
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p] if p.suffix == ".jsonl" else []
+    if not p.is_dir():
+        return []
+    try:
+        resolve_data_dir(p)
+        return []
+    except DataError:
+        return sorted(f for f in p.glob("*.jsonl") if f.is_file())
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """One file of a folder: its summary, or why it could not be read (`error`, one line)."""
+
+    path: str
+    summary: DatasetSummary | None
+    error: str | None = None
+
+
+def summarize_files(paths: Sequence[str | os.PathLike], template: ChatTemplate, seq_len: int,
+                    max_tokens: int = UPSTREAM_MAX_TOKENS) -> tuple[list[FileSummary], DatasetSummary]:
+    """Each file's summary and the summary of all of them together (every conversation rendered once).
+    A file that cannot be read is reported in its FileSummary, not raised."""
+    check_seq_len(seq_len)
+    files, all_entries, all_renders = [], [], []
+    for p in paths:
+        try:
+            entries = read_conversations(p)
+        except ConversationFileError as e:
+            files.append(FileSummary(str(p), None, str(e)))
+            continue
+        renders = [template.render(e.conversation, max_tokens) for e in entries if e.valid]
+        files.append(FileSummary(str(p), summarize(entries, template, seq_len, max_tokens, renders)))
+        all_entries += entries
+        all_renders += renders
+    return files, summarize(all_entries, template, seq_len, max_tokens, all_renders)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What stops or skews SFT on these files: level "error" (the loader stops, or the loss goes to NaN)
+    or "warning"; `file` None for the files together."""
+
+    level: str
+    file: str | None
+    message: str
+
+
+def findings(files: Sequence[FileSummary], total: DatasetSummary) -> list[Finding]:
+    """One line per problem of the files (unreadable, invalid lines) and of their conversations together."""
+    out = []
+    for f in files:
+        name = Path(f.path).name
+        if f.error:
+            out.append(Finding("error", f.path, f"{name}: {f.error}"))
+        elif f.summary.invalid:
+            out.append(Finding("error", f.path, f"{name}: {f.summary.invalid:,} line(s) are not a valid conversation: "
+                                                "upstream's CustomJSON loader stops at the first"))
+    s = total
+    if s.too_long:
+        out.append(Finding("error", None, f"{s.too_long:,} of {s.conversations:,} conversations ({s.too_long_share:.1%}) "
+                                          f"are longer than an SFT row of {s.seq_len + 1} tokens (sequence length + 1): "
+                                          "upstream's loader never packs them, they pile up in its buffer, and once it "
+                                          "holds only them the loss is NaN. Raise the sequence length or drop them"))
+    if s.cut:
+        out.append(Finding("warning", None, f"{s.cut:,} conversation(s) are longer than {s.max_tokens:,} tokens: rendering "
+                                            "cuts their ends, which are never trained on"))
+    if s.no_assistant:
+        out.append(Finding("warning", None, f"{s.no_assistant:,} conversation(s) have no assistant turn: nothing in them "
+                                            "is trained on"))
+    return out

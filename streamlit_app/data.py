@@ -488,6 +488,44 @@ def dataset_choices(url: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+@registry_read(max_entries=8)
+def conversation_choices(url: str) -> list[str]:
+    """Conversation files (SFT data, *.jsonl) in the registry's base dirs, e.g. identity_conversations.jsonl."""
+    return [str(f) for d in _base_dirs(url) if d.is_dir() for f in sorted(d.glob("*.jsonl")) if f.is_file()]
+
+
+def conversation_files(path: str) -> tuple[str, ...]:
+    """The conversation files a path names (a .jsonl, or a folder of them without shards); () for shards."""
+    from nanochat.conversation_file import conversation_files as files
+
+    return tuple(str(f) for f in files(path))
+
+
+@st.cache_data(ttl=3600, max_entries=8, show_spinner=False)
+def conversation_summaries(paths: tuple[str, ...], stamps: tuple, tokenizer_dir: str, tok_stamp: tuple, seq_len: int) -> dict:
+    """Conversation files rendered with upstream's template and summed up against seq_len (the conversation
+    builder's summary): {"files": one row per file, "summary": the DatasetSummary of all, "findings",
+    "histogram": start, end, count}. Raises TokenizerError for a tokenizer without the chat tokens."""
+    from nanochat import conversation_file as cf
+
+    template = tokenizer(tokenizer_dir, tok_stamp).chat_template()
+    per_file, total = cf.summarize_files(list(paths), template, seq_len)
+    rows = []
+    for f in per_file:
+        d = f.summary.as_dict() if f.summary else {}
+        rows.append({"file": Path(f.path).name, "conversations": d.get("conversations"), "invalid": d.get("invalid"),
+                     "too_long": d.get("too_long"), "too_long_share": d.get("too_long_share"), "cut": d.get("cut"),
+                     "supervised_share": d.get("supervised_share"), "tool_use_share": d.get("tool_use_share"),
+                     "mean_tokens": d.get("length_mean"), "max_tokens": d.get("length_max"), "error": f.error or ""})
+    hist = pd.DataFrame([{"start": b.start, "end": b.end, "count": b.count} for b in total.histogram],
+                        columns=["start", "end", "count"])
+    return {"files": pd.DataFrame(rows), "summary": total, "findings": cf.findings(per_file, total), "histogram": hist}
+
+
+def file_stamps(paths: tuple[str, ...]) -> tuple:
+    return tuple(_stamp(Path(p)) for p in paths)
+
+
 @st.cache_resource(max_entries=8, ttl=3600, show_spinner=False)
 def tokenizer(directory: str, stamp: tuple):
     from nanochat.tokenizer import Tokenizer

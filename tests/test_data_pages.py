@@ -110,3 +110,21 @@ def test_runs_page_shows_each_runs_token_bytes_and_warns_where_val_bpb_is_not_co
     at.multiselect(key="runs").set_value(list(table["id"])).run()
     assert_clean(at)
     assert any(w.value.startswith("val_bpb not comparable") and "128 tokens wrong" in w.value for w in at.warning)
+
+
+def test_dataset_page_summarises_conversation_files(registry, tmp_path):
+    from tests.test_dataset_inspector import conversation_folder
+
+    d = conversation_folder(tmp_path / "sft")
+    at = open_app("dataset", {"data": "another folder…"})
+    at.text_input(key="data_dir").set_value(str(d)).run()
+    assert_clean(at)
+    assert metric(at, "Conversations").value == "33"
+    assert metric(at, "Too long for a row").value == "0.0%"  # 2048 by default: the 400-word one fits
+    at.number_input(key="seq_len").set_value(256).run()
+    assert_clean(at)
+    assert metric(at, "Too long for a row").value == "3.0%" and metric(at, "Tool use").value == "3.0%"
+    assert any("NaN" in e.value for e in at.error)
+    hist = charts(at)[0][1][0]
+    assert hist["count"].sum() == 33
+    assert list(at.dataframe[-1].value["file"]) == ["a.jsonl", "b.jsonl"]

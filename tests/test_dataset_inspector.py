@@ -284,3 +284,54 @@ def test_upstream_run_gets_its_approximate_position(upstream_copy):
     run = upstream_copy("current") / "base_checkpoints" / "d2"
     with pytest.raises(ReplayError, match="not trained by our trainer"):
         step_batch(run, 10)
+
+
+# ---------------------------------------------------------------------- conversation files (SFT data)
+
+CHAT_TOKENIZER = UPSTREAM / "current" / "tokenizer"
+
+
+def conversation_folder(d: Path) -> Path:
+    """Two files: short plain conversations, one with a tool call and one far too long; and a file with an
+    invalid line."""
+    d.mkdir()
+    lines = [json.dumps([{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}])
+             for i in range(30)]
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "It is "}, {"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"},
+        {"type": "text", "text": "5."}]}]}))
+    lines.append(json.dumps([{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]))
+    (d / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "b.jsonl").write_text("not json\n" + lines[0] + "\n")
+    return d
+
+
+def test_dataset_inspector_summarises_conversation_files_against_the_sequence_length(tmp_path):
+    from nanochat import conversation_file as cf
+
+    d = conversation_folder(tmp_path / "sft")
+    r = tool("dataset_inspector", str(d), "--tokenizer", str(CHAT_TOKENIZER), "--seq-len", "256", "--json")
+    assert r.returncode == 1, r.stderr  # conversations too long for a row (NaN) and an invalid line stop SFT
+    out = json.loads(r.stdout)
+    template = Tokenizer.from_directory(CHAT_TOKENIZER).chat_template()
+    expected = cf.summarize(cf.read_conversations(d / "a.jsonl") + cf.read_conversations(d / "b.jsonl"), template, 256)
+    s = out["summary"]
+    assert out["kind"] == "conversations" and [Path(f["path"]).name for f in out["files"]] == ["a.jsonl", "b.jsonl"]
+    assert (s["conversations"], s["invalid"], s["too_long"], s["tool_use"]) == (33, 1, 1, 1)
+    assert s == json.loads(json.dumps(expected.as_dict()))  # the conversation builder's summary, not a second one
+    assert s["too_long_share"] == pytest.approx(1 / 33) and 0 < s["supervised_share"] < 1
+    levels = {f["level"] for f in out["findings"]}
+    assert levels == {"error"} and any("NaN" in f["message"] for f in out["findings"])
+    text = tool("dataset_inspector", str(d / "a.jsonl"), "--tokenizer", str(CHAT_TOKENIZER), "--seq-len", "4096")
+    assert text.returncode == 0 and "ok for SFT at sequence length 4096" in text.stdout and "a.jsonl" in text.stdout
+    bad = tool("dataset_inspector", str(d / "a.jsonl"), "--tokenizer", str(tmp_path))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_base_dir_with_shards_and_a_conversation_file_is_inspected_as_shards(base, tmp_path):
+    from nanochat.conversation_file import conversation_files
+
+    d = tmp_path / "b"
+    shutil.copytree(base, d)
+    (d / "identity_conversations.jsonl").write_text('[{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello"}]\n')
+    assert conversation_files(d) == [] and conversation_files(d / "identity_conversations.jsonl")

@@ -4,6 +4,7 @@ Dataset inspector: what a folder of nanochat parquet shards holds, before you tr
     python tools/dataset_inspector.py ~/.cache/nanochat                       # base_data_climbmix/ or base_data/
     python tools/dataset_inspector.py DIR --tokenizer ~/.cache/nanochat/tokenizer --exact --world-size 8
     python tools/dataset_inspector.py DIR --step-of ~/.cache/nanochat/base_checkpoints/d20 --step 1200
+    python tools/dataset_inspector.py ~/.cache/nanochat/identity_conversations.jsonl --seq-len 2048   # SFT data
 
 Per shard: rows, row groups, documents, characters, tokens (sampled, or exact with --exact), empty,
 duplicate and noisy documents, errors (unreadable file, no text column); which shard is validation and
@@ -11,12 +12,18 @@ whether it has a row group for each of --world-size ranks; near-duplicates on a 
 with --run-steps/--run-batch, how many epochs a run makes. --step-of RUN --step N lists the documents
 rank 0 trained on at step N of a run of our trainer (exact), or says where an upstream run was.
 
+Conversation files (SFT data: a `.jsonl` file, or a folder of them without parquet shards): count, token
+lengths against --seq-len, the share too long for an SFT row (never trained on; they make the loss NaN),
+the share of supervised tokens and of conversations with tool use, per file and together. Rendering and
+the summary are `nanochat.conversation` / `nanochat.conversation_file`'s (the conversation builder's).
+
 A front end over `registry.datasets` (results are cached in the registry, so a second run reads only
 changed shards) and `nanochat.shards`, the same code as the app's Dataset page. Progress with an ETA
 goes to stderr; Ctrl-C stops a pass (shards finished before it stay cached).
 
 Exit codes: 0 inspected, nothing that stops training; 1 a finding that stops training (an unreadable
-shard, a validation shard with fewer row groups than ranks) or a step that cannot be replayed;
+shard, a validation shard with fewer row groups than ranks, a conversation file with invalid lines or
+conversations too long for an SFT row) or a step that cannot be replayed;
 2 bad arguments or a folder, tokenizer or registry that cannot be used; 130 stopped. Errors: one line.
 """
 
@@ -33,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script as well as with -m
     sys.path.insert(0, str(ROOT))
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
+DEFAULT_SEQ_LEN = 2048  # upstream chat_sft's --max-seq-len
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -42,7 +50,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="dataset_inspector", description="Inspect a folder of nanochat parquet shards.")
-    p.add_argument("dir", metavar="DIR", help="a base dir (its base_data_climbmix/ or base_data/) or a folder of *.parquet")
+    p.add_argument("dir", metavar="DIR", help="a base dir (its base_data_climbmix/ or base_data/), a folder of *.parquet, "
+                                              "or conversation files: a FILE.jsonl or a folder of them")
     p.add_argument("--tokenizer", metavar="DIR", help="count tokens under this tokenizer (tokenizer.json or tokenizer.pkl)")
     p.add_argument("--exact", action="store_true", help="count every token (one streaming pass, all cores), not a sample")
     p.add_argument("--world-size", type=int, default=1, metavar="W",
@@ -53,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-batch", type=int, metavar="TOKENS", help="tokens per optimizer step (total batch size)")
     p.add_argument("--step-of", metavar="RUN_DIR", help="a run's checkpoint folder: show what step --step trained on")
     p.add_argument("--step", type=int, metavar="N", help="the optimizer step for --step-of (0-based)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
+                   help="conversation files: the SFT sequence length; a conversation longer than N + 1 tokens never "
+                        f"fits a row (default {DEFAULT_SEQ_LEN}, upstream chat_sft's --max-seq-len)")
     p.add_argument("--db", metavar="URL", help="registry that caches results (default: $NANOCHAT_REGISTRY_URL, else "
                                                "$NANOCHAT_BASE_DIR/registry.sqlite); 'none' keeps nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object (shape documented in README)")
@@ -83,7 +95,7 @@ def report_json(report, dups, sample_n: int, epochs) -> dict:
                        "duplicates": s.duplicates, "noisy": s.noisy, "invalid_utf8": s.invalid_utf8, "error": s.error,
                        "tokens": t.tokens if t else None, "tokens_exact": t.exact if t else None,
                        "validation": s.name == report.findings.validation, "cached": r.reused, "hist": list(s.hist)})
-    return {"data_dir": report.data_dir, "world_size": report.world_size,
+    return {"kind": "shards", "data_dir": report.data_dir, "world_size": report.world_size,
             "tokenizer": {"dir": report.tokenizer_dir, "fingerprint": report.tokenizer} if report.tokenizer else None,
             "tokens": report.tokens, "train_tokens": report.train_tokens, "tokens_exact": report.tokens_exact,
             "validation": report.findings.validation, "inspected": report.inspected, "reused": report.reused,
@@ -145,8 +157,80 @@ def step_report(run_dir: str, step: int, base_dir: str | None) -> tuple[dict, li
     return out, lines
 
 
+def conversation_tokenizer_dir(args) -> Path:
+    """--tokenizer, else the tokenizer/ beside the files, else $NANOCHAT_BASE_DIR's."""
+    from nanochat.common import get_base_dir
+
+    if args.tokenizer:
+        return Path(args.tokenizer).expanduser()
+    p = Path(args.dir).expanduser()
+    here = (p.parent if p.is_file() else p) / "tokenizer"
+    return here if here.is_dir() else get_base_dir() / "tokenizer"
+
+
+def conversations_report(args, files: list[Path]) -> tuple[dict, list[str]]:
+    from nanochat import conversation_file as cf
+    from nanochat.tokenizer import Tokenizer
+    from nanochat.tokenizer_inspect import fingerprint
+
+    tok_dir = conversation_tokenizer_dir(args)
+    template = Tokenizer.from_directory(tok_dir).chat_template()
+    per_file, total = cf.summarize_files(files, template, args.seq_len)
+    found = cf.findings(per_file, total)
+    out = {"kind": "conversations", "path": str(Path(args.dir).expanduser().resolve()),
+           "tokenizer": {"dir": str(tok_dir.resolve()), "fingerprint": fingerprint(tok_dir)}, "seq_len": args.seq_len,
+           "files": [{"path": f.path, "error": f.error, "summary": f.summary.as_dict() if f.summary else None}
+                     for f in per_file],
+           "summary": total.as_dict(), "findings": [{"level": f.level, "file": f.file, "message": f.message} for f in found]}
+    lines = [f"{out['path']}: {len(files)} conversation file(s), tokenizer {out['tokenizer']['dir']}, sequence length "
+             f"{args.seq_len} (SFT rows of {args.seq_len + 1} tokens)",
+             f"{'file':<32} {'convs':>8} {'invalid':>7} {'too long':>8} {'cut':>5} {'tool use':>8} {'supervised':>10} "
+             f"{'tokens min/mean/max':>22}"]
+    for f in per_file:
+        name = Path(f.path).name
+        if f.error:
+            lines.append(f"{name:<32} error: {f.error}")
+            continue
+        d = f.summary.as_dict()
+        lines.append(f"{name:<32} {d['conversations']:>8,} {d['invalid']:>7,} {d['too_long']:>8,} {d['cut']:>5,} "
+                     f"{d['tool_use_share']:>8.1%} {d['supervised_share']:>10.1%} "
+                     f"{d['length_min']:>6,}/{d['length_mean']:>6,.0f}/{d['length_max']:>6,}")
+    s = out["summary"]
+    lines.append(f"together: {s['conversations']:,} conversations, {s['tokens']:,} tokens rendered, "
+                 f"{s['supervised_share']:.1%} of them supervised (trained on); tool use in {s['tool_use_share']:.1%}; "
+                 f"too long for a row of {args.seq_len + 1}: {s['too_long']:,} ({s['too_long_share']:.1%})")
+    peak = max((b["count"] for b in s["histogram"]), default=0)
+    for b in s["histogram"]:
+        mark = "  <- row capacity" if b["start"] <= args.seq_len + 1 < b["end"] else ""
+        lines.append(f"  {b['start']:>7,}-{b['end'] - 1:<7,} {b['count']:>7,} {'#' * round(40 * b['count'] / peak) if peak else ''}{mark}")
+    lines += [f"{f['level']}: {f['message']}" for f in out["findings"]]
+    if not any(f["level"] == "error" for f in out["findings"]):
+        lines.append(f"ok for SFT at sequence length {args.seq_len}")
+    return out, lines
+
+
+def main_conversations(args, files: list[Path]) -> int:
+    from nanochat.conversation_file import ConversationFileError
+    from nanochat.tokenizer import TokenizerError
+
+    if args.seq_len < 1:
+        build_parser().error("--seq-len must be at least 1")
+    try:
+        out, lines = conversations_report(args, files)
+    except (TokenizerError, ConversationFileError) as e:
+        hint = "" if args.tokenizer or not isinstance(e, TokenizerError) else " (pass --tokenizer DIR)"
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(out, ensure_ascii=False) if args.json else "\n".join(lines))
+    return EXIT_FINDINGS if any(f["level"] == "error" for f in out["findings"]) else EXIT_OK
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from nanochat.conversation_file import conversation_files
+
+    if files := conversation_files(args.dir):
+        return main_conversations(args, files)
     if (args.step_of is None) != (args.step is None):
         build_parser().error("--step-of and --step go together")
     if (args.run_steps is None) != (args.run_batch is None):

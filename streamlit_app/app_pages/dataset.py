@@ -1,6 +1,7 @@
 """Dataset: what a folder of parquet shards holds before training on it (documents, tokens, lengths,
 duplicates, noise, the validation split against the number of ranks, epochs of a run), documents at
-random or by search, and what the model saw at any step of a run of ours."""
+random or by search, and what the model saw at any step of a run of ours. For conversation files (SFT
+data): token lengths against the sequence length, the share too long for a row, supervised tokens, tool use."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import streamlit as st
 from nanochat.data_replay import ReplayError
 from nanochat.dataloader import DataError
 from nanochat.shards import ScanStopped, fmt_duration
+from nanochat.tokenizer import TokenizerError
 from registry.errors import RegistryError
 from streamlit_app import charts, data, ui
 
@@ -20,13 +22,14 @@ PAUSED = "dataset_paused"  # session key: the user stopped a pass; nothing is re
 
 ui.header("Dataset", "What do these shards hold, is the split right for my ranks, and what did the model see at step N?")
 url = ui.registry_url()
-folders = data.dataset_choices(url)
+folders = data.dataset_choices(url) + data.conversation_choices(url)
 toks = data.tokenizer_choices(url)
 
 c_dir, c_tok, c_world = st.columns([4, 3, 1.3], vertical_alignment="bottom")
 picked = c_dir.selectbox("Data folder", folders + [OTHER], key="data", bind="query-params",
-                         help="base_data_climbmix/ or base_data/ of each base dir the registry's runs live in; or any "
-                              "folder of *.parquet shards with a text column.")
+                         help="base_data_climbmix/ or base_data/ of each base dir the registry's runs live in, and the "
+                              "conversation files (*.jsonl, SFT data) beside them; or any folder of *.parquet shards with "
+                              "a text column, a conversation file or a folder of them.")
 data_dir = picked
 if picked == OTHER or not folders:
     data_dir = st.text_input("Folder of parquet shards", key="data_dir", placeholder="~/.cache/nanochat").strip()
@@ -38,6 +41,60 @@ if picked == OTHER or not folders:
 tok_pick = c_tok.selectbox("Tokenizer", toks + [NO_TOKENIZER], key="dtok", bind="query-params",
                            help="Token counts are sampled (a few row groups per shard) until you ask for exact ones.")
 tokenizer_dir = None if tok_pick == NO_TOKENIZER else tok_pick
+
+
+def show_conversations(files: tuple[str, ...], tokenizer_dir: str | None, seq_len: int) -> None:
+    """Conversation files: what upstream's SFT makes of them at this sequence length."""
+    if tokenizer_dir is None:
+        st.info("Conversation files are measured in tokens: pick a tokenizer above.", icon=":material/info:")
+        return
+    try:
+        with st.spinner(f"Rendering the conversations of {len(files)} file(s) with the chat template…"):
+            r = data.conversation_summaries(files, data.file_stamps(files), tokenizer_dir, data.tokenizer_stamp(tokenizer_dir),
+                                            seq_len)
+    except TokenizerError as e:
+        ui.show_error(e, "Pick a tokenizer that has the chat tokens (<|user_start|>, <|assistant_start|>, ...).")
+        return
+    s = r["summary"]
+    t1, t2, t3, t4 = st.columns(4)
+    t1.metric("Conversations", f"{s.conversations:,}", f"{s.invalid:,} invalid line(s) · {len(files)} file(s)",
+              delta_color="inverse" if s.invalid else "off", delta_arrow="off", border=True)
+    t2.metric("Too long for a row", f"{s.too_long_share:.1%}", f"{s.too_long:,} over {seq_len + 1:,} tokens: never trained",
+              delta_color="inverse" if s.too_long else "off", delta_arrow="off", border=True,
+              help="Upstream's SFT loader packs whole conversations into rows of sequence length + 1 tokens; a longer one "
+                   "never fits, stays in its buffer, and once the buffer holds only such conversations the loss is NaN.")
+    t3.metric("Supervised tokens", f"{s.supervised_share:.1%}", f"of {s.tokens:,} rendered tokens", delta_color="off",
+              delta_arrow="off", border=True, help="Tokens with mask 1: the assistant's text, tool calls and <|assistant_end|>")
+    t4.metric("Tool use", f"{s.tool_use_share:.1%}", f"{s.tool_use:,} conversation(s) with a tool call", delta_color="off",
+              delta_arrow="off", border=True)
+    for f in r["findings"]:
+        (st.error if f.level == "error" else st.warning)(f.message, icon=":material/error:" if f.level == "error"
+                                                         else ":material/warning:")
+    st.subheader("Token lengths against the sequence length")
+    st.altair_chart(charts.length_histogram(r["histogram"], seq_len + 1), width="stretch")
+    lengths = s.lengths
+    st.caption(f"Rendered with upstream's chat template (cut at {s.max_tokens:,} tokens); lengths before the cut, "
+               f"{min(lengths, default=0):,} to {max(lengths, default=0):,} tokens. Red: longer than an SFT row of "
+               f"{seq_len + 1:,} tokens. Tokenizer {tokenizer_dir}.")
+    st.subheader("Files")
+    st.dataframe(r["files"], hide_index=True, width="stretch",
+                 column_config={"too_long_share": st.column_config.NumberColumn("too long", format="percent"),
+                                "too_long": st.column_config.NumberColumn("too long (n)"),
+                                "supervised_share": st.column_config.NumberColumn("supervised", format="percent"),
+                                "tool_use_share": st.column_config.NumberColumn("tool use", format="percent"),
+                                "mean_tokens": st.column_config.NumberColumn("mean tokens", format="%.0f"),
+                                "max_tokens": st.column_config.NumberColumn("max tokens", format="%d"),
+                                "error": st.column_config.TextColumn("error", width="medium")})
+    st.caption("Per line: `python tools/conversation_builder.py FILE --seq-len N`. "
+               "The same summary: `python tools/dataset_inspector.py FILE --seq-len N --json`.")
+
+
+if conversations := data.conversation_files(data_dir):
+    seq_len = int(c_world.number_input("Sequence length", min_value=1, max_value=2**20, value=2048, key="seq_len",
+                                       bind="query-params", help="The SFT run's --max-seq-len (upstream's default 2048): "
+                                                                 "rows hold sequence length + 1 tokens"))
+    show_conversations(conversations, tokenizer_dir, seq_len)
+    st.stop()
 world = int(c_world.number_input("Ranks", min_value=1, max_value=4096, value=1, key="world", bind="query-params",
                                  help="GPUs you will train with: the validation shard needs a row group per rank"))
 
