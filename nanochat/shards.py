@@ -334,6 +334,23 @@ def read_document(path: str | os.PathLike, row_group: int, row: int) -> Document
     return Document(DocRef(Path(path).name, row_group, row), texts[row])
 
 
+def document_at(path: str | os.PathLike, index: int) -> tuple[Document, int]:
+    """The `index`-th document (0-based, counting across row groups) of a shard, and how many it holds;
+    only its row group is read. ValueError (one line) for an unreadable shard or an index out of range."""
+    pf, error = _open(Path(path))
+    if pf is None or error:
+        raise ValueError(f"{Path(path).name}: {error}")
+    total = pf.metadata.num_rows
+    if not 0 <= index < total:
+        raise ValueError(f"{Path(path).name} has {total:,} documents (0..{total - 1}), not {index}")
+    for i in range(pf.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if index < n:
+            return read_document(path, i, index), total
+        index -= n
+    raise AssertionError("unreachable: the row groups hold num_rows rows")
+
+
 def random_documents(files: list[Path], n: int = 5, seed: int | None = None) -> list[Document]:
     """n documents at random (a random row group of a shard chosen by size, then a random row)."""
     shards = _readable(files)

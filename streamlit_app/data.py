@@ -544,11 +544,12 @@ def tokenizer_info(directory: str, stamp: tuple) -> dict:
 
 
 @st.cache_data(ttl=3600, max_entries=64, show_spinner=False)
-def token_pieces(directory: str, stamp: tuple, text: str) -> pd.DataFrame:
-    """One row per token of `text`: position, id, shown text (visible whitespace), kind, bytes."""
+def token_pieces(directory: str, stamp: tuple, text: str, specials_in_text: bool = True) -> pd.DataFrame:
+    """One row per token of `text`: position, id, shown text (visible whitespace), kind, bytes. Without
+    `specials_in_text`, a typed <|bos|> is plain text (a training document)."""
     from nanochat import tokenizer_inspect as ti
 
-    pieces = ti.split(tokenizer(directory, stamp), text)
+    pieces = ti.split(tokenizer(directory, stamp), text, specials_in_text)
     return pd.DataFrame([{"pos": k, "id": p.id, "shown": p.shown, "kind": p.kind, "bytes": len(p.raw)}
                          for k, p in enumerate(pieces)], columns=["pos", "id", "shown", "kind", "bytes"])
 
@@ -560,6 +561,32 @@ def validation_sample(data_dir: str, stamps: tuple, max_docs: int = 300) -> list
 
     _, files = shards.resolve_data_dir(data_dir)
     return [d.text for d in shards.sample_documents(files[-1:], max_docs=max_docs)]
+
+
+def shard_files(data_dirs: tuple[str, ...]) -> list[str]:
+    """Every parquet shard of these data folders (paths), in folder then file order."""
+    from nanochat import shards
+    from nanochat.dataloader import DataError
+
+    out = []
+    for d in data_dirs:
+        try:
+            out += [str(f) for f in shards.resolve_data_dir(d)[1]]
+        except DataError:
+            continue
+    return out
+
+
+@st.cache_data(ttl=3600, max_entries=32, show_spinner=False)
+def shard_document(path: str, stamp: tuple, index: int):
+    """(the index-th Document of a shard, how many it holds); ValueError (one line) when out of range."""
+    from nanochat import shards
+
+    return shards.document_at(path, index)
+
+
+def file_stamp(path: str) -> tuple:
+    return _stamp(Path(path))
 
 
 def shard_stamps(data_dir: str) -> tuple:

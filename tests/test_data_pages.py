@@ -128,3 +128,17 @@ def test_dataset_page_summarises_conversation_files(registry, tmp_path):
     hist = charts(at)[0][1][0]
     assert hist["count"].sum() == 33
     assert list(at.dataframe[-1].value["file"]) == ["a.jsonl", "b.jsonl"]
+
+
+def test_tokenizer_page_takes_a_document_from_a_shard(registry):
+    at = open_app("tokenizer", {"source": "a shard document"})
+    assert not at.text_area  # the text comes from the shard
+    assert any(c.value.startswith("Document 0 of ") for c in at.caption)
+    first = metric(at, "Tokens in the text").value
+    at.number_input(key="doc").set_value(7).run()
+    assert_clean(at)
+    assert any(c.value.startswith("Document 7 of ") for c in at.caption) and int(metric(at, "Tokens in the text").value) > 0
+    at.number_input(key="doc").set_value(10**8).run()
+    assert_clean(at)
+    assert any("documents (0.." in e.value for e in at.error)
+    assert first

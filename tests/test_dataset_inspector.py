@@ -335,3 +335,20 @@ def test_a_base_dir_with_shards_and_a_conversation_file_is_inspected_as_shards(b
     shutil.copytree(base, d)
     (d / "identity_conversations.jsonl").write_text('[{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello"}]\n')
     assert conversation_files(d) == [] and conversation_files(d / "identity_conversations.jsonl")
+
+
+def test_tokenizer_playground_takes_a_shard_document_as_the_text(base):
+    shard = base / "base_data" / "shard_00000.parquet"
+    pf = pq.ParquetFile(shard)
+    index = pf.metadata.row_group(0).num_rows + 3  # the 4th document of the second row group
+    r = tool("tokenizer_playground", "--tokenizer", str(base / "tokenizer"), "--shard-doc", f"{shard}:{index}", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["document"]["row_group"], out["document"]["row"], out["document"]["count"]) == (1, 3, pf.metadata.num_rows)
+    text = shards.read_document(shard, 1, 3).text
+    tok = Tokenizer.from_directory(base / "tokenizer")
+    assert [t["id"] for t in out["text"]["tokens"]] == tok.encode(text)  # as the training loader encodes it
+    r = tool("tokenizer_playground", "--tokenizer", str(base / "tokenizer"), "--shard-doc", f"{shard}:{10**9}")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "documents" in r.stderr
+    r = tool("tokenizer_playground", "--tokenizer", str(base / "tokenizer"), "--shard-doc", "no-index")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

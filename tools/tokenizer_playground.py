@@ -4,6 +4,7 @@ token_bytes.pt is right.
 
     python tools/tokenizer_playground.py --tokenizer ~/.cache/nanochat/tokenizer --text "Hello world"
     python tools/tokenizer_playground.py --tokenizer A --compare B C            # on a validation-shard sample
+    python tools/tokenizer_playground.py --tokenizer A --shard-doc ~/.cache/nanochat/base_data/shard_00000.parquet:42
     python tools/tokenizer_playground.py --tokenizer A --check-token-bytes --json
 
 A front end over `nanochat.tokenizer_inspect` (the same code as the app's Tokenizer page): it parses,
@@ -11,8 +12,11 @@ calls, formats. A tokenizer directory holds our tokenizer.json or upstream's tok
 restricted unpickler, never executed). Without --text, --compare uses a sample of the validation shard
 of the data folder (--data; default: the base dir the tokenizer lives in).
 
+--shard-doc SHARD:N takes the text from the N-th document of a parquet shard (encoded as training does:
+special-token names in it stay text); --json adds "document": {shard, index, count, row_group, row}.
+
 Exit codes: 0 done (with --check-token-bytes: token_bytes.pt is right); 3 token_bytes.pt differs from the
-tokenizer (--json lists the wrong ids); 1 a tokenizer or data folder that cannot be read, or no
+tokenizer (--json lists the wrong ids); 1 a tokenizer, data folder or shard document that cannot be read, or no
 token_bytes.pt to check; 2 bad arguments. Errors are one line on stderr.
 """
 
@@ -36,11 +40,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def shard_doc_spec(spec: str) -> tuple[Path, int]:
+    path, sep, index = spec.rpartition(":")
+    if not sep or not path or not index.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"takes SHARD.parquet:N (N a document number from 0), got {spec!r}")
+    return Path(path).expanduser(), int(index)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="tokenizer_playground", description="Split text into tokens, compare tokenizers, check "
                       "token_bytes.pt.")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="folder with tokenizer.json or tokenizer.pkl")
-    p.add_argument("--text", help="text to split into tokens (special tokens such as <|bos|> typed in it count as such)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="text to split into tokens (special tokens such as <|bos|> typed in it count as such)")
+    src.add_argument("--shard-doc", metavar="SHARD:N", type=shard_doc_spec,
+                     help="split the N-th document (0-based, across row groups) of a parquet shard, encoded as "
+                          "training encodes it (no special tokens)")
     p.add_argument("--compare", nargs="+", metavar="DIR", default=[],
                    help="more tokenizer folders: tokens, bytes and bytes per token of each on --text, else on a "
                         f"sample of {SAMPLE_DOCS} validation documents")
@@ -73,6 +88,15 @@ def _sample_texts(args) -> tuple[list[str], str]:
     return [d.text for d in docs], f"{len(docs)} documents of the validation shard {files[-1].name}"
 
 
+def _shard_document(spec: tuple[Path, int]) -> tuple[str, dict]:
+    from nanochat import shards
+
+    path, index = spec
+    doc, count = shards.document_at(path, index)
+    return doc.text, {"shard": str(path.resolve()), "index": index, "count": count, "row_group": doc.ref.row_group,
+                      "row": doc.ref.row}
+
+
 def run(args) -> tuple[dict, list[str], int]:
     from nanochat import tokenizer_inspect as ti
 
@@ -80,9 +104,14 @@ def run(args) -> tuple[dict, list[str], int]:
     out: dict = {"tokenizer": info}
     lines = [f"tokenizer {info['dir']} ({info['file']}, {info['vocab_size']:,} tokens, digest {info['fingerprint']})"]
     code = EXIT_OK
+    specials = args.shard_doc is None  # a training document's "<|bos|>" is seven characters, as the loader encodes it
+    if args.shard_doc is not None:
+        args.text, out["document"] = _shard_document(args.shard_doc)
+        lines.append(f"document {out['document']['index']} of {out['document']['count']:,} in {out['document']['shard']} "
+                     f"(row group {out['document']['row_group']}, row {out['document']['row']})")
     if args.text is not None:
-        pieces = ti.split(tok, args.text)
-        c = ti.counts(tok, [args.text], specials_in_text=True)
+        pieces = ti.split(tok, args.text, specials_in_text=specials)
+        c = ti.counts(tok, [args.text], specials_in_text=specials)
         out["text"] = {"tokens": [{"id": p.id, "text": p.text, "shown": p.shown, "kind": p.kind, "bytes": len(p.raw)}
                                   for p in pieces],
                        "counts": {"tokens": len(pieces), "bytes": c.bytes, "chars": c.chars,
@@ -91,9 +120,10 @@ def run(args) -> tuple[dict, list[str], int]:
         lines.append(f"{len(pieces)} tokens, {c.bytes} bytes, {c.chars} characters, "
                      f"{out['text']['counts']['bytes_per_token']:.2f} bytes/token")
     if args.compare:
-        texts, on = ([args.text], "the --text") if args.text is not None else _sample_texts(args)
+        texts, on = ([args.text], "the --text" if specials else "the --shard-doc") if args.text is not None \
+            else _sample_texts(args)
         toks = {info["dir"]: tok, **{str(Path(d).resolve()): _load(d)[0] for d in args.compare}}
-        result = ti.compare(toks, texts, specials_in_text=args.text is not None)
+        result = ti.compare(toks, texts, specials_in_text=args.text is not None and specials)
         base_bpt = next(iter(result.values())).bytes_per_token
         out["compare"] = {"on": on, "tokenizers": [
             {"dir": d, "tokens": c.tokens, "bytes": c.bytes, "chars": c.chars, "bytes_per_token": round(c.bytes_per_token, 4),

@@ -16,6 +16,7 @@ from streamlit_app import charts, data, ui
 SAMPLE_TEXT = ("<|bos|>KING HENRY.\nOnce more unto the breach, dear friends, once more;\n"
                "Or close the wall up with our English dead.\n\tCafé, naïve — 1234567 ✓")
 OTHER = "another folder…"
+TYPED, SHARD_DOC = "typed", "a shard document"
 COLORS = ("#dbeafe", "#fef3c7")  # alternating token backgrounds
 
 
@@ -39,13 +40,17 @@ def token_html(pieces: pd.DataFrame) -> str:
 ui.header("Tokenizer", "How does this tokenizer split text, how does it compare with another, and is its token_bytes.pt right?")
 url = ui.registry_url()
 choices = data.tokenizer_choices(url)
-c_tok, c_other = st.columns([3, 3], vertical_alignment="bottom")
+sample_dirs = data.dataset_choices(url)
+c_tok, c_src = st.columns([3, 3], vertical_alignment="bottom")
 picked = c_tok.selectbox("Tokenizer", choices + [OTHER], key="tok", bind="query-params",
                          help="The tokenizer/ folder of each base dir the registry's runs live in; or type any folder "
                               "with tokenizer.json (ours) or tokenizer.pkl (upstream's, read without running it).")
+source = c_src.segmented_control("Text", [TYPED, SHARD_DOC], default=TYPED, key="source", bind="query-params",
+                                 help="Type or paste a text, or take a document from a parquet shard of the registry's "
+                                      "data folders (encoded as training encodes it).") or TYPED
 directory = picked
 if picked == OTHER or not choices:
-    directory = c_other.text_input("Tokenizer folder", key="tok_dir", placeholder="~/.cache/nanochat/tokenizer").strip()
+    directory = st.text_input("Tokenizer folder", key="tok_dir", placeholder="~/.cache/nanochat/tokenizer").strip()
     if not directory:
         st.info("No tokenizer known to this registry yet. Type a folder that holds tokenizer.json or tokenizer.pkl "
                 "(a nanochat base dir's `tokenizer/`), or scan a base dir on the Runs page.", icon=":material/info:")
@@ -59,10 +64,29 @@ except TokenizerError as e:
     ui.show_error(e, "Pick another folder: it must hold tokenizer.json or tokenizer.pkl (and token_bytes.pt beside it).")
     st.stop()
 
-text = st.text_area("Text", value=SAMPLE_TEXT, key="text", height=110,
-                    help="Special tokens typed here (<|bos|>, <|user_start|>, ...) count as special tokens, as in a "
-                         "rendered conversation. Training documents are encoded as plain text.")
-pieces = data.token_pieces(directory, stamp, text)
+specials = True  # typed text: <|bos|> typed is the special token, as in a rendered conversation
+shard_files = data.shard_files(tuple(sample_dirs)) if source == SHARD_DOC else []
+if source == SHARD_DOC and not shard_files:
+    st.info("No parquet shard in the registry's data folders: type a text instead (the command line takes any shard: "
+            "`tools/tokenizer_playground.py --shard-doc SHARD:N`).", icon=":material/info:")
+if shard_files:
+    s1, s2 = st.columns([4, 1], vertical_alignment="bottom")
+    shard = s1.selectbox("Shard", shard_files, key="shard", format_func=lambda f: f"{Path(f).parent.name}/{Path(f).name}",
+                         help="The last shard of a folder is validation, as training has it.")
+    index = int(s2.number_input("Document", min_value=0, value=0, key="doc", help="0-based, counting across row groups"))
+    try:
+        doc, count = data.shard_document(shard, data.file_stamp(shard), index)
+    except ValueError as e:
+        ui.show_error(e, "Pick a document number inside the shard.")
+        st.stop()
+    text, specials = doc.text, False
+    st.caption(f"Document {index:,} of {count:,}: {doc.ref.label()} · {len(text):,} characters. Encoded as the training "
+               "loader encodes it: special-token names in it are plain text (training puts one <|bos|> before it).")
+else:
+    text = st.text_area("Text", value=SAMPLE_TEXT, key="text", height=110,
+                        help="Special tokens typed here (<|bos|>, <|user_start|>, ...) count as special tokens, as in a "
+                             "rendered conversation. Training documents are encoded as plain text.")
+pieces = data.token_pieces(directory, stamp, text, specials)
 n_bytes = int(pieces["bytes"][pieces["kind"] != "special"].sum()) if not pieces.empty else 0
 
 # ---------------------------------------------------------------------- the answer first
@@ -100,7 +124,6 @@ others = st.multiselect("Compare with", [c for c in choices if c != directory], 
                         help="Other tokenizer folders the registry knows; add any folder below.")
 extra = st.text_input("More tokenizer folders (comma-separated)", key="compare_dirs").strip()
 dirs = [directory, *others, *[str(Path(d.strip()).expanduser()) for d in extra.split(",") if d.strip()]]
-sample_dirs = data.dataset_choices(url)
 on_sample = st.toggle("On a sample of the validation shard", value=bool(sample_dirs), key="on_sample",
                       disabled=not sample_dirs, help="300 documents of the last shard of the registry's data folder; "
                                                      "off: the text above")
@@ -109,7 +132,7 @@ try:
         texts, specials = tuple(data.validation_sample(sample_dirs[0], data.shard_stamps(sample_dirs[0]))), False
         where = f"300 validation documents of {sample_dirs[0]}"
     else:
-        texts, specials, where = (text,), True, "the text above"
+        texts, where = (text,), "the text above"
     comp = data.tokenizer_comparison(tuple(dirs), tuple(data.tokenizer_stamp(d) for d in dirs), texts, specials)
 except (TokenizerError, DataError, ValueError) as e:
     ui.show_error(e, "Check the tokenizer folders: each must hold tokenizer.json or tokenizer.pkl.")
