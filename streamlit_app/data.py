@@ -508,7 +508,7 @@ def conversation_summaries(paths: tuple[str, ...], stamps: tuple, tokenizer_dir:
     "histogram": start, end, count}. Raises TokenizerError for a tokenizer without the chat tokens."""
     from nanochat import conversation_file as cf
 
-    template = tokenizer(tokenizer_dir, tok_stamp).chat_template()
+    template = chat_tokenizer(tokenizer_dir).chat_template()
     per_file, total = cf.summarize_files(list(paths), template, seq_len)
     rows = []
     for f in per_file:
@@ -523,7 +523,7 @@ def conversation_summaries(paths: tuple[str, ...], stamps: tuple, tokenizer_dir:
 
 
 def file_stamps(paths: tuple[str, ...]) -> tuple:
-    return tuple(_stamp(Path(p)) for p in paths)
+    return tuple(file_stamp(p) for p in paths)
 
 
 @st.cache_resource(max_entries=8, ttl=3600, show_spinner=False)
@@ -583,10 +583,6 @@ def shard_document(path: str, stamp: tuple, index: int):
     from nanochat import shards
 
     return shards.document_at(path, index)
-
-
-def file_stamp(path: str) -> tuple:
-    return _stamp(Path(path))
 
 
 def shard_stamps(data_dir: str) -> tuple:
