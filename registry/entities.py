@@ -99,9 +99,8 @@ class TokenBytesVerdict:
 
     @property
     def label(self) -> str:
-        """A few words for tables: "right", "no file (right)", "WRONG: 312 tokens", "unreadable"."""
-        return {"right": "right", "absent": "no file (right)",
-                "wrong": f"WRONG: {self.wrong} token{'s' if self.wrong != 1 else ''}"}.get(self.verdict, self.verdict)
+        """A few characters for tables: "right", "no file (ok)", "WRONG: 312" (token ids), "unreadable"."""
+        return {"right": "right", "absent": "no file (ok)", "wrong": f"WRONG: {self.wrong}"}.get(self.verdict, self.verdict)
 
 
 def bpb_comparability(runs, names=None) -> str | None:

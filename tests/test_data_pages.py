@@ -105,7 +105,7 @@ def test_runs_page_shows_each_runs_token_bytes_and_warns_where_val_bpb_is_not_co
     monkeypatch.setenv("NANOCHAT_REGISTRY_URL", str(url))
     at = open_app()
     table = at.dataframe[-1].value
-    assert sorted(table["token_bytes"]) == ["WRONG: 128 tokens", "right"]
+    assert sorted(table["token_bytes"]) == ["WRONG: 128", "right"]
     assert not any("not comparable" in w.value for w in at.warning)  # one run plotted: nothing to compare
     at.multiselect(key="runs").set_value(list(table["id"])).run()
     assert_clean(at)

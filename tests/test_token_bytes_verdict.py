@@ -48,7 +48,7 @@ def test_scan_stores_each_runs_verdict_and_rescans_cost_a_stat(two_generations, 
         assert (classic.verdict, classic.wrong, classic.old_method, classic.right) == ("wrong", 128, True, False)
         assert (current.verdict, current.wrong, current.right) == ("right", 0, True)
         assert classic.tokenizer_dir == str((two_generations / "classic" / "tokenizer").resolve())
-        assert classic.label == "WRONG: 128 tokens" and current.label == "right"
+        assert classic.label == "WRONG: 128" and current.label == "right"
         assert len(calls) == 2
         s.scan(two_generations)  # nothing changed: the stamps match, no tokenizer is read
         assert len(calls) == 2
@@ -86,7 +86,7 @@ def test_runs_json_has_the_verdict_and_the_table_a_column(two_generations, tmp_p
     assert rows["current"]["verdict"] == "right" and rows["current"]["tokenizer_dir"].endswith("current/tokenizer")
     assert cli.main(["--db", str(db), "runs"]) == 0
     text = capsys.readouterr().out
-    assert "token_bytes" in text and "WRONG: 128 tokens" in text
+    assert "token_bytes" in text and "WRONG: 128" in text
 
 
 def test_unreadable_tokenizer_is_a_verdict_not_a_scan_failure(two_generations, tmp_path):

@@ -20,7 +20,8 @@ NO_TOKENIZER = "no tokenizer (no token counts)"
 OTHER = "another folder…"
 PAUSED = "dataset_paused"  # session key: the user stopped a pass; nothing is read until they resume
 
-ui.header("Dataset", "What do these shards hold, is the split right for my ranks, and what did the model see at step N?")
+ui.header("Dataset", "What do these shards (or SFT conversation files) hold, is the split right for my ranks, and what did "
+          "the model see at step N?")
 url = ui.registry_url()
 folders = data.dataset_choices(url) + data.conversation_choices(url)
 toks = data.tokenizer_choices(url)
@@ -59,13 +60,13 @@ def show_conversations(files: tuple[str, ...], tokenizer_dir: str | None, seq_le
     t1, t2, t3, t4 = st.columns(4)
     t1.metric("Conversations", f"{s.conversations:,}", f"{s.invalid:,} invalid line(s) · {len(files)} file(s)",
               delta_color="inverse" if s.invalid else "off", delta_arrow="off", border=True)
-    t2.metric("Too long for a row", f"{s.too_long_share:.1%}", f"{s.too_long:,} over {seq_len + 1:,} tokens: never trained",
+    t2.metric("Too long for a row", f"{s.too_long_share:.1%}", f"{s.too_long:,} over {seq_len + 1:,} tokens",
               delta_color="inverse" if s.too_long else "off", delta_arrow="off", border=True,
               help="Upstream's SFT loader packs whole conversations into rows of sequence length + 1 tokens; a longer one "
                    "never fits, stays in its buffer, and once the buffer holds only such conversations the loss is NaN.")
     t3.metric("Supervised tokens", f"{s.supervised_share:.1%}", f"of {s.tokens:,} rendered tokens", delta_color="off",
               delta_arrow="off", border=True, help="Tokens with mask 1: the assistant's text, tool calls and <|assistant_end|>")
-    t4.metric("Tool use", f"{s.tool_use_share:.1%}", f"{s.tool_use:,} conversation(s) with a tool call", delta_color="off",
+    t4.metric("Tool use", f"{s.tool_use_share:.1%}", f"{s.tool_use:,} with a tool call", delta_color="off",
               delta_arrow="off", border=True)
     for f in r["findings"]:
         (st.error if f.level == "error" else st.warning)(f.message, icon=":material/error:" if f.level == "error"

@@ -58,6 +58,9 @@ ema = c_ema.slider("Smoothing (EMA)", 0.0, 0.99, 0.8, 0.01, key="ema", bind="que
 log = c_log.toggle("Log-scale loss", key="log", bind="query-params", help="Logarithmic y axis for the train loss")
 live = c_live.toggle("Live refresh", value=any(by_id[i].status == "training" for i in chosen), key="live", bind="query-params",
                      help=f"Re-scan the selected runs and redraw every {LIVE_EVERY_S} s while they train")
+if why := bpb_comparability([by_id[i] for i in chosen if i in by_id], names):
+    st.warning(why + ". The token_bytes column of the table below has each run's verdict; the Tokenizer page lists the "
+               "wrong ids.", icon=":material/warning:")
 
 
 @st.fragment(run_every=LIVE_EVERY_S if live else None)
@@ -101,10 +104,6 @@ def curves(chosen: list[int], x: str, ema: float, log: bool, live: bool) -> None
 
 
 curves(chosen, x, ema, log, live)
-
-if why := bpb_comparability([by_id[i] for i in chosen if i in by_id], names):
-    st.warning(why + ". The token_bytes column below has each run's verdict; the Tokenizer page lists the wrong ids.",
-               icon=":material/warning:")
 # ---------------------------------------------------------------------- the table
 st.subheader("All runs")
 table = table.assign(open=[f"checkpoints?run={quote(n, safe='')}" for n in table["run"]])
@@ -129,8 +128,9 @@ st.dataframe(
         "segments": st.column_config.NumberColumn("segments", format="%d", width="small",
                                                   help="launches: 2 or more means it was resumed"),
         "token_bytes": st.column_config.TextColumn(
-            "token_bytes", width="small", help="Is the token_bytes.pt beside the run's tokenizer right? A wrong one "
-            "(upstream's build before 2ce972a) shifts every val_bpb: compare only runs whose verdicts are right"),
+            "token_bytes", width=100, help="Is the token_bytes.pt beside the run's tokenizer right? WRONG: N = N token ids "
+            "with a wrong byte length (upstream's build before 2ce972a), which shifts every val_bpb: compare only runs whose "
+            "verdicts are right; 'no file (ok)': bpb computed from the tokenizer"),
         "last_update": st.column_config.DatetimeColumn("updated", format="distance", width="medium"),
         "open": st.column_config.LinkColumn("", display_text="checkpoints ↗", width="small", help="This run's checkpoints"),
     })
