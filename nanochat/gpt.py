@@ -114,6 +114,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(c, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(c, c, bias=False)
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if config.has_value_embed(layer) else None
+        # The attention visualizer's explicit path (nanochat/attention.py) sets this for the length of one
+        # capture; None (always, outside a capture) keeps the fused SDPA kernel and costs one attribute test.
+        self.probe = None
 
     def forward(self, x, ve, cos, sin, kv_cache: KVCache | None):
         B, T, _ = x.shape
@@ -139,21 +142,27 @@ class CausalSelfAttention(nn.Module):
                 # One query sees only the last window+1 keys: slice them instead of masking the rest.
                 k, v = k[:, :, -(self.window + 1):], v[:, :, -(self.window + 1):]
                 start = self.window
-        y = F.scaled_dot_product_attention(q, k, v, **self._mask_args(start, T, k.size(2), q.device),
-                                           enable_gqa=self.n_head != self.n_kv_head)
+        if self.probe is not None:
+            y = self.probe(self, q, k, v, start)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, **self._mask_args(start, T, k.size(2), q.device),
+                                               enable_gqa=self.n_head != self.n_kv_head)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
     def _mask_args(self, start: int, t_q: int, t_k: int, device) -> dict:
-        # Query at absolute position start+i sees key j iff 0 <= start+i-j <= window.
         window_limits = t_k - 1 > self.window
         if not window_limits and start == 0:
             return {"is_causal": True}
         if not window_limits and t_q == 1:
             return {}
+        return {"attn_mask": self.visible(start, t_q, t_k, device)}
+
+    def visible(self, start: int, t_q: int, t_k: int, device=None) -> torch.Tensor:
+        """(t_q, t_k) bool: query at position start+i sees key j iff 0 <= start+i-j <= window."""
         qpos = torch.arange(start, start + t_q, device=device)[:, None]
         kpos = torch.arange(t_k, device=device)[None, :]
         delta = qpos - kpos
-        return {"attn_mask": (delta >= 0) & (delta <= self.window)}
+        return (delta >= 0) & (delta <= self.window)
 
 
 class MLP(nn.Module):
