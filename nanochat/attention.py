@@ -63,8 +63,8 @@ class HeadScores:
     window: int
     entropy: float  # mean over query rows, nats
     mean_distance: float  # mean over query rows of the expected (query - key) distance, in tokens
-    bos: float  # mean share of attention on position 0 (queries after it)
-    previous: float  # mean share on the immediately preceding token
+    bos: float  # mean share of attention on position 0 (queries from position 2 on, see head_scores)
+    previous: float  # mean share on the immediately preceding token (likewise)
     same_token: float  # mean share on earlier copies of the query's own token (queries that have one)
 
     @property
@@ -128,8 +128,10 @@ def capture(model: GPT, token_ids: list[int] | torch.Tensor, max_len: int | None
 
 
 def head_scores(cap: AttentionCapture) -> list[HeadScores]:
-    """Per layer and head: entropy, mean distance, and the BOS / previous / same-token shares."""
+    """Per layer and head: entropy, mean distance, and the BOS / previous / same-token shares. For query 1
+    BOS *is* the previous token, so both shares count queries from position 2 on (when there are any)."""
     t = len(cap.token_ids)
+    first = 2 if t > 2 else 1
     ids = torch.tensor(cap.token_ids)
     pos = torch.arange(t)
     distance = (pos[:, None] - pos[None, :]).clamp(min=0).float()
@@ -139,8 +141,8 @@ def head_scores(cap: AttentionCapture) -> list[HeadScores]:
     for layer, w in enumerate(cap.weights):
         ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1).mean(-1)  # (H,)
         dist = (w * distance).sum(-1).mean(-1)
-        bos = w[:, 1:, 0].mean(-1) if t > 1 else torch.zeros(cap.n_head)
-        prev = w[:, pos[1:], pos[1:] - 1].mean(-1) if t > 1 else torch.zeros(cap.n_head)
+        bos = w[:, first:, 0].mean(-1) if t > 1 else torch.zeros(cap.n_head)
+        prev = w[:, pos[first:], pos[first:] - 1].mean(-1) if t > 1 else torch.zeros(cap.n_head)
         same = ((w * earlier_same).sum(-1)[:, has_same].mean(-1) if bool(has_same.any())
                 else torch.zeros(cap.n_head))
         for h in range(cap.n_head):
