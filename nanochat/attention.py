@@ -26,12 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import GPT, SOFTCAP, CausalSelfAttention, norm
+from nanochat.sampling import SamplingError
 
 PATTERN_THRESHOLD = 0.5  # a head "is" a BOS / previous-token / same-token head when that share exceeds this
 
 
-class AttentionInputError(ValueError):
-    """A prompt the visualizer cannot capture (empty, or longer than the model's context)."""
+class AttentionInputError(SamplingError):
+    """A prompt the visualizer cannot capture (empty, or longer than the model's context). A SamplingError,
+    so the app catches it by the torch-free name (nanochat.sampling) as it catches the engine's."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ def pages() -> dict[str, list]:
         "Data": [page("tokenizer.py", "Tokenizer", "text_fields", "tokenizer"),
                  page("dataset.py", "Dataset", "dataset", "dataset")],
         "Chat": [page("conversations.py", "Conversation builder", "forum", "builder")],
+        "Inside the model": [page("attention.py", "Attention", "grid_view", "attention")],
         "Planning": [page("calculator.py", "Model calculator", "calculate", "calculator")],
     }
 

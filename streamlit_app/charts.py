@@ -360,3 +360,105 @@ def length_histogram(lengths: pd.DataFrame, capacity: int, height: int = 260) ->
     rule = alt.Chart(pd.DataFrame({"capacity": [capacity]})).mark_rule(color="#d62728", strokeDash=[4, 3]).encode(
         x="capacity:Q", tooltip=[alt.Tooltip("capacity:Q", title="SFT row capacity (seq len + 1)", format=",d")])
     return alt.layer(bars, rule).properties(height=height)
+
+
+# ---------------------------------------------------------------------- inside the model: attention and the logit lens
+# Frames from streamlit_app/internals.py. Colour = attention weight on a sqrt scale (most weights are small);
+# cells a sliding window hides are light red, so a short-window layer visibly cannot look further back.
+
+OUTSIDE_WINDOW = "#fbd5d5"
+ATTENTION_SCALE = alt.Scale(type="sqrt", scheme="blues", domain=[0, 1])
+
+
+def _attention_color():
+    return (alt.when("datum.outside").then(alt.value(OUTSIDE_WINDOW))
+            .otherwise(alt.Color("weight:Q", scale=ATTENTION_SCALE, title="attention")))
+
+
+def attention_grid_chart(grid: pd.DataFrame, cells: int, thumb_px: int = 110) -> alt.FacetChart:
+    """A layer x head grid of small heatmaps (rows = layers, columns = heads); y = query, x = key cell."""
+    step = max(1, thumb_px // max(cells, 1))
+    heat = alt.Chart(grid).mark_rect().encode(
+        x=alt.X("k:O", axis=None), y=alt.Y("q:O", axis=None), color=_attention_color(),
+        tooltip=["label:N", alt.Tooltip("q:O", title="query cell"), alt.Tooltip("k:O", title="key cell"),
+                 alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("outside:N", title="beyond the window")],
+    ).properties(width=alt.Step(step), height=alt.Step(step))
+    return heat.facet(row=alt.Row("layer:O", title="layer", header=alt.Header(labelAngle=0)),
+                      column=alt.Column("head:O", title="head", header=alt.Header(labelOrient="top")),
+                      spacing=6).resolve_scale(x="independent", y="independent")
+
+
+def attention_head_chart(df: pd.DataFrame, size_px: int = 560) -> alt.Chart:
+    """One head large, positions labelled with their tokens (queries down, keys across)."""
+    order = list(dict.fromkeys(df.sort_values("q")["q_label"]))
+    step = max(3, size_px // max(len(order), 1))
+    label_axis = alt.Axis(labelLimit=110, labelFontSize=10 if step >= 10 else 8, labelOverlap=True)
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("k_label:N", sort=order, title="key (attended to)", axis=alt.Axis(orient="top", labelAngle=-60, labelLimit=110,
+                                                                           labelOverlap=True)),
+        y=alt.Y("q_label:N", sort=order, title="query (attending)", axis=label_axis),
+        color=_attention_color(),
+        tooltip=[alt.Tooltip("q_label:N", title="query"), alt.Tooltip("k_label:N", title="key"),
+                 alt.Tooltip("weight:Q", format=".4f"), alt.Tooltip("outside:N", title="beyond the window")],
+    ).properties(width=alt.Step(step), height=alt.Step(step))
+
+
+def token_attention_chart(df: pd.DataFrame) -> alt.Chart:
+    """What one token attends to in every head: rows = heads (by layer), columns = the keys before it."""
+    keys = list(dict.fromkeys(df.sort_values("k")["k_label"]))
+    heads = list(dict.fromkeys(df.sort_values(["layer", "head"])["label"]))
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("k_label:N", sort=keys, title="key (attended to)", axis=alt.Axis(labelAngle=-60, labelLimit=110,
+                                                                          labelOverlap=True)),
+        y=alt.Y("label:N", sort=heads, title=None),
+        color=alt.Color("weight:Q", scale=ATTENTION_SCALE, title="attention"),
+        tooltip=["label:N", alt.Tooltip("k_label:N", title="key"), alt.Tooltip("weight:Q", format=".4f")],
+    ).properties(width="container", height=alt.Step(18))
+
+
+def head_scores_chart(scores: pd.DataFrame, metric: str, title: str, fmt: str = ".2f") -> alt.LayerChart:
+    """One per-head score as a layer x head heatmap with the value written in each cell."""
+    base = alt.Chart(scores).encode(
+        x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)), y=alt.Y("layer:O", title="layer"),
+        tooltip=["layer:O", "head:O", alt.Tooltip("kv_group:O", title="KV group"), "pattern:N",
+                 alt.Tooltip(f"{metric}:Q", title=title, format=fmt)])
+    rect = base.mark_rect().encode(color=alt.Color(f"{metric}:Q", scale=alt.Scale(scheme="viridis"), title=None))
+    text = base.mark_text(fontSize=11, color="white").encode(text=alt.Text(f"{metric}:Q", format=fmt))
+    return alt.layer(rect, text).properties(title=title, height=alt.Step(26), width=alt.Step(44))
+
+
+def logit_lens_chart(df: pd.DataFrame) -> alt.LayerChart:
+    """Per layer (rows, first at the top), the top tokens it would predict (columns by rank), coloured
+    by probability: where in depth the answer forms."""
+    base = alt.Chart(df).encode(x=alt.X("rank:O", title="rank", axis=alt.Axis(orient="top", labelAngle=0)),
+                                y=alt.Y("layer:O", title="after layer"),
+                                tooltip=["layer:O", "rank:O", "token:N", alt.Tooltip("token_id:Q", title="id"),
+                                         alt.Tooltip("prob:Q", format=".3f")])
+    cells = base.mark_rect(cornerRadius=3).encode(color=alt.Color("prob:Q", scale=ATTENTION_SCALE, legend=None))
+    text = base.mark_text(fontSize=12, limit=80).encode(
+        text="token:N", color=alt.when("datum.prob > 0.5").then(alt.value("white")).otherwise(alt.value("#111827")))
+    return alt.layer(cells, text).properties(width="container", height=alt.Step(30))
+
+
+def head_evolution_chart(cells: pd.DataFrame, n_cells: int, thumb_px: int = 120) -> alt.FacetChart:
+    """One head's pattern at each checkpoint, side by side (columns = training step)."""
+    step = max(1, thumb_px // max(n_cells, 1))
+    heat = alt.Chart(cells).mark_rect().encode(
+        x=alt.X("k:O", axis=None), y=alt.Y("q:O", axis=None),
+        color=alt.Color("weight:Q", scale=ATTENTION_SCALE, title="attention"),
+        tooltip=["step:O", alt.Tooltip("q:O", title="query cell"), alt.Tooltip("k:O", title="key cell"),
+                 alt.Tooltip("weight:Q", format=".3f")],
+    ).properties(width=alt.Step(step), height=alt.Step(step))
+    return heat.facet(column=alt.Column("step:O", title="training step", header=alt.Header(labelOrient="top")), spacing=6)
+
+
+def head_scores_over_steps_chart(scores: pd.DataFrame, height: int = 220) -> alt.Chart:
+    """A head's BOS / previous-token / same-token shares against training step."""
+    long = scores.melt(id_vars=["step"], value_vars=["bos", "previous", "same_token"], var_name="share")
+    names = {"bos": "on BOS", "previous": "on previous token", "same_token": "on same token"}
+    long["share"] = long["share"].map(names)
+    return alt.Chart(long).mark_line(point=True).encode(
+        x=alt.X("step:Q", title="training step"), y=alt.Y("value:Q", title="share of attention", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("share:N", title=None, legend=alt.Legend(orient="bottom")),
+        tooltip=["step:Q", "share:N", alt.Tooltip("value:Q", format=".3f")],
+    ).properties(height=height)

@@ -824,3 +824,111 @@ def save_conversations(path: str, entries: list) -> int:
     conversation_entries.clear()
     conversation_table.clear()
     return n
+
+
+# ---------------------------------------------------------------------- inside the model: attention and the logit lens
+
+ATTENTION_CELLS = 128  # positions per side kept for the large views (block-averaged beyond: nanochat.attention.downsample)
+GRID_CELLS = 32  # positions per side of each thumbnail in the layer x head grid
+EVOLUTION_CELLS = 32  # positions per side of one head's pattern at each checkpoint
+MAX_EVOLUTION_STEPS = 8  # checkpoints read for "how the head formed" (evenly spaced, the last included)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionData:
+    """One prompt's attention through the explicit path, as plain arrays (no torch leaves this module)."""
+    tokens: tuple[str, ...]  # each position's text
+    token_ids: tuple[int, ...]
+    generated: int  # positions at the end that the greedy continuation added
+    windows: tuple[int, ...]
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    factor: int  # positions per cell of `weights` (1 = exact)
+    weights: object  # numpy (n_layer, n_head, n, n) float32, rows = queries
+    grid_factor: int
+    grid: object  # numpy (n_layer, n_head, g, g) float32: the thumbnails
+    scores: pd.DataFrame  # one row per head (nanochat.attention.HeadScores fields + pattern)
+
+
+def _attention_ids(engine, prompt: str, continue_tokens: int) -> tuple[list[int], int]:
+    ids = engine.encode(prompt)
+    if continue_tokens <= 0:
+        return ids, 0
+    room = engine.model.config.sequence_len - len(ids)
+    row = engine.generate(ids, SamplingSettings(temperature=0.0), max(1, min(continue_tokens, room)))[0]
+    return ids + list(row.token_ids), len(row.token_ids)
+
+
+def _capture(directory: str, step: int | None, stamp: tuple, prompt: str, continue_tokens: int):
+    from nanochat.attention import capture
+
+    loaded, engine = model(directory, step, stamp)
+    ids, generated = _attention_ids(engine, prompt, continue_tokens)
+    return loaded, capture(loaded.model, ids), generated
+
+
+@st.cache_data(ttl=3600, max_entries=16, show_spinner=False)
+def attention(directory: str, step: int | None, stamp: tuple, prompt: str, continue_tokens: int = 0) -> AttentionData:
+    """Every layer's and head's attention for `prompt` (plus a greedy continuation of `continue_tokens`),
+    with the per-head summaries. Raises a SamplingError (nanochat.attention.AttentionInputError) for a prompt beyond the model's context."""
+    import torch
+
+    from nanochat.attention import downsample, head_scores
+
+    loaded, cap, generated = _capture(directory, step, stamp, prompt, continue_tokens)
+    stacked = torch.stack(cap.weights)
+    big, factor = downsample(stacked, ATTENTION_CELLS)
+    small, grid_factor = downsample(stacked, GRID_CELLS)
+    scores = pd.DataFrame([{**dataclasses.asdict(s), "pattern": s.pattern} for s in head_scores(cap)])
+    text = _token_text(loaded.tokenizer)
+    return AttentionData(tuple(text(i) for i in cap.token_ids), tuple(cap.token_ids), generated, tuple(cap.windows),
+                         cap.n_layer, cap.n_head, cap.n_kv_head, factor, big.numpy(), grid_factor, small.numpy(), scores)
+
+
+@st.cache_data(ttl=3600, max_entries=64, show_spinner=False)
+def logit_lens(directory: str, step: int | None, stamp: tuple, prompt: str, continue_tokens: int, position: int,
+               top: int = 5) -> pd.DataFrame:
+    """What each layer would predict after `position`: columns layer, rank, token, token_id, prob."""
+    from nanochat.attention import logit_lens as lens
+
+    loaded, cap, _ = _capture(directory, step, stamp, prompt, continue_tokens)
+    text = _token_text(loaded.tokenizer)
+    rows = [{"layer": r.layer, "rank": k + 1, "token": text(i), "token_id": i, "prob": p}
+            for r in lens(loaded.model, cap, position, top) for k, (i, p) in enumerate(zip(r.token_ids, r.probs))]
+    return pd.DataFrame(rows, columns=["layer", "rank", "token", "token_id", "prob"])
+
+
+def evolution_steps(steps: list[int]) -> list[int]:
+    """At most MAX_EVOLUTION_STEPS of a run's checkpoint steps, evenly spaced, first and last included."""
+    steps = sorted(steps)
+    if len(steps) <= MAX_EVOLUTION_STEPS:
+        return steps
+    n = MAX_EVOLUTION_STEPS
+    return sorted({steps[round(i * (len(steps) - 1) / (n - 1))] for i in range(n)})
+
+
+@st.cache_data(ttl=3600, max_entries=16, show_spinner=False)
+def head_over_steps(directory: str, steps: tuple[int, ...], prompt: str, layer: int, head: int,
+                    _progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """One head's pattern and scores at each of `steps` of a run: (cells: step, q, k, weight; scores: one
+    row per step; positions per cell). Each checkpoint is loaded through the shared model cache."""
+    import torch
+
+    from nanochat.attention import capture, downsample, head_scores
+
+    cells, scores, factor = [], [], 1
+    for n, s in enumerate(steps):
+        if _progress:  # leading underscore: not part of the cache key
+            _progress(n, len(steps), f"step {s:,}")
+        loaded, engine = model(directory, s, model_stamp(directory, s))
+        cap = capture(loaded.model, engine.encode(prompt))
+        if layer >= cap.n_layer or head >= cap.n_head:
+            continue
+        m, factor = downsample(cap.weights[layer][head], EVOLUTION_CELLS)
+        q, k = torch.tril_indices(m.size(0), m.size(1))
+        cells.append(pd.DataFrame({"step": s, "q": q.numpy(), "k": k.numpy(), "weight": m[q, k].numpy()}))
+        sc = next(x for x in head_scores(cap) if x.layer == layer and x.head == head)
+        scores.append({"step": s, **dataclasses.asdict(sc), "pattern": sc.pattern})
+    cells_df = pd.concat(cells, ignore_index=True) if cells else pd.DataFrame(columns=["step", "q", "k", "weight"])
+    return cells_df, pd.DataFrame(scores), factor
