@@ -30,7 +30,8 @@ from pathlib import Path
 
 from nanochat import torchfile
 
-PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl"}
+PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl",
+              "lrfind": "lrfind"}  # learning-rate range tests (scripts/lr_find.py): metrics only, no checkpoints
 SINGLE_FILE = "checkpoint.pt"
 MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
 META_RE = re.compile(r"^meta_(\d+)\.json$")

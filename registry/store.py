@@ -64,7 +64,7 @@ from registry.models import MetricPoint as PointRow
 from registry.models import MetricSeries as SeriesRow
 
 ACTIVE_WINDOW_S = 600.0
-PHASES = ("base", "sft", "rl")
+PHASES = ("base", "sft", "rl", "lrfind")  # the values of nanochat.checkpoint_manager.PHASE_DIRS
 RUN_FIELDS = ("id", "phase", "tag", "label", "status", "depth", "n_params", "generation", "num_iterations", "world_size",
               "total_batch_size", "path", "missing")
 

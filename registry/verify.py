@@ -124,7 +124,7 @@ def resolve_target(store, target: str) -> tuple[Path, list[CheckpointFiles]]:
 def looks_like_path(target: str) -> bool:
     """A RUN is an id, a tag or phase/tag; anything else with a slash, `.` or `~` is a path."""
     head = target.split("/", 1)[0]
-    return target.startswith(("/", ".", "~")) or ("/" in target and head not in ("base", "sft", "rl"))
+    return target.startswith(("/", ".", "~")) or ("/" in target and head not in set(cm.PHASE_DIRS.values()))
 
 
 def total_units(checkpoints: list[CheckpointFiles], deep: bool) -> int:

@@ -41,7 +41,9 @@ def pages() -> dict[str, list]:
                  page("dataset.py", "Dataset", "dataset", "dataset")],
         "Chat": [page("conversations.py", "Conversation builder", "forum", "builder")],
         "Inside the model": [page("attention.py", "Attention", "grid_view", "attention")],
-        "Planning": [page("calculator.py", "Model calculator", "calculate", "calculator")],
+        "Planning": [page("calculator.py", "Model calculator", "calculate", "calculator"),
+                     page("lr_finder.py", "LR finder", "speed", "lr-finder"),
+                     page("sweeps.py", "Sweeps", "stacked_line_chart", "sweeps")],
     }
 
 

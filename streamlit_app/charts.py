@@ -462,3 +462,45 @@ def head_scores_over_steps_chart(scores: pd.DataFrame, height: int = 220) -> alt
         color=alt.Color("share:N", title=None, legend=alt.Legend(orient="bottom")),
         tooltip=["step:Q", "share:N", alt.Tooltip("value:Q", format=".3f")],
     ).properties(height=height)
+
+
+# ---------------------------------------------------------------------- learning-rate finds and sweeps
+
+
+def lr_find_chart(curves: pd.DataFrame, marks: pd.DataFrame, height: int = 340) -> alt.LayerChart:
+    """Loss against the LR multiplier (log scale), one colour per find: the smoothed loss as a line, the raw
+    loss faint; `marks` (run_id, run, suggestion, mult) as vertical rules (min/10 dashed, steepest dotted)."""
+    x = alt.X("lr_mult:Q", title="learning-rate multiplier (log scale)", scale=alt.Scale(type="log"))
+    color = alt.Color("run:N", title=None, scale=run_scale(curves), legend=alt.Legend(orient="bottom"))
+    tooltip = ["run:N", "step:Q", alt.Tooltip("lr_mult:Q", title="multiplier", format=".4g"),
+               alt.Tooltip("train_loss:Q", title="loss", format=".4f"), alt.Tooltip("smooth_loss:Q", title="smoothed", format=".4f")]
+    base = alt.Chart(curves).encode(x=x, color=color, tooltip=tooltip)
+    raw = base.mark_line(opacity=0.25, strokeWidth=1).encode(y=alt.Y("train_loss:Q", title="train loss (nats/token)",
+                                                                      scale=alt.Scale(zero=False)))
+    smooth = base.mark_line(strokeWidth=2.5).encode(y="smooth_loss:Q")
+    layers = [raw, smooth]
+    if not marks.empty:
+        layers.append(alt.Chart(marks).mark_rule(strokeWidth=2).encode(
+            x="mult:Q", color=alt.Color("run:N", scale=run_scale(curves), legend=None),
+            strokeDash=alt.StrokeDash("suggestion:N", title=None, scale=alt.Scale(domain=["min/10", "steepest", "grid best"],
+                                                                                  range=[[6, 4], [2, 3], [1, 0]]),
+                                      legend=alt.Legend(orient="bottom")),
+            tooltip=["run:N", "suggestion:N", alt.Tooltip("mult:Q", title="multiplier", format=".4g")]))
+    return alt.layer(*layers).properties(height=height)
+
+
+def sweep_chart(runs: pd.DataFrame, summary: pd.DataFrame, setting: str, log_x: bool, height: int = 320) -> alt.LayerChart:
+    """val_bpb against one setting: the mean over seeds as a line, the seeds' spread (min to max) as a band,
+    every run as a point."""
+    x = alt.X("value:Q", title=setting + (" (log scale)" if log_x else ""), scale=alt.Scale(type="log" if log_x else "linear",
+                                                                                             zero=False))
+    band = alt.Chart(summary).mark_area(opacity=0.2, color="#1f77b4").encode(x=x, y="low:Q", y2="high:Q")
+    line = alt.Chart(summary).mark_line(color="#1f77b4", point=True).encode(
+        x=x, y=alt.Y("mean:Q", title="val bpb (bits/byte)", scale=alt.Scale(zero=False)),
+        tooltip=[alt.Tooltip("value:Q", title=setting, format=".4g"), alt.Tooltip("mean:Q", format=".4f"),
+                 alt.Tooltip("low:Q", title="best seed", format=".4f"), alt.Tooltip("high:Q", title="worst seed", format=".4f"),
+                 "runs:Q"])
+    points = alt.Chart(runs).mark_circle(size=60, color="#374151", opacity=0.7).encode(
+        x=x, y="val_bpb:Q", tooltip=["run:N", alt.Tooltip("value:Q", title=setting, format=".4g"), "seed:N",
+                                     alt.Tooltip("val_bpb:Q", format=".4f")])
+    return alt.layer(band, line, points).properties(height=height)

@@ -32,7 +32,7 @@ from nanochat.sampling import SamplingSettings, TraceOptions
 from registry import open_store
 from registry.db import DEFAULT_FILENAME, RegistryLocation, locate
 from registry.errors import RegistryError, ScanPathError
-from streamlit_app import frames, traces
+from streamlit_app import frames, internals, traces
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_FILE = Path(__file__).resolve().parent / "app.py"
@@ -932,3 +932,46 @@ def head_over_steps(directory: str, steps: tuple[int, ...], prompt: str, layer: 
         scores.append({"step": s, **dataclasses.asdict(sc), "pattern": sc.pattern})
     cells_df = pd.concat(cells, ignore_index=True) if cells else pd.DataFrame(columns=["step", "q", "k", "weight"])
     return cells_df, pd.DataFrame(scores), factor
+
+
+# ---------------------------------------------------------------------- learning-rate finds and sweeps
+
+LR_FIND_PHASE = "lrfind"
+LR_FIND_KEYS = ("lr_mult", "train_loss", "smooth_loss")
+LR_FIND_FILE = "lr_find.json"  # scripts/lr_find.py's result beside its metrics.jsonl
+
+
+def lr_finds(url: str) -> list:
+    """The registry's learning-rate finds (phase lrfind), newest activity first."""
+    return [r for r in runs(url) if r.phase == LR_FIND_PHASE]
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def lr_find_settings(run_dir: str) -> dict:
+    """A find's lr_find.json (group, range, flags, base learning rates); {} when absent or unreadable."""
+    import json
+
+    try:
+        found = json.loads((Path(run_dir) / LR_FIND_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+@st.cache_data(ttl=LIVE_TTL_S, max_entries=32, show_spinner=False)
+def lr_find_curves(url: str, run_ids: tuple[int, ...]) -> tuple[pd.DataFrame, dict]:
+    """(one row per find and step: lr_mult, train_loss, smooth_loss; {run_id: Suggestion}) from the
+    registry's metrics, the suggestion computed by nanochat.lr_range as the script computed it."""
+    from nanochat import lr_range
+
+    curves = internals.find_curves(metrics(url, run_ids, LR_FIND_KEYS))
+    out = {}
+    for rid, df in curves.groupby("run_id"):
+        out[int(rid)] = lr_range.suggest(list(df["lr_mult"]), list(df["smooth_loss"]))
+    return curves, out
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def sweeps(url: str) -> list:
+    """Groups of runs that differ in one setting (internals.find_sweeps over the registry's runs)."""
+    return internals.find_sweeps([r for r in runs(url) if r.phase != LR_FIND_PHASE])

@@ -3,6 +3,8 @@ built beside it): each renders without an exception, shows its answer, and bad i
 
 from __future__ import annotations
 
+import pytest
+
 from tests.test_app_pages import assert_clean, charts, fresh_caches, metric, open_app, registry  # noqa: F401  (fixtures)
 
 
@@ -10,7 +12,8 @@ def chart_with(at, column: str, without: str = "\0"):
     return next(data[0] for _, data in charts(at) if data and column in data[0] and without not in data[0])
 
 
-def test_attention_page_shows_every_head_the_lens_and_one_token(registry):
+@pytest.mark.usefixtures("registry")
+def test_attention_page_shows_every_head_the_lens_and_one_token():
     at = open_app("attention", {"run": "base/d2", "prompt": "KING HENRY. What"})
     assert_clean(at)
     tokens = int(metric(at, "Tokens").value)
@@ -29,7 +32,8 @@ def test_attention_page_shows_every_head_the_lens_and_one_token(registry):
     assert chart_with(at, "k_label", without="q")["k"].max() == 2
 
 
-def test_attention_page_across_checkpoints_and_a_continuation(registry):
+@pytest.mark.usefixtures("registry")
+def test_attention_page_across_checkpoints_and_a_continuation():
     at = open_app("attention", {"run": "base/d2", "prompt": "KING", "gen": "5"})
     assert "5 generated" in metric(at, "Tokens").delta
     at.toggle(key="evolve").set_value(True).run()
@@ -38,7 +42,8 @@ def test_attention_page_across_checkpoints_and_a_continuation(registry):
     assert evo["step"].nunique() >= 2 and evo["value"].between(0, 1).all()
 
 
-def test_attention_page_refuses_a_prompt_beyond_the_context(registry):
+@pytest.mark.usefixtures("registry")
+def test_attention_page_refuses_a_prompt_beyond_the_context():
     at = open_app("attention", {"run": "base/d2", "prompt": "word " * 200})
     assert any("context" in e.value for e in at.error), [e.value for e in at.error]
     at.text_area(key="prompt").set_value("  ").run()
