@@ -35,6 +35,9 @@ PAGES = {
     "calculator": ("Model calculator", 3),
     "tokenizer": ("Tokenizer", 1),
     "dataset": ("Dataset", 1),
+    "attention": ("Attention", 6),  # grid, one head, one token, entropy, look-back, logit lens
+    "lr-finder": ("LR finder", 0),  # no find in the demo: the empty state with the command
+    "sweeps": ("Sweeps", 1),  # the demo's d1 and d2 runs differ in depth
 }
 CHART = '[data-testid="stVegaLiteChart"] :is(canvas, svg.marks)'
 

@@ -136,9 +136,9 @@ def test_script_writes_a_registry_run_and_never_overwrites(tiny_base, monkeypatc
     assert lr_find.main(argv[:-1]) == 0
     assert (tiny_base / "lrfind" / "d1-all-2" / "lr_find.json").exists() and (tiny_base / "lrfind" / "d1-matrix").exists()
 
+    from nanochat.checkpoint_manager import PHASE_DIRS
     from registry import open_store
     from registry.store import PHASES
-    from nanochat.checkpoint_manager import PHASE_DIRS
 
     assert set(PHASES) == set(PHASE_DIRS.values())
     with open_store(tiny_base / "registry.sqlite") as store:
