@@ -191,3 +191,17 @@ def logit_lens(model: GPT, cap: AttentionCapture, position: int, top: int = 5) -
         p, i = probs.topk(min(top, probs.numel()))
         rows.append(LensRow(layer, tuple(i.tolist()), tuple(p.tolist())))
     return rows
+
+
+def weights_array(cap: AttentionCapture, max_cells: int):
+    """Every layer's and head's weights as one numpy array (n_layer, n_head, n, n), downsampled to at most
+    max_cells a side (see `downsample`), and the positions per cell: what the app keeps (it has no torch)."""
+    small, factor = downsample(torch.stack(cap.weights), max_cells)
+    return small.numpy(), factor
+
+
+def head_cells(cap: AttentionCapture, layer: int, head: int, max_cells: int):
+    """One head's causal cells as numpy (query cell, key cell, weight) after downsampling, and the factor."""
+    m, factor = downsample(cap.weights[layer][head], max_cells)
+    q, k = torch.tril_indices(m.size(0), m.size(1))
+    return q.numpy(), k.numpy(), m[q, k].numpy(), factor

@@ -872,18 +872,15 @@ def _capture(directory: str, step: int | None, stamp: tuple, prompt: str, contin
 def attention(directory: str, step: int | None, stamp: tuple, prompt: str, continue_tokens: int = 0) -> AttentionData:
     """Every layer's and head's attention for `prompt` (plus a greedy continuation of `continue_tokens`),
     with the per-head summaries. Raises a SamplingError (nanochat.attention.AttentionInputError) for a prompt beyond the model's context."""
-    import torch
-
-    from nanochat.attention import downsample, head_scores
+    from nanochat.attention import head_scores, weights_array
 
     loaded, cap, generated = _capture(directory, step, stamp, prompt, continue_tokens)
-    stacked = torch.stack(cap.weights)
-    big, factor = downsample(stacked, ATTENTION_CELLS)
-    small, grid_factor = downsample(stacked, GRID_CELLS)
+    big, factor = weights_array(cap, ATTENTION_CELLS)
+    small, grid_factor = weights_array(cap, GRID_CELLS)
     scores = pd.DataFrame([{**dataclasses.asdict(s), "pattern": s.pattern} for s in head_scores(cap)])
     text = _token_text(loaded.tokenizer)
     return AttentionData(tuple(text(i) for i in cap.token_ids), tuple(cap.token_ids), generated, tuple(cap.windows),
-                         cap.n_layer, cap.n_head, cap.n_kv_head, factor, big.numpy(), grid_factor, small.numpy(), scores)
+                         cap.n_layer, cap.n_head, cap.n_kv_head, factor, big, grid_factor, small, scores)
 
 
 @st.cache_data(ttl=3600, max_entries=64, show_spinner=False)
@@ -913,9 +910,7 @@ def head_over_steps(directory: str, steps: tuple[int, ...], prompt: str, layer: 
                     _progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """One head's pattern and scores at each of `steps` of a run: (cells: step, q, k, weight; scores: one
     row per step; positions per cell). Each checkpoint is loaded through the shared model cache."""
-    import torch
-
-    from nanochat.attention import capture, downsample, head_scores
+    from nanochat.attention import capture, head_cells, head_scores
 
     cells, scores, factor = [], [], 1
     for n, s in enumerate(steps):
@@ -925,9 +920,8 @@ def head_over_steps(directory: str, steps: tuple[int, ...], prompt: str, layer: 
         cap = capture(loaded.model, engine.encode(prompt))
         if layer >= cap.n_layer or head >= cap.n_head:
             continue
-        m, factor = downsample(cap.weights[layer][head], EVOLUTION_CELLS)
-        q, k = torch.tril_indices(m.size(0), m.size(1))
-        cells.append(pd.DataFrame({"step": s, "q": q.numpy(), "k": k.numpy(), "weight": m[q, k].numpy()}))
+        q, k, w, factor = head_cells(cap, layer, head, EVOLUTION_CELLS)
+        cells.append(pd.DataFrame({"step": s, "q": q, "k": k, "weight": w}))
         sc = next(x for x in head_scores(cap) if x.layer == layer and x.head == head)
         scores.append({"step": s, **dataclasses.asdict(sc), "pattern": sc.pattern})
     cells_df = pd.concat(cells, ignore_index=True) if cells else pd.DataFrame(columns=["step", "q", "k", "weight"])
