@@ -213,3 +213,19 @@ def test_sweeps_group_runs_by_the_one_setting_they_differ_in():
     summary = sweep_summary(sweep_frame(lr, runs))
     assert list(summary["value"]) == [0.01, 0.02] and list(summary["runs"]) == [2, 2]
     assert summary.loc[0, "low"] == 1.9 and summary.loc[0, "high"] == 2.0
+
+
+def test_readme_documents_the_finders_and_the_visualizers_flags():
+    from pathlib import Path
+
+    from scripts import base_train
+    from tools import attention_visualizer
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("<!-- section: internals -->"):readme.index("<!-- end section: internals -->")]
+    trainer = {f for a in base_train.build_parser()._actions for f in a.option_strings}  # the training section's
+    for parser in (lr_find.build_parser(), attention_visualizer.build_parser()):
+        for action in parser._actions:
+            for flag in set(action.option_strings) - trainer - {"-h", "--help"}:
+                assert f"`{flag}" in section or f" {flag} " in section, f"{flag} is not documented in the internals section"
+    assert "python -m bench.lr_find" in readme and "python -m bench.attention" in readme
