@@ -370,22 +370,23 @@ OUTSIDE_WINDOW = "#fbd5d5"
 ATTENTION_SCALE = alt.Scale(type="sqrt", scheme="blues", domain=[0, 1])
 
 
-def _attention_color():
+def _attention_color(legend: bool = True):
     return (alt.when("datum.outside").then(alt.value(OUTSIDE_WINDOW))
-            .otherwise(alt.Color("weight:Q", scale=ATTENTION_SCALE, title="attention")))
+            .otherwise(alt.Color("weight:Q", scale=ATTENTION_SCALE, title="attention", legend=alt.Legend() if legend else None)))
 
 
 def attention_grid_chart(grid: pd.DataFrame, cells: int, thumb_px: int = 110) -> alt.FacetChart:
     """A layer x head grid of small heatmaps (rows = layers, columns = heads); y = query, x = key cell."""
-    step = max(1, thumb_px // max(cells, 1))
+    # fixed pixel sizes: a discrete (Step) size inside a facet needs a data-derived signal the app's
+    # CSP-safe Vega interpreter cannot evaluate (the grid rendered blank)
+    side = min(thumb_px, max(cells, 1) * 12)
     heat = alt.Chart(grid).mark_rect().encode(
         x=alt.X("k:O", axis=None), y=alt.Y("q:O", axis=None), color=_attention_color(),
         tooltip=["label:N", alt.Tooltip("q:O", title="query cell"), alt.Tooltip("k:O", title="key cell"),
                  alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("outside:N", title="beyond the window")],
-    ).properties(width=alt.Step(step), height=alt.Step(step))
+    ).properties(width=side, height=side)
     return heat.facet(row=alt.Row("layer:O", title="layer", header=alt.Header(labelAngle=0)),
-                      column=alt.Column("head:O", title="head", header=alt.Header(labelOrient="top")),
-                      spacing=6).resolve_scale(x="independent", y="independent")
+                      column=alt.Column("head:O", title="head", header=alt.Header(labelOrient="top")), spacing=6)
 
 
 def attention_head_chart(df: pd.DataFrame, size_px: int = 560) -> alt.Chart:
@@ -397,7 +398,7 @@ def attention_head_chart(df: pd.DataFrame, size_px: int = 560) -> alt.Chart:
         x=alt.X("k_label:N", sort=order, title="key (attended to)", axis=alt.Axis(orient="top", labelAngle=-60, labelLimit=110,
                                                                            labelOverlap=True)),
         y=alt.Y("q_label:N", sort=order, title="query (attending)", axis=label_axis),
-        color=_attention_color(),
+        color=_attention_color(legend=False),  # the grid above carries the scale; a legend here overlaps the text beside it
         tooltip=[alt.Tooltip("q_label:N", title="query"), alt.Tooltip("k_label:N", title="key"),
                  alt.Tooltip("weight:Q", format=".4f"), alt.Tooltip("outside:N", title="beyond the window")],
     ).properties(width=alt.Step(step), height=alt.Step(step))
@@ -410,7 +411,7 @@ def token_attention_chart(df: pd.DataFrame) -> alt.Chart:
     return alt.Chart(df).mark_rect().encode(
         x=alt.X("k_label:N", sort=keys, title="key (attended to)", axis=alt.Axis(labelAngle=-60, labelLimit=110,
                                                                           labelOverlap=True)),
-        y=alt.Y("label:N", sort=heads, title=None),
+        y=alt.Y("label:N", sort=heads, title=None, axis=alt.Axis(labelOverlap=False)),
         color=alt.Color("weight:Q", scale=ATTENTION_SCALE, title="attention"),
         tooltip=["label:N", alt.Tooltip("k_label:N", title="key"), alt.Tooltip("weight:Q", format=".4f")],
     ).properties(width="container", height=alt.Step(18))
@@ -442,13 +443,13 @@ def logit_lens_chart(df: pd.DataFrame) -> alt.LayerChart:
 
 def head_evolution_chart(cells: pd.DataFrame, n_cells: int, thumb_px: int = 120) -> alt.FacetChart:
     """One head's pattern at each checkpoint, side by side (columns = training step)."""
-    step = max(1, thumb_px // max(n_cells, 1))
+    side = min(thumb_px, max(n_cells, 1) * 12)  # fixed pixels, as in attention_grid_chart
     heat = alt.Chart(cells).mark_rect().encode(
         x=alt.X("k:O", axis=None), y=alt.Y("q:O", axis=None),
         color=alt.Color("weight:Q", scale=ATTENTION_SCALE, title="attention"),
         tooltip=["step:O", alt.Tooltip("q:O", title="query cell"), alt.Tooltip("k:O", title="key cell"),
                  alt.Tooltip("weight:Q", format=".3f")],
-    ).properties(width=alt.Step(step), height=alt.Step(step))
+    ).properties(width=side, height=side)
     return heat.facet(column=alt.Column("step:O", title="training step", header=alt.Header(labelOrient="top")), spacing=6)
 
 
@@ -492,8 +493,10 @@ def lr_find_chart(curves: pd.DataFrame, marks: pd.DataFrame, height: int = 340) 
 def sweep_chart(runs: pd.DataFrame, summary: pd.DataFrame, setting: str, log_x: bool, height: int = 320) -> alt.LayerChart:
     """val_bpb against one setting: the mean over seeds as a line, the seeds' spread (min to max) as a band,
     every run as a point."""
-    x = alt.X("value:Q", title=setting + (" (log scale)" if log_x else ""), scale=alt.Scale(type="log" if log_x else "linear",
-                                                                                             zero=False))
+    integer = bool(len(runs)) and all(float(v).is_integer() for v in runs["value"].dropna())
+    axis = alt.Axis(format="d", tickMinStep=1) if integer and not log_x else alt.Axis()
+    x = alt.X("value:Q", title=setting + (" (log scale)" if log_x else ""), axis=axis,
+              scale=alt.Scale(type="log" if log_x else "linear", zero=False))
     band = alt.Chart(summary).mark_area(opacity=0.2, color="#1f77b4").encode(x=x, y="low:Q", y2="high:Q")
     line = alt.Chart(summary).mark_line(color="#1f77b4", point=True).encode(
         x=x, y=alt.Y("mean:Q", title="val bpb (bits/byte)", scale=alt.Scale(zero=False)),

@@ -891,7 +891,7 @@ def logit_lens(directory: str, step: int | None, stamp: tuple, prompt: str, cont
 
     loaded, cap, _ = _capture(directory, step, stamp, prompt, continue_tokens)
     text = _token_text(loaded.tokenizer)
-    rows = [{"layer": r.layer, "rank": k + 1, "token": text(i), "token_id": i, "prob": p}
+    rows = [{"layer": r.layer, "rank": k + 1, "token": traces.visible(text(i)), "token_id": i, "prob": p}
             for r in lens(loaded.model, cap, position, top) for k, (i, p) in enumerate(zip(r.token_ids, r.probs))]
     return pd.DataFrame(rows, columns=["layer", "rank", "token", "token_id", "prob"])
 
