@@ -28,6 +28,13 @@ The request and result types (`SamplingSettings`, `TraceOptions`, `SamplingError
 `StepTrace`, `Alternative`, `WatchedToken`) live in the torch-free `sampling.py`, so the app can build
 and read them without torch; they are re-exported here.
 
+The tool loop (`tools=True`, as upstream's engine always does; ../shared/docs/UPSTREAM_OUTPUTS.md §7):
+a row that emits `<|python_start|>` (sampled or forced) collects the tokens that follow; on
+`<|python_end|>` they are decoded and passed to `calculator.use_calculator`, and when it gives a
+result the row's next steps emit `<|output_start|>`, the result's tokens and `<|output_end|>` in
+place of sampled ones (one per step, counting toward max_tokens; the step's draw is still consumed).
+Those steps are traced as forced and as `tool_output`. The calculator is the only thing that runs.
+
 This module knows nothing about files, command lines or display: see `checkpoint_manager.py` to
 load a model and `tools/generation_explorer.py` for the command-line explorer.
 """
@@ -35,11 +42,13 @@ load a model and `tools/generation_explorer.py` for the command-line explorer.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from nanochat.calculator import use_calculator
 from nanochat.sampling import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -54,7 +63,8 @@ from nanochat.sampling import (
 )
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
-__all__ = ["Engine", "StepEvent", "SettingsBatch", "filtered_weights", "sampling_distribution", "sample",
+TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+__all__ = ["Engine", "StepEvent", "ToolLoop", "ResultBuilder", "SettingsBatch", "filtered_weights", "sampling_distribution", "sample",
            "trace_tensors", "materialise_traces", "STOP_TOKENS",
            # re-exported from sampling.py (the torch-free types)
            "FINISH_LENGTH", "FINISH_STOP", "MAX_SEED", "Alternative", "RowResult", "SamplingError", "SamplingSettings",
@@ -240,24 +250,26 @@ def trace_tensors(x: torch.Tensor, tokens: torch.Tensor, batch: SettingsBatch, b
 _TRACE_FIELDS = ("idx", "model_prob", "sampled_prob", "kept", "rank", "entropy", "watch_rank")
 
 
-def materialise_traces(steps: list[tuple[int, list[int], torch.Tensor | None, dict]],
+def materialise_traces(steps: list[tuple[int, list[int], torch.Tensor | None, tuple[bool, ...] | None, dict]],
                        options: TraceOptions) -> list[StepTrace]:
-    """StepTraces from recorded steps [(step, tokens, forced mask or None, trace tensors)], in order,
-    with one .tolist() per field for all steps together (the only per-token Python work)."""
+    """StepTraces from recorded steps [(step, tokens, forced mask or None, tool-output flags or None,
+    trace tensors)], in order, with one .tolist() per field for all steps together (the only per-token
+    Python work)."""
     if not steps:
         return []
-    cols = {k: torch.cat([s[3][k] for s in steps]).tolist() for k in _TRACE_FIELDS if k in steps[0][3]}
-    forced = [f for _, tokens, mask, _ in steps for f in (mask.tolist() if mask is not None else [False] * len(tokens))]
+    cols = {k: torch.cat([s[4][k] for s in steps]).tolist() for k in _TRACE_FIELDS if k in steps[0][4]}
+    forced = [f for _, tokens, mask, _, _ in steps for f in (mask.tolist() if mask is not None else [False] * len(tokens))]
+    tool = [f for _, tokens, _, flags, _ in steps for f in (flags if flags is not None else [False] * len(tokens))]
     n_alt = len(cols["idx"][0]) - 1 - len(options.watch)
     out, i = [], 0
-    for step, tokens, _, _ in steps:
+    for step, tokens, _, _, _ in steps:
         for tok in tokens:
             ids, p, q, kept = cols["idx"][i], cols["model_prob"][i], cols["sampled_prob"][i], cols["kept"][i]
             alts = tuple(Alternative(ids[j], p[j], q[j], kept[j]) for j in range(1, 1 + n_alt))
             watched = tuple(WatchedToken(ids[j], r + 1, p[j]) for j, r in
                             zip(range(1 + n_alt, len(ids)), cols["watch_rank"][i])) if options.watch else ()
             out.append(StepTrace(step, tok, p[0], q[0], cols["rank"][i] + 1, bool(forced[i]), cols["entropy"][i],
-                                 alts, watched))
+                                 alts, watched, tool[i]))
             i += 1
     return out
 
@@ -270,13 +282,14 @@ class StepEvent:
 
     `trace(row)` builds that row's StepTrace on first use (None without trace options)."""
 
-    __slots__ = ("step", "rows", "tokens", "finished", "_forced", "_trace", "_options", "_built")
+    __slots__ = ("step", "rows", "tokens", "finished", "tool_output", "_forced", "_trace", "_options", "_built")
 
-    def __init__(self, step, rows, tokens, finished, forced, trace, options):
+    def __init__(self, step, rows, tokens, finished, forced, trace, options, tool_output=None):
         self.step: int = step
         self.rows: tuple[int, ...] = rows  # original row indices, in batch order
         self.tokens: tuple[int, ...] = tokens  # the token of each row in `rows`
         self.finished: dict[int, str] = finished  # row -> finish reason, for rows that ended here
+        self.tool_output: tuple[bool, ...] | None = tool_output  # per row in `rows`: emitted by the tool loop
         self._forced, self._trace, self._options, self._built = forced, trace, options, None
 
     def trace(self, row: int) -> StepTrace | None:
@@ -287,7 +300,93 @@ class StepEvent:
         return self._built[self.rows.index(row)]
 
     def _record(self):
-        return (self.step, list(self.tokens), self._forced, self._trace)
+        return (self.step, list(self.tokens), self._forced, self.tool_output, self._trace)
+
+
+class ToolLoop:
+    """Upstream's per-row tool state (`RowState` in its engine.py): inside a python block the row's
+    tokens are collected; its `<|python_end|>` evaluates them with the calculator and queues the
+    output block, which the following steps emit. Plain Python on the token ids each step already
+    brings to the host; rows that never open a block cost one set lookup per token."""
+
+    def __init__(self, tokenizer, rows: int):
+        ids = [tokenizer.special_id(name) for name in TOOL_TOKENS]
+        if any(i is None for i in ids):
+            raise SamplingError("the tool loop needs a chat tokenizer (it has no <|python_start|> ... <|output_end|>)")
+        self.python_start, self.python_end, self.output_start, self.output_end = ids
+        self.tokenizer = tokenizer
+        self.in_block = [False] * rows
+        self.expr: list[list[int]] = [[] for _ in range(rows)]
+        self.queue: list[deque[int]] = [deque() for _ in range(rows)]
+        self.pending = 0  # rows with queued tokens: when 0, a step needs no forced column from here
+
+    def heads(self, rows: Sequence[int]) -> list[int]:
+        """The next queued token of each row (-1: none), in batch order."""
+        return [q[0] if (q := self.queue[r]) else -1 for r in rows]
+
+    def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> tuple[bool, ...]:
+        """Feed each row's emitted token; per row, whether it was the head of its queue (a tool output)."""
+        out = []
+        for r, tok in zip(rows, tokens):
+            q = self.queue[r]
+            from_tool = bool(q) and q[0] == tok
+            if q:  # the queued token was due at this step (an explicit forced token may have replaced it)
+                q.popleft()
+                if not q:
+                    self.pending -= 1
+            out.append(from_tool)
+            if tok == self.python_start:
+                self.in_block[r], self.expr[r] = True, []
+            elif tok == self.python_end and self.in_block[r]:
+                self.in_block[r] = False
+                if self.expr[r]:
+                    self._call(r, self.tokenizer.decode(self.expr[r]))
+                self.expr[r] = []
+            elif self.in_block[r]:
+                self.expr[r].append(tok)
+        return tuple(out)
+
+    def _call(self, row: int, expr: str) -> None:
+        result = use_calculator(expr)
+        if result is None:  # refused or failed: upstream injects nothing
+            return
+        if not self.queue[row]:
+            self.pending += 1
+        self.queue[row].extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+
+
+class ResultBuilder:
+    """Collects a stream's StepEvents into one RowResult per row (what `Engine.generate` returns); a
+    caller that shows tokens as they come (the app's chat, the explorer's chat) feeds it too."""
+
+    def __init__(self, engine: Engine, rows: Sequence[SamplingSettings], trace: TraceOptions | None):
+        self.engine, self.rows, self.options = engine, list(rows), trace
+        self.tokens: list[list[int]] = [[] for _ in self.rows]
+        self.reasons: list[str] = [FINISH_LENGTH] * len(self.rows)
+        self.records: list = []
+
+    def add(self, ev: StepEvent) -> None:
+        for r, t in zip(ev.rows, ev.tokens):
+            self.tokens[r].append(t)
+        for r, why in ev.finished.items():
+            self.reasons[r] = why
+        if self.options is not None:
+            self.records.append((ev.rows, ev._record()))
+
+    def text(self, row: int = 0) -> str:
+        """The row's text so far (a final stop token left out)."""
+        ids = self.tokens[row]
+        return self.engine.decode(ids[:-1] if self.reasons[row] == FINISH_STOP else ids)
+
+    def results(self) -> list[RowResult]:
+        traces: list[list[StepTrace]] = [[] for _ in self.rows]
+        if self.options is not None:
+            it = iter(materialise_traces([rec for _, rec in self.records], self.options))
+            for row_ids, _ in self.records:
+                for r in row_ids:
+                    traces[r].append(next(it))
+        return [RowResult(r, s, tuple(self.tokens[r]), self.text(r), self.reasons[r],
+                          tuple(traces[r]) if self.options is not None else None) for r, s in enumerate(self.rows)]
 
 
 class Engine:
@@ -327,48 +426,31 @@ class Engine:
     def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings | Sequence[SamplingSettings],
                max_tokens: int, *, trace: TraceOptions | None = None,
                forced: Mapping[int, Mapping[int, int]] | None = None,
-               stop_ids: Iterable[int] | None = None) -> Iterator[StepEvent]:
+               stop_ids: Iterable[int] | None = None, tools: bool = False) -> Iterator[StepEvent]:
         """Validate, then return an iterator of one StepEvent per decoding step.
 
         settings: one per row (a single SamplingSettings means one row). forced: {row: {step: token}}
         makes that row emit `token` at `step` instead of sampling (its random draw is still consumed,
-        so forcing the tokens a run chose reproduces it, and a branch differs only by its choice).
+        so forcing the tokens a run chose reproduces it, and a branch differs only by its choice);
+        a forced token also wins over a tool output due at that step (the rest of the output follows).
         stop_ids: tokens that end a row (default: <|assistant_end|> and <|bos|>; () for none).
+        tools: run the tool loop (see the module docstring); needs a chat tokenizer.
         """
         rows = [settings] if isinstance(settings, SamplingSettings) else list(settings)
         prompt, batch, forced_ids, stops = self._validate(prompt_ids, rows, max_tokens, trace, forced, stop_ids)
-        return self._run(prompt, batch, max_tokens, trace, forced_ids, stops)
+        tool = ToolLoop(self.tokenizer, len(rows)) if tools else None
+        return self._run(prompt, batch, max_tokens, trace, forced_ids, stops, tool)
 
     def generate(self, prompt_ids: Sequence[int], settings: SamplingSettings | Sequence[SamplingSettings],
                  max_tokens: int, *, trace: TraceOptions | None = None,
                  forced: Mapping[int, Mapping[int, int]] | None = None,
-                 stop_ids: Iterable[int] | None = None) -> list[RowResult]:
+                 stop_ids: Iterable[int] | None = None, tools: bool = False) -> list[RowResult]:
         """Run `stream` to the end and return one RowResult per row, in row order."""
         rows = [settings] if isinstance(settings, SamplingSettings) else list(settings)
-        tokens: list[list[int]] = [[] for _ in rows]
-        reasons: list[str] = [FINISH_LENGTH] * len(rows)
-        records = []
-        for ev in self.stream(prompt_ids, rows, max_tokens, trace=trace, forced=forced, stop_ids=stop_ids):
-            for r, t in zip(ev.rows, ev.tokens):
-                tokens[r].append(t)
-            for r, why in ev.finished.items():
-                reasons[r] = why
-            if trace is not None:
-                records.append((ev.rows, ev._record()))
-        traces: list[list[StepTrace]] = [[] for _ in rows]
-        if trace is not None:
-            flat = materialise_traces([rec for _, rec in records], trace)
-            it = iter(flat)
-            for row_ids, _ in records:
-                for r in row_ids:
-                    traces[r].append(next(it))
-        out = []
-        for r, s in enumerate(rows):
-            ids = tokens[r]
-            body = ids[:-1] if reasons[r] == FINISH_STOP else ids
-            out.append(RowResult(r, s, tuple(ids), self.decode(body), reasons[r],
-                                 tuple(traces[r]) if trace is not None else None))
-        return out
+        builder = ResultBuilder(self, rows, trace)
+        for ev in self.stream(prompt_ids, rows, max_tokens, trace=trace, forced=forced, stop_ids=stop_ids, tools=tools):
+            builder.add(ev)
+        return builder.results()
 
     def _validate(self, prompt_ids, rows, max_tokens, trace, forced, stop_ids):
         if not rows:
@@ -426,21 +508,27 @@ class Engine:
             draws.append(torch.rand(max_tokens, generator=gen, dtype=torch.float64))
         return (1.0 - torch.stack(draws, dim=1)).to(self.device)
 
-    def _run(self, prompt, batch: SettingsBatch, max_tokens, options, forced_ids, stops) -> Iterator[StepEvent]:
+    def _run(self, prompt, batch: SettingsBatch, max_tokens, options, forced_ids, stops,
+             tool: ToolLoop | None = None) -> Iterator[StepEvent]:
         targets = self._targets(batch, max_tokens)
         watch_ids = torch.tensor(options.watch, device=self.device) if options is not None and options.watch else None
         logits, cache = self._prefill(prompt, len(batch), max_tokens)
         active = list(range(len(batch)))
         tokens = None
         for step in range(max_tokens):
-            tokens, forced_now, trace = self._step(tokens, logits, cache, batch, targets[step],
-                                                   None if forced_ids is None else forced_ids[:, step], options, watch_ids)
+            forced_now = None if forced_ids is None else forced_ids[:, step]
+            if tool is not None and tool.pending:  # tool outputs are due: they fill the steps not forced explicitly
+                due = torch.tensor(tool.heads(active), dtype=torch.long, device=self.device)
+                forced_now = due if forced_now is None else torch.where(forced_now >= 0, forced_now, due)
+            tokens, forced_mask, trace = self._step(tokens, logits, cache, batch, targets[step], forced_now, options,
+                                                    watch_ids)
             logits = None
             token_list = tokens.tolist()
+            tool_output = tool.advance(active, token_list) if tool is not None else None
             last = step == max_tokens - 1
             finished = {r: (FINISH_STOP if t in stops else FINISH_LENGTH)
                         for r, t in zip(active, token_list) if last or t in stops}
-            yield StepEvent(step, tuple(active), tuple(token_list), finished, forced_now, trace, options)
+            yield StepEvent(step, tuple(active), tuple(token_list), finished, forced_mask, trace, options, tool_output)
             if last:
                 return
             if finished:

@@ -107,10 +107,11 @@ class StepTrace:
     model_prob: float
     sampled_prob: float
     rank: int
-    forced: bool
+    forced: bool  # emitted as told (a branch's forced token) or by the tool loop, not sampled
     entropy: float  # of the model's full-vocabulary distribution at temperature 1, in nats
     alternatives: tuple[Alternative, ...]
     watched: tuple[WatchedToken, ...]
+    tool_output: bool = False  # emitted by the engine's tool loop (the calculator's output block)
 
 
 @dataclass(frozen=True)
