@@ -219,6 +219,7 @@ class ChatTemplate:
         self.special = ids
         self.special_ids = frozenset(ids.values())
         self._encode = tokenizer.enc.encode_ordinary
+        self._decode = tokenizer.enc.decode
 
     def render(self, conversation: Conversation, max_tokens: int = UPSTREAM_MAX_TOKENS) -> Rendered:
         """ids + training mask, as upstream's render_conversation(conversation, max_tokens)."""
@@ -280,6 +281,36 @@ class ChatTemplate:
             raise ConversationError("a chat prompt must end with a user message")
         full = self.render(conversation, max_tokens=2**62)
         return [*full.ids, self.special["<|assistant_start|>"]]
+
+    def reply_content(self, ids: Sequence[int]) -> str | tuple[Part, ...]:
+        """An assistant turn's content from the ids a model generated for it (what follows
+        <|assistant_start|>; a final <|assistant_end|> is left out): its tool calls and their outputs
+        become python / python_output parts, the rest text parts; a plain string when it used no
+        tool. A block cut off by max_tokens keeps what it has. Rendering the content gives the ids
+        back whenever the text's tokens are the tokenizer's own encoding of it."""
+        sp = self.special
+        opens = {sp["<|python_start|>"]: ("python", sp["<|python_end|>"]),
+                 sp["<|output_start|>"]: ("python_output", sp["<|output_end|>"])}
+        ids = list(ids)
+        if ids and ids[-1] == sp["<|assistant_end|>"]:
+            ids.pop()
+        parts: list[Part] = []
+        kind, close, run = "text", None, []
+        for t in ids:
+            if kind == "text" and t in opens:
+                if run:
+                    parts.append(Part("text", self._decode(run)))
+                (kind, close), run = opens[t], []
+            elif kind != "text" and t == close:
+                parts.append(Part(kind, self._decode(run)))
+                kind, close, run = "text", None, []
+            else:
+                run.append(t)
+        if run or kind != "text":
+            parts.append(Part(kind, self._decode(run)))
+        if all(p.type == "text" for p in parts):
+            return "".join(p.text for p in parts)
+        return tuple(parts)
 
     def token_kinds(self, rendered: Rendered) -> list[str]:
         """Per token: "special" (a chat token), "trained" or "context" (mask 0), for display."""

@@ -117,7 +117,31 @@ def write_conversations(path: str | os.PathLike, entries: Iterable[Entry | Conve
     atomically (a temporary file, fsync, rename). Returns the number of lines written."""
     p = Path(path)
     lines = [e.raw if isinstance(e, Entry) else Entry.from_conversation(e, shape).raw for e in entries]
-    body = "".join(f"{line}\n" for line in lines).encode("utf-8", errors="surrogateescape")
+    _atomic_write(p, "".join(f"{line}\n" for line in lines).encode("utf-8", errors="surrogateescape"))
+    return len(lines)
+
+
+def append_conversation(path: str | os.PathLike, conversation: Conversation) -> int:
+    """Add one conversation as the file's new last line (created if absent), in the CustomJSON shape
+    when it is plain and as {"messages": [...]} otherwise. Every existing byte is kept (blank and
+    invalid lines too); the write is atomic. Returns the new line's 1-based number."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConversationFileError(f"{p} is a directory, not a conversation file")
+    if not p.parent.is_dir():
+        raise ConversationFileError(f"no such folder: {p.parent}")
+    old = b""
+    if p.exists():
+        read_conversations(p)  # refuses what cannot be read (too large, unreadable) before anything is written
+        old = p.read_bytes()
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+    line = Entry.from_conversation(conversation, "list" if conversation.is_plain else "messages").raw
+    _atomic_write(p, old + f"{line}\n".encode("utf-8"))
+    return old.count(b"\n") + 1
+
+
+def _atomic_write(p: Path, body: bytes) -> None:
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -128,7 +152,6 @@ def write_conversations(path: str | os.PathLike, entries: Iterable[Entry | Conve
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ConversationFileError(f"cannot write {p}: {e.strerror}") from None
-    return len(lines)
 
 
 def renumber(entries: Sequence[Entry]) -> list[Entry]:

@@ -378,6 +378,22 @@ class ResultBuilder:
         ids = self.tokens[row]
         return self.engine.decode(ids[:-1] if self.reasons[row] == FINISH_STOP else ids)
 
+    def text_deltas(self, events: Iterable[StepEvent], row: int = 0) -> Iterator[str]:
+        """Add every event, yielding the row's new text as it grows (what a chat shows while the reply
+        is generated). Text ending inside a multi-byte character (decoded as U+FFFD) waits for the
+        token that completes it."""
+        shown = ""
+        for ev in events:
+            self.add(ev)
+            if row not in ev.rows:
+                continue
+            text = self.text(row)
+            if text.endswith("\ufffd") and row not in ev.finished:
+                continue
+            if len(text) > len(shown) and text.startswith(shown):
+                yield text[len(shown):]
+                shown = text
+
     def results(self) -> list[RowResult]:
         traces: list[list[StepTrace]] = [[] for _ in self.rows]
         if self.options is not None:

@@ -118,3 +118,26 @@ def test_tokenizer_without_chat_tokens_says_so():
         base_only.chat_template()
     with pytest.raises(TokenizerError, match="no chat token"):
         base_only.render_chat_prompt([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("content", [
+    "It is 5.",
+    [{"type": "text", "text": "It is "}, {"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"},
+     {"type": "text", "text": " so 5."}],
+    [{"type": "python", "text": '"strawberry".count("r")'}, {"type": "python_output", "text": "3"}],
+    [{"type": "python", "text": ""}, {"type": "text", "text": "<|python_end|> stays text"}],
+])
+def test_reply_content_reads_a_generated_turn_back_into_parts(template, content):
+    conv = Conversation.parse([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": content}])
+    r = template.render(conv)
+    reply = r.ids[r.spans[-1].start + 1:r.spans[-1].end]  # after <|assistant_start|>, <|assistant_end|> included
+    got = template.reply_content(reply)
+    assert Message("assistant", got).to_dict()["content"] == content
+    assert template.render(Conversation((conv.messages[0], Message("assistant", got)))).ids == r.ids
+
+
+def test_reply_content_keeps_a_block_cut_by_max_tokens(template):
+    sp = template.special
+    ids = [*template._encode("Let me see. "), sp["<|python_start|>"], *template._encode("12/")]
+    assert template.reply_content(ids) == (Part("text", "Let me see. "), Part("python", "12/"))
+    assert template.reply_content([sp["<|assistant_end|>"]]) == ""

@@ -177,3 +177,25 @@ def test_readme_documents_the_tool():
             assert f"`{flag}" in section, flag
     for key in ('"ids"', '"mask"', '"error"', '"too_long"', '"supervised_share"', "Exit codes"):
         assert key in section, key
+
+
+def test_append_keeps_every_byte_and_picks_the_shape(tmp_path):
+    from nanochat.conversation_file import append_conversation
+
+    p = tmp_path / "chat.jsonl"
+    plain = Conversation.parse([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    tools = Conversation.parse([{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": [
+        {"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"}]}])
+    assert append_conversation(p, plain) == 1
+    before = b'{not json\n\n' + b'\xff\xfe bad bytes'  # an invalid line, a blank one, bad UTF-8, no final newline
+    p.write_bytes(before)
+    assert append_conversation(p, tools) == 4
+    assert p.read_bytes().startswith(before + b"\n")
+    entries = read_conversations(p)
+    assert [e.valid for e in entries] == [False, False, True] and entries[-1].shape == "messages"
+    assert entries[-1].conversation == tools
+    assert append_conversation(p, plain) == 5 and read_conversations(p)[-1].shape == "list"
+    with pytest.raises(ConversationFileError, match="no such folder"):
+        append_conversation(tmp_path / "nope" / "x.jsonl", plain)
+    with pytest.raises(ConversationFileError, match="directory"):
+        append_conversation(tmp_path, plain)

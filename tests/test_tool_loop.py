@@ -143,3 +143,15 @@ def test_tools_need_a_chat_tokenizer():
     eng = Engine(random_model(cfg, seed=2), Tokenizer(enc))
     with pytest.raises(SamplingError, match="tool loop needs a chat tokenizer"):
         eng.stream(eng.encode("hi"), S, 3, tools=True)
+
+
+def test_text_deltas_add_up_to_the_reply_and_build_the_same_result(engine, prompt):
+    from nanochat.engine import ResultBuilder
+
+    forced = call(engine, "2+3", at=1)
+    opts = TraceOptions(top_n=2)
+    whole = engine.generate(prompt, S, 30, trace=opts, forced={0: forced}, tools=True)[0]
+    builder = ResultBuilder(engine, [S], opts)
+    deltas = list(builder.text_deltas(engine.stream(prompt, S, 30, trace=opts, forced={0: forced}, tools=True)))
+    assert len(deltas) > 1 and "".join(deltas) == whole.text
+    assert builder.results()[0] == whole
