@@ -137,7 +137,7 @@ def append_conversation(path: str | os.PathLike, conversation: Conversation) -> 
         if old and not old.endswith(b"\n"):
             old += b"\n"
     line = Entry.from_conversation(conversation, "list" if conversation.is_plain else "messages").raw
-    _atomic_write(p, old + f"{line}\n".encode("utf-8"))
+    _atomic_write(p, old + f"{line}\n".encode())
     return old.count(b"\n") + 1
 
 

@@ -7,7 +7,7 @@ that says which registry is open.
     streamlit run streamlit_app/app.py -- --db URL          # any registry (SQLite path or postgresql+psycopg://)
 
 It does no work of its own: pages read their widgets, call `data.py` and render. Importing this module
-never imports torch (only the Generate and Compare pages load models, through `data.py`).
+never imports torch (only the Generate, Compare and Chat pages load models, through `data.py`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def pages() -> dict[str, list]:
                      page("compare.py", "Compare", "view_column", "compare")],
         "Data": [page("tokenizer.py", "Tokenizer", "text_fields", "tokenizer"),
                  page("dataset.py", "Dataset", "dataset", "dataset")],
-        "Chat": [page("conversations.py", "Conversation builder", "forum", "builder")],
+        "Chat": [page("chat.py", "Chat", "chat", "chat"),
+                 page("conversations.py", "Conversation builder", "forum", "builder")],
         "Inside the model": [page("attention.py", "Attention", "grid_view", "attention")],
         "Planning": [page("calculator.py", "Model calculator", "calculate", "calculator"),
                      page("lr_finder.py", "LR finder", "speed", "lr-finder"),

@@ -969,3 +969,64 @@ def lr_find_curves(url: str, run_ids: tuple[int, ...]) -> tuple[pd.DataFrame, di
 def sweeps(url: str) -> list:
     """Groups of runs that differ in one setting (internals.find_sweeps over the registry's runs)."""
     return internals.find_sweeps([r for r in runs(url) if r.phase != LR_FIND_PHASE])
+
+
+# ---------------------------------------------------------------------- chat (the Chat page)
+
+
+class ReplyStream:
+    """One assistant reply of the Chat page as it is generated: iterate for its text as it grows
+    (`st.write_stream`), then read `.reply` (a traces.ChatReply). The model comes from the one model
+    cache, so a chat keeps the checkpoint Generate and Compare loaded. The prompt is the conversation
+    rendered with the chat template; the engine runs its tool loop (the calculator), and its checks
+    (prompt longer than the context, settings) raise SamplingError here, before any token."""
+
+    def __init__(self, directory: str, step: int | None, stamp: tuple, messages: list[dict], settings: SamplingSettings,
+                 max_tokens: int, top_n: int, forced: tuple = ()):
+        from nanochat.engine import ResultBuilder
+
+        self._loaded, engine = model(directory, step, stamp)
+        self.prompt_ids = engine.render_chat(list(messages))
+        options = TraceOptions(top_n=top_n)
+        self._events = engine.stream(self.prompt_ids, settings, max_tokens, trace=options,
+                                     forced={0: dict(forced)} if forced else None, tools=True)
+        self._builder = ResultBuilder(engine, [settings], options)
+        self.forced = tuple(forced)
+        self.reply: traces.ChatReply | None = None
+
+    def __iter__(self):
+        from nanochat.conversation import Message
+
+        yield from self._builder.text_deltas(self._events)
+        row = self._builder.results()[0]
+        tok = self._loaded.tokenizer
+        content = Message("assistant", tok.chat_template().reply_content(row.token_ids)).to_dict()["content"]
+        gen = traces.from_row(row, _token_text(tok), self.forced, prompt_tokens=len(self.prompt_ids))
+        self.reply = traces.ChatReply(gen, content)
+
+
+def chat_tokens(directory: str, step: int | None, stamp: tuple, messages: list[dict]) -> int:
+    """How many tokens the conversation renders to (no cut): what the next reply's prompt starts from.
+    Raises TokenizerError / ConversationError for an ill-formed conversation."""
+    from nanochat.conversation import Conversation
+
+    loaded, _ = model(directory, step, stamp)
+    return loaded.tokenizer.chat_template().render(Conversation.parse(list(messages)), max_tokens=2**62).length
+
+
+def model_context(directory: str, step: int | None, stamp: tuple) -> int:
+    return model(directory, step, stamp)[1].context
+
+
+def append_conversation(path: str, messages: list[dict]) -> int:
+    """Add a conversation to a JSONL file the builder and chat_sft read (created if absent; every
+    existing line kept); the builder's cached reads of it are cleared. Returns its line number."""
+    from nanochat.conversation import Conversation
+    from nanochat.conversation_file import ConversationFileError, append_conversation
+
+    if not path or not path.strip():
+        raise ConversationFileError("give a file to save the conversation to (e.g. chat.jsonl)")
+    line = append_conversation(Path(path.strip()).expanduser(), Conversation.parse(list(messages)))
+    conversation_entries.clear()
+    conversation_table.clear()
+    return line

@@ -66,6 +66,19 @@ class Generation:
         return self.texts.get(token_id, f"<{token_id}>")
 
 
+@dataclass(frozen=True)
+class ChatReply:
+    """One generated assistant turn of the Chat page: its traced Generation and its content as the
+    conversation holds it (a string, or a list of {"type", "text"} parts when it called the tool)."""
+
+    generation: Generation
+    content: str | list[dict]
+
+    @property
+    def tool_calls(self) -> int:
+        return 0 if isinstance(self.content, str) else sum(p["type"] == "python" for p in self.content)
+
+
 def settings_label(s: SamplingSettings) -> str:
     text = f"T={s.temperature:g} · top-k {s.top_k or 'off'} · top-p {s.top_p:g}"
     if s.min_p:
@@ -183,7 +196,7 @@ def shaded_html(gen: Generation, prompt: str | None = None, since: int | None = 
             continue
         text = gen.token_text(s.token_id)
         title = (f"step {s.step + 1}: {visible(text)} · p={s.model_prob:.3f} (sampling p={s.sampled_prob:.3f}) · "
-                 f"rank {s.rank}" + (" · forced (branch)" if s.forced else ""))
+                 f"rank {s.rank}" + (" · the tool's output" if s.tool_output else " · forced (branch)" if s.forced else ""))
         parts.append(_span(text, s.model_prob, title, since is not None and s.step >= since))
     return ('<div style="font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.95rem;line-height:1.9;'
             'white-space:pre-wrap;word-break:break-word">' + "".join(parts) + "</div>")

@@ -1,20 +1,24 @@
 """
 Rendering pieces every page shares: the page header, opening the registry (or explaining why it cannot
 be opened), the empty-registry state with its scan control, the scan control itself, the run picker,
-and named errors turned into `st.error` with what to do next.
+named errors turned into `st.error` with what to do next, the sampling controls (Generate and Chat)
+and the per-token view of one generation with its branch control (Chat; drawn with traces.py and
+charts.py, the Generate page's pieces).
 
 It calls `data.py` and Streamlit only; no SQL, no torch, no caching of its own.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
 from nanochat.checkpoint_manager import CheckpointError
+from nanochat.sampling import SamplingSettings
 from registry.errors import RegistryError
-from streamlit_app import data, frames
+from streamlit_app import charts, data, frames, traces
 
 SCAN_REPORT = "scan_report"  # session key: the last scan's report, shown once after the rerun it causes
 # What to do next, by the `code` of a nanochat.checkpoint_manager.CheckpointError.
@@ -157,3 +161,102 @@ def run_picker(runs: list, key: str = "run", label: str = "Run", container=None,
 
 def status_label(status: str) -> str:
     return frames.STATUS_LABELS.get(status, status)
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class SamplingChoice:
+    """What the sampling controls ask for: the engine's settings, the token budget and how many
+    alternatives per step the grid shows."""
+
+    settings: SamplingSettings
+    max_tokens: int
+    alternatives: int
+
+
+def sampling_controls(max_tokens: int = 48, seed_help: str = "Same seed, same settings: same text.") -> SamplingChoice:
+    """The sampling widgets of the Generate and Chat pages, in the sidebar and kept in the URL (same
+    keys on both pages, so a link carries them across)."""
+    with st.sidebar:
+        st.markdown("**Sampling**")
+        temperature = st.slider("Temperature", 0.0, 2.0, 0.8, 0.05, key="t", bind="query-params", help="0 = greedy (argmax)")
+        top_k = st.number_input("Top-k (0 = off)", 0, 100_000, 50, key="k", bind="query-params")
+        top_p = st.slider("Top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="p", bind="query-params")
+        seed = st.number_input("Seed", 0, 2**31 - 1, 42, key="seed", bind="query-params")
+        n = st.number_input("Max new tokens", 1, 512, max_tokens, key="n", bind="query-params")
+        alternatives = st.slider("Alternatives per step", 1, 10, 5, key="alts", bind="query-params")
+        st.caption(f"Filters apply in this order: temperature, top-k, top-p. {seed_help}")
+    settings = SamplingSettings(temperature=float(temperature), top_k=int(top_k) or None, top_p=float(top_p), seed=int(seed))
+    return SamplingChoice(settings, int(n), int(alternatives))
+
+
+# ---------------------------------------------------------------------- one generation, token by token
+
+
+@dataclass(frozen=True)
+class BranchRequest:
+    """Continue a generation from `step` (0-based) with `token_id` instead of what it sampled there."""
+
+    step: int
+    token_id: int
+    token: str
+
+
+def token_details(gen: traces.Generation, key: str, alternatives: int, window: int = 20) -> BranchRequest | None:
+    """One generation token by token, as the Generate page shows it: the alternatives grid (a click picks
+    a step, and an alternative's cell preselects it), entropy per step, the picked step's distribution
+    and the control to branch from one of its alternatives. Widget keys start with `key`. Returns the
+    branch asked for on this run, else None. Steps the tool loop forced cannot be branched from."""
+    n = len(gen.steps)
+    if not n:
+        st.caption("No token was generated.")
+        return None
+    step_key = f"{key}_step"
+    first = 0
+    if n > window:
+        first = st.slider("First step shown", 1, n - window + 1, 1, key=f"{key}_from") - 1
+    picked = (st.session_state.get(f"{key}_grid") or {}).get("selection", {}).get("cell") or []
+    if picked and picked != st.session_state.get(f"{key}_last_pick"):
+        st.session_state[f"{key}_last_pick"] = picked
+        clicked, row = int(picked[0]["step"]), str(picked[0].get("row", "sampled"))
+        st.session_state[step_key] = clicked
+        if row.startswith("#") and 1 <= clicked <= n:
+            s = gen.steps[clicked - 1]
+            others = [a.token_id for a in s.alternatives if a.token_id != s.token_id]
+            rank = int(row[1:])
+            if rank <= len(s.alternatives) and s.alternatives[rank - 1].token_id in others:
+                st.session_state[f"{key}_alt_{clicked}"] = others.index(s.alternatives[rank - 1].token_id)
+    st.session_state[step_key] = min(max(1, int(st.session_state.get(step_key, 1))), n)
+    st.altair_chart(charts.generation_chart(traces.alternatives_frame(gen, alternatives, first, first + window),
+                                            selected_step=st.session_state[step_key]),
+                    on_select="rerun", key=f"{key}_grid", selection_mode="cell", width="stretch")
+    st.caption("Columns are generated steps; the top row is the token sampled, the rows below the most likely tokens "
+               "(darker blue = more probable under the model, grey = removed by top-k/top-p, red outline = the one "
+               "sampled). Click a cell to inspect that step.")
+    st.altair_chart(charts.entropy_chart(traces.steps_frame(gen).iloc[first:first + window]), width="stretch")
+    left, right = st.columns([3, 2])
+    with left:
+        inspect = st.number_input("Step", 1, n, key=step_key)
+        s = gen.steps[inspect - 1]
+        how = " (the tool's output)" if s.tool_output else (" (forced by a branch)" if s.forced else "")
+        st.markdown(f"Step {inspect}: **`{traces.visible(gen.token_text(s.token_id))}`**{how}, model p = {s.model_prob:.3f} "
+                    f"(sampling p = {s.sampled_prob:.3f}, rank {s.rank}); entropy {s.entropy:.3f} nats.")
+        st.altair_chart(charts.distribution_chart(traces.distribution_frame(gen, inspect - 1)), width="stretch")
+    with right:
+        others = [a for a in s.alternatives if a.token_id != s.token_id][:10]
+        if s.tool_output:
+            st.caption("The calculator wrote this token (the tool's output is forced, never sampled): branch from a "
+                       "step the model chose.")
+            return None
+        if not others:
+            st.caption("No alternative was traced at this step.")
+            return None
+        pick = st.radio("Continue instead with", list(range(len(others))), key=f"{key}_alt_{inspect}",
+                        format_func=lambda i: f"`{traces.visible(gen.token_text(others[i].token_id))}`  "
+                                              f"p={others[i].model_prob:.3f}" + ("" if others[i].kept else " (filtered out)"))
+        if st.button("Branch from here", key=f"{key}_branch", type="primary", icon=":material/call_split:"):
+            alt = others[pick]
+            return BranchRequest(inspect - 1, alt.token_id, gen.token_text(alt.token_id))
+    return None
