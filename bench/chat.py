@@ -1,5 +1,6 @@
 """
-Benchmark: rendering conversations with upstream's chat template (ids + training mask), per second.
+Benchmarks of the chat half: rendering conversations with upstream's chat template (ids + training mask),
+per second; and the Chat page's time to first token.
 
 Builds N conversations from the bundled Shakespeare corpus in two deterministic mixes, as JSON-shaped
 dicts: "short", like upstream's identity conversations (1-3 exchanges of 3-20 and 5-40 words, ~100
@@ -13,8 +14,17 @@ Tokenizer: the upstream fixture's (2,048 tokens), or `--tokenizer DIR`. Target: 
 conversations per second. Nearly all of the time is tiktoken's `encode_ordinary` (the same call
 upstream makes), so the rate scales with the characters per conversation.
 
-Run: `.venv/bin/python -m bench.chat [--conversations N] [--mix short long] [--tokenizer DIR]`. Not run by pytest. Ends with
-`name: value` lines.
+Time to first token (`--part ttft`): a conversation of alternating turns from the corpus whose prompt
+(rendered, ending with <|assistant_start|>) is about --history tokens (default 200), answered through
+the Chat page's own code path, `streamlit_app.data.ReplyStream` (render the conversation, the engine's
+checks, its stream with the tool loop and a top-20 trace, the incremental text) until its first piece
+of text, against a bare prefill of the same ids (a KV cache, one forward pass, the argmax of the last
+logits). The model is bench.generation's demo-sized one saved as a checkpoint in a temporary folder
+(loaded once, as the page's model cache does) or --checkpoint RUN_DIR. Median of ROUNDS each, one
+torch thread unless --threads. Target: page / bare <= 1.5.
+
+Run: `.venv/bin/python -m bench.chat [--part render ttft] [--conversations N] [--mix short long] [--tokenizer DIR]
+[--history N] [--checkpoint RUN_DIR] [--threads N]`. Not run by pytest. Ends with `name: value` lines.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ if str(ROOT) not in sys.path:
 
 ROUNDS = 5
 TARGET = 10_000
+TTFT_ROUNDS = 15
+TTFT_TARGET = 1.5
 
 
 MIXES = {"short": ((1, 3), (3, 20), (40,)), "long": ((1, 4), (3, 40), (20, 60, 150, 400))}
@@ -83,14 +95,92 @@ def median_rate(fn, n: int) -> tuple[float, float, float]:
     return n / s, s, n / statistics.median(cpus)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--conversations", type=int, default=10_000, help="conversations per round (default 10,000)")
-    ap.add_argument("--tokenizer", default=str(ROOT / "tests/fixtures/upstream/current/tokenizer"),
-                    help="tokenizer directory (default: the upstream fixture's)")
-    ap.add_argument("--mix", nargs="+", choices=sorted(MIXES), default=["short", "long"],
-                    help="conversation mixes to time (default: short long)")
-    args = ap.parse_args(argv)
+def history_messages(template, tokens: int) -> list[dict]:
+    """Alternating turns from the corpus, ending with a user turn, whose prompt renders to about `tokens`."""
+    from nanochat.conversation import Conversation
+
+    turns = [m for c in make_conversations(50, "short", seed=1) for m in c["messages"] if m["role"] != "system"]
+    turns = [m if isinstance(m["content"], str) else {"role": "assistant", "content": "So it is."} for m in turns]
+    msgs: list[dict] = []
+    for i in range(0, len(turns) - 1, 2):
+        candidate = [*msgs, turns[i]]
+        if len(template.render_prompt(Conversation.parse(candidate))) >= tokens:
+            words = turns[i]["content"].split()
+            while len(words) > 1:  # the last question shortened until the prompt is `tokens` or just under
+                words.pop()
+                candidate[-1] = {"role": "user", "content": " ".join(words)}
+                if len(template.render_prompt(Conversation.parse(candidate))) <= tokens:
+                    break
+            return candidate
+        msgs = [*candidate, turns[i + 1]]
+    raise SystemExit(f"the corpus sample is shorter than {tokens} tokens")
+
+
+def time_to_first_token(args) -> None:
+    import logging
+    import tempfile
+
+    import torch
+
+    from nanochat.sampling import SamplingSettings
+    from streamlit_app import data
+
+    for name in list(logging.root.manager.loggerDict):  # "no runtime" notes: the caches work without one
+        if name.startswith("streamlit"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, step = args.checkpoint, None
+        if run_dir is None:
+            from bench.generation import demo_model_and_tokenizer
+            from nanochat.checkpoint_manager import save_checkpoint
+
+            model, tok = demo_model_and_tokenizer()
+            run_dir = str(Path(tmp) / "chatsft_checkpoints" / "bench")
+            save_checkpoint(run_dir, 1, model.state_dict(), {"step": 1, "model_config": model.config.upstream_dict()})
+            tok.save(Path(tmp) / "tokenizer")
+            step = 1
+        else:
+            from nanochat.checkpoint_manager import list_checkpoints
+
+            step = list_checkpoints(run_dir)[-1].step
+        stamp = data.model_stamp(run_dir, step)
+        loaded, engine = data.model(run_dir, step, stamp)  # loaded once, as the page's model cache does
+        msgs = history_messages(loaded.tokenizer.chat_template(), args.history)
+        settings = SamplingSettings(temperature=0.8, top_k=50, seed=42)
+
+        def page() -> list[int]:
+            stream = data.ReplyStream(run_dir, step, stamp, msgs, settings, 64, 20)
+            next(iter(stream))
+            return stream.prompt_ids
+
+        ids = page()
+        model = loaded.model
+
+        @torch.inference_mode()
+        def bare() -> None:
+            cache = model.new_kv_cache(1, len(ids))
+            model(torch.tensor([ids], dtype=torch.long, device=engine.device), kv_cache=cache)[:, -1].argmax(-1).item()
+
+        times = {"page": [], "bare": []}
+        for _ in range(TTFT_ROUNDS):  # interleaved, so load on the machine hits both alike
+            for name, fn in (("bare", bare), ("page", page)):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"ttft: {len(ids)}-token prompt ({len(msgs)} messages), model {engine.model.config.n_layer} layers / "
+              f"vocab {engine.vocab_size}, {torch.get_num_threads()} thread(s), median of {TTFT_ROUNDS}")
+        print(f"chat_history_tokens: {len(ids)}")
+        print(f"chat_ttft_page_ms: {med['page'] * 1e3:.2f}")
+        print(f"chat_ttft_bare_prefill_ms: {med['bare'] * 1e3:.2f}")
+        print(f"chat_ttft_over_prefill: {med['page'] / med['bare']:.2f}")
+        print(f"chat_ttft_target_met: {med['page'] / med['bare'] <= TTFT_TARGET}")
+
+
+def render_rates(args) -> None:
     from nanochat.conversation import Conversation
     from nanochat.tokenizer import Tokenizer
 
@@ -110,6 +200,26 @@ def main(argv=None) -> int:
         print(f"chat_{mix}_render_only_per_cpu_s: {only_cpu:.0f}")
         print(f"chat_{mix}_tokens_per_s: {tokens / full_s:.0f}")
         print(f"chat_{mix}_target_met: {full >= TARGET}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", nargs="+", choices=["render", "ttft"], default=["render", "ttft"],
+                    help="what to measure: render (conversations per second), ttft (the Chat page's time to first "
+                         "token over a bare prefill); default both")
+    ap.add_argument("--conversations", type=int, default=10_000, help="conversations per round (default 10,000)")
+    ap.add_argument("--tokenizer", default=str(ROOT / "tests/fixtures/upstream/current/tokenizer"),
+                    help="tokenizer directory for render (default: the upstream fixture's)")
+    ap.add_argument("--mix", nargs="+", choices=sorted(MIXES), default=["short", "long"],
+                    help="conversation mixes to time (default: short long)")
+    ap.add_argument("--history", type=int, default=200, help="ttft: prompt tokens of the conversation (default 200)")
+    ap.add_argument("--checkpoint", help="ttft: a run directory to load (default: a demo-sized random model)")
+    ap.add_argument("--threads", type=int, default=1, help="ttft: torch intra-op threads (default 1; 0 = torch's default)")
+    args = ap.parse_args(argv)
+    if "render" in args.part:
+        render_rates(args)
+    if "ttft" in args.part:
+        time_to_first_token(args)
     return 0
 
 

@@ -412,3 +412,40 @@ def test_readme_documents_every_flag_and_command():
         assert f"`{word}" in section, word
     for key in ("entropy_nats", "sampled_prob", "finish_reason", "prompt_token_ids", "kept", "watched"):
         assert f'"{key}"' in section, key
+
+
+def test_interactive_chat_mode_keeps_turns_runs_the_tool_loop_and_saves(base_run, tmp_path, capsys, monkeypatch):
+    import io
+
+    from nanochat.conversation_file import read_conversations
+
+    asked = []
+    real = Engine.stream
+    monkeypatch.setattr(Engine, "stream", lambda self, ids, *a, **kw: asked.append((list(ids), kw)) or real(self, ids, *a, **kw))
+    saved = tmp_path / "chats.jsonl"
+    script = "\n".join(["chat", "/history", "/save " + str(saved), "/undo", "Good morrow", "/temp 0", "And then?",
+                        "/history", "/save", "/save " + str(saved), "/undo", "/save " + str(tmp_path / "no" / "x.jsonl"),
+                        "/reset", "/history", "/end", "/history", "quit"]) + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    proc = run_here(capsys, "--checkpoint", base_run, "-i", "--max-tokens", "4", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    expected_in_order = [
+        "chat mode: every line is your turn", "note: a base checkpoint", "(empty conversation)",
+        "error: nothing to save yet", "error: nothing to undo", "model> ", "tokens,", "context tokens]",
+        "settings: temperature=0", "model> ", "you> Good morrow", "you> And then?", "error: save needs a file",
+        f"saved as line 1 of {saved}", "removed the last exchange (1 left)", "error: no such folder",
+        "new conversation", "(empty conversation)", "chat mode off",
+    ]
+    pos = 0
+    for needle in expected_in_order:
+        found = out.find(needle, pos)
+        assert found >= 0, f"{needle!r} not found after position {pos}:\n{out[pos:pos + 800]}"
+        pos = found + len(needle)
+    assert [kw.get("tools") for _, kw in asked] == [True, True, False]  # after /end a line is a plain prompt again
+    tok = tiny_tokenizer(VOCAB)
+    assert asked[0][0] == tok.render_chat_prompt([{"role": "user", "content": "Good morrow"}])
+    second = asked[1][0]
+    assert second[:len(asked[0][0])] == asked[0][0] and len(second) > len(asked[0][0])  # the whole conversation
+    entry = read_conversations(saved)[0]
+    assert [m["role"] for m in entry.conversation.to_messages()] == ["user", "assistant", "user", "assistant"]

@@ -43,8 +43,16 @@ HELP = """commands:
   compare-topk PROMPT   compare top-k 10 50 100 none
   compare-topp PROMPT   compare top-p 0.5 0.8 0.9 0.95 1
   settings              show the current settings
+  chat                  multi-turn chat: every line is your turn (see CHAT_HELP)
   help                  this list
   quit                  leave (also exit, q, Ctrl-D, Ctrl-C)"""
+CHAT_HELP = """chat mode: every line is your turn; the model answers with the tool loop (the calculator). Commands start with /:
+  /reset                start a new conversation
+  /undo                 remove the last exchange (your turn and its reply)
+  /history              print the conversation so far
+  /save FILE            add the conversation as a line of a JSONL conversation file (created if absent)
+  /end                  leave chat mode
+  /COMMAND              any other command, e.g. /temp 0.5, /probs, /quit"""
 
 
 class UsageError(Exception):
@@ -115,6 +123,8 @@ class Explorer:
         self.show_probs = args.show_probs
         self.watch = tuple(args.watch)
         self.settings = settings_from_args(args).validate()
+        self.chatting = False  # chat mode: lines are user turns of self.conversation
+        self.conversation: list[dict] = []
 
     def print(self, *parts):
         print(*parts, file=self.out, flush=True)
@@ -228,22 +238,26 @@ class Explorer:
         if stdin.isatty():
             import readline  # noqa: F401  (line editing and history for input())
         self.header()
-        self.print("type a prompt to generate, 'help' for commands, 'quit' to leave")
+        self.print("type a prompt to generate, 'chat' to chat, 'help' for commands, 'quit' to leave")
         while True:
             try:
-                line = input("> ").strip()
+                line = input("you> " if self.chatting else "> ").strip()
             except (EOFError, KeyboardInterrupt):
                 self.print("")
                 return 0
             if not line:
                 continue
-            if line.lower() in ("quit", "exit", "q"):
+            command = line[1:].strip() if self.chatting and line.startswith("/") else None if self.chatting else line
+            if command is not None and command.lower() in ("quit", "exit", "q"):
                 return 0
             try:
-                self.command(line)
+                if command is None:
+                    self.chat_turn(line)
+                else:
+                    self.command(command)
             except KeyboardInterrupt:
                 self.print("interrupted")
-            except (UsageError, ValueError) as e:  # SamplingError is a ValueError
+            except (UsageError, ValueError) as e:  # SamplingError, TokenizerError, ConversationError are ValueErrors
                 self.print(f"error: {e}")
 
     def command(self, line: str) -> None:
@@ -280,7 +294,14 @@ class Explorer:
             self.print(f"settings: {self.settings.describe()}, max {self.max_tokens} tokens, "
                        f"probabilities {'on' if self.show_probs else 'off'}, chat {'on' if self.chat else 'off'}")
         elif word == "help":
-            self.print(HELP)
+            self.print(CHAT_HELP if self.chatting else HELP)
+        elif word == "chat":
+            self.chatting = True
+            note = "" if self.loaded.phase in ("sft", "rl") else \
+                "\nnote: a base checkpoint: it never saw the chat template, so it continues the text rather than answering"
+            self.print(CHAT_HELP + note)
+        elif self.chatting and word in ("reset", "undo", "history", "save", "end"):
+            self.chat_command(word, rest)
         elif word in ("compare-temp", "compare-topk", "compare-topp"):
             if not rest:
                 raise UsageError(f"{word} needs a prompt, e.g. '{word} Once upon a time'")
@@ -292,6 +313,67 @@ class Explorer:
             self.execute("generate", rest, None, as_json=False)
         else:
             self.execute("generate", line, None, as_json=False)
+
+
+    # -------------------------------------------------------------- chat
+
+    def chat_turn(self, text: str) -> None:
+        """One user turn: the reply streams as it is generated (the tool loop runs), then joins the conversation."""
+        from nanochat.conversation import Message
+        from nanochat.engine import ResultBuilder
+
+        messages = [*self.conversation, {"role": "user", "content": text}]
+        prompt_ids = self.engine.render_chat(messages)
+        options = self.trace_options() if self.show_probs else None
+        events = self.engine.stream(prompt_ids, self.settings, self.max_tokens, trace=options, tools=True)
+        builder = ResultBuilder(self.engine, [self.settings], options)
+        self.out.write("model> ")
+        for delta in builder.text_deltas(events):
+            self.out.write(delta)
+            self.out.flush()
+        self.print("")
+        row = builder.results()[0]
+        content = self.engine.tokenizer.chat_template().reply_content(row.token_ids)
+        self.conversation = [*messages, Message("assistant", content).to_dict()]
+        calls = 0 if isinstance(content, str) else sum(p.type == "python" for p in content)
+        used = len(prompt_ids) + len(row.token_ids)
+        self.print(f"[{len(row.token_ids)} tokens, {'ended by the model' if row.finish_reason == 'stop' else 'max tokens'}"
+                   f"{f', {calls} calculator call(s)' if calls else ''}; conversation {used} of "
+                   f"{self.engine.context} context tokens]")
+        if self.show_probs:
+            for s in row.trace:
+                self.print_step(s)
+
+    def chat_command(self, word: str, rest: str) -> None:
+        if word == "end":
+            self.chatting = False
+            self.print("chat mode off (the conversation is kept: 'chat' to go on)")
+        elif word == "reset":
+            self.conversation = []
+            self.print("new conversation")
+        elif word == "undo":
+            if not self.conversation:
+                raise UsageError("nothing to undo")
+            del self.conversation[-2:]
+            self.print(f"removed the last exchange ({len(self.conversation) // 2} left)")
+        elif word == "history":
+            if not self.conversation:
+                self.print("(empty conversation)")
+            for m in self.conversation:
+                content = m["content"] if isinstance(m["content"], str) else "".join(
+                    p["text"] if p["type"] == "text" else f"[{p['type']}: {p['text']}]" for p in m["content"])
+                self.print(f"{'you' if m['role'] == 'user' else 'model'}> {content}")
+        else:  # save
+            from nanochat.conversation import Conversation
+            from nanochat.conversation_file import append_conversation
+
+            if not rest:
+                raise UsageError("save needs a file, e.g. '/save chat.jsonl'")
+            if not self.conversation:
+                raise UsageError("nothing to save yet: say something first")
+            path = Path(rest).expanduser()
+            line = append_conversation(path, Conversation.parse(self.conversation))
+            self.print(f"saved as line {line} of {path}")
 
 
 # ---------------------------------------------------------------------- entry point

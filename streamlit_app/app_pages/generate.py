@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from nanochat.checkpoint_manager import CheckpointError
-from nanochat.sampling import SamplingError, SamplingSettings
+from nanochat.sampling import SamplingError
 from nanochat.tokenizer import TokenizerError
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, traces, ui
@@ -34,20 +34,12 @@ chat = c_chat.toggle("Chat prompt", value=phase in ("sft", "rl"), key="chat", bi
                      help="Wrap the prompt as a user turn (<|user_start|>…<|assistant_start|>), as SFT/RL models expect")
 prompt = st.text_area("Prompt", DEFAULT_PROMPT, height=80, key="prompt", bind="query-params")
 
-with st.sidebar:
-    st.markdown("**Sampling**")
-    temperature = st.slider("Temperature", 0.0, 2.0, 0.8, 0.05, key="t", bind="query-params", help="0 = greedy (argmax)")
-    top_k = st.number_input("Top-k (0 = off)", 0, 100_000, 50, key="k", bind="query-params")
-    top_p = st.slider("Top-p (1 = off)", 0.05, 1.0, 1.0, 0.05, key="p", bind="query-params")
-    seed = st.number_input("Seed", 0, 2**31 - 1, 42, key="seed", bind="query-params")
-    max_tokens = st.number_input("Max new tokens", 1, 512, 48, key="n", bind="query-params")
-    alternatives = st.slider("Alternatives per step", 1, 10, 5, key="alts", bind="query-params")
-    st.caption("Filters apply in this order: temperature, top-k, top-p. Same seed, same settings: same text.")
+sampling = ui.sampling_controls()
+settings, max_tokens, alternatives = sampling.settings, sampling.max_tokens, sampling.alternatives
 
 if not prompt.strip():
     st.info("Type a prompt to generate from.", icon=":material/edit:")
     st.stop()
-settings = SamplingSettings(temperature=float(temperature), top_k=int(top_k) or None, top_p=float(top_p), seed=int(seed))
 directory, stamp = str(row["directory"]), data.model_stamp(str(row["directory"]), step)
 base_key = (directory, step, stamp, prompt, chat, settings, int(max_tokens))
 # Branches belong to one generation (same checkpoint, prompt and settings); they live in the session.
