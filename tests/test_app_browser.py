@@ -31,6 +31,7 @@ PAGES = {
     "integrity": ("Integrity", 1),
     "generate": ("Generate", 3),
     "compare": ("Compare", 1),
+    "chat": ("Chat", 0),  # no conversation yet: the tiles and the chat input
     "builder": ("Conversation builder", 0),  # no conversation file in the demo yet: the editor, no histogram
     "calculator": ("Model calculator", 3),
     "tokenizer": ("Tokenizer", 1),
@@ -139,6 +140,18 @@ def test_every_page_renders_in_chromium(app_url, tmp_path):
                                    " return i && i.value === '3'; }", timeout=60_000)
             settle(page, PAGES["generate"][1])
             assert page.locator('[data-testid="stException"]').count() == 0
+            # the chat page: a message gets a streamed reply, then its token view (grid, entropy, the step's distribution)
+            page.goto(f"{app_url}/chat?n=8")
+            settle(page, 0)
+            box = page.locator('[data-testid="stChatInput"] textarea')
+            box.fill("Good morrow, my lord.")
+            box.press("Enter")
+            settle(page, 3)
+            assert page.locator('[data-testid="stChatMessage"]').count() >= 2
+            assert page.locator('[data-testid="stException"]').count() == 0
+            page.screenshot(path=str(out / "chat-reply.png"), full_page=True)
+            if keep is not None:
+                shutil.copy(out / "chat-reply.png", keep / "chat-reply.png")
             # the sidebar says which registry is open
             assert "registry.sqlite" in page.locator('[data-testid="stSidebar"]').inner_text()
         finally:

@@ -164,7 +164,9 @@ for i, turn in enumerate(turns[:stop_at]):
                        f"{', stopped by the model' if gen.finish_reason == 'stop' else ', reached max tokens'}"
                        + (f" · {tools} calculator call{'s' if tools > 1 else ''}" if tools else "")
                        + (f" · underlined: the branch from step {since + 1}" if since is not None else ""))
-            if st.toggle("Tokens, alternatives and branching", value=i == len(turns) - 1, key=f"chat_view_{v['id']}"):
+            # keyed by the conversation's length too: the newest reply opens, older ones close when a turn is added
+            if st.toggle("Tokens, alternatives and branching", value=i == len(turns) - 1,
+                         key=f"chat_view_{v['id']}_{len(turns)}"):
                 branch = ui.token_details(gen, key=f"chat_{v['id']}", alternatives=choice.alternatives)
                 if branch is not None:
                     prefix = tuple((j, t.token_id) for j, t in enumerate(gen.steps[:branch.step]))
@@ -174,17 +176,17 @@ for i, turn in enumerate(turns[:stop_at]):
             st.markdown(as_text(turn["content"]))
             if role == "assistant":
                 st.caption("Written by hand (no token view)")
-        b = st.columns([1, 1, 1, 4])
-        if role == "assistant" and b[0].button("Regenerate", key=f"chat_regen_{i}", icon=":material/refresh:",
+        actions = st.container(horizontal=True)
+        if role == "assistant" and actions.button("Regenerate", key=f"chat_regen_{i}", icon=":material/refresh:",
                                                help="A new version of this reply with the sidebar's settings (later turns "
                                                     "are removed)"):
             ask_reply(i, dataclasses.replace(choice.settings, seed=choice.settings.seed + len(versions)), choice.max_tokens)
-        if b[1].button("Edit", key=f"chat_edit_btn_{i}", icon=":material/edit:",
+        if actions.button("Edit", key=f"chat_edit_btn_{i}", icon=":material/edit:",
                        help="Change this turn; later turns are removed" + (" and the reply is regenerated" if role == "user"
                                                                            else "")):
             st.session_state["chat_editing"] = i
             st.rerun()
-        if b[2].button("Delete", key=f"chat_delete_{i}", icon=":material/delete:", help="Delete this turn and every later one"):
+        if actions.button("Delete", key=f"chat_delete_{i}", icon=":material/delete:", help="Delete this turn and every later one"):
             del turns[i:]
             st.session_state.pop("chat_editing", None)
             st.rerun()
