@@ -80,3 +80,7 @@ class NothingResumableError(ResumePlanError):
     def __init__(self, message: str, skipped: tuple = ()):
         super().__init__(message)
         self.skipped = skipped
+
+
+class TargetBelowStepError(ResumePlanError):
+    """A target number of steps below the step the resume would start from (training cannot go back)."""

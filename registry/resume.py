@@ -9,7 +9,9 @@ report (`ResumePlan`, frozen) says where the run stands at that step: val_bpb ag
 (`nanochat.schedule.resolve_from_meta`), the LR multiplier and schedule phase at the resume step from
 the same `schedule_from_user_config` the training script calls, an ETA from measured step times,
 whether the resume is exact (our checkpoints carry every RNG state and the data position) or
-approximate (upstream's), and the command, rebuilt from the run's own `user_config`.
+approximate (upstream's), and the command, rebuilt from the run's own `user_config` by the builder the
+trainer itself prints its resume command with (`nanochat.train_config.resume_command`). A target below
+the resume step is refused (`TargetBelowStepError`).
 
 It reads files only (metas, metrics.jsonl, the checks' results) and writes nothing: storing check
 results is the caller's business (`registry verify/resume` pass a `check` that records them). It does
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -30,17 +31,14 @@ from pathlib import Path
 from nanochat import checkpoint_manager as cm
 from nanochat import torchfile
 from nanochat.checkpoint_manager import CheckpointFiles, Problem
-from nanochat.common import DEFAULT_BASE_DIR
-from nanochat.schedule import Schedule, is_classic_user_config, resolve_from_meta, schedule_from_user_config
+from nanochat.schedule import Schedule, resolve_from_meta, schedule_from_user_config
+from nanochat.train_config import UPSTREAM_SCRIPTS, Command, is_classic_user_config, launch_env, resume_command
 from registry import integrity
-from registry.errors import NothingResumableError, ResumePlanError
+from registry.errors import NothingResumableError, ResumePlanError, TargetBelowStepError
 from registry.integrity import IntegrityResult
 
 SPIKE_RATIO = 1.05  # the latest val_bpb this much above the best so far is called a loss spike
 STEP_TIME_WINDOW = 50  # median of the last this many measured step times
-PHASE_SCRIPTS = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
-# user_config keys that are not flags to repeat on a resume
-NOT_REPEATED = {"resume_from_step", "resume"}
 
 
 @dataclass(frozen=True)
@@ -205,51 +203,54 @@ def _step_time(meta: dict, metrics: list[dict], step: int) -> tuple[float | None
 # ---------------------------------------------------------------------- the command
 
 
-def _flag(key: str, value, classic: bool) -> str | None:
-    name = key if classic else key.replace("_", "-")
-    if value is None or value is False:
-        return None
-    if value is True:
-        return f"--{name}"
-    if isinstance(value, float):
-        return f"--{name}={value!r}"
-    return f"--{name}={value}"
+@dataclass(frozen=True)
+class ResumeCommand:
+    command: Command | None  # None: nothing can resume this run
+    mode: str  # exact, approximate, restart or unsupported
+    note: str
+    script_note: str | None = None
 
 
-def build_command(meta: dict, phase: str, tag: str, step: int, world_size: int, base_dir: Path | None,
-                  num_iterations: int | None = None) -> tuple[list[str], dict, str, str, str | None]:
-    """(argv, env, mode, mode_note, script_note) of the training invocation that continues this run:
-    its own flags from user_config, `--resume-from-step`, torchrun for several processes."""
-    user = dict(meta.get("user_config") or {})
-    script = PHASE_SCRIPTS.get(phase, PHASE_SCRIPTS["base"])
-    classic = is_classic_user_config(user)
-    script_note = None
-    if phase == "base":
-        user["model_tag"] = tag  # the directory the script will look in, whatever the run called it
-        if num_iterations is not None:
-            user["num_iterations"] = num_iterations
-    flags = [f for k, v in user.items() if k not in NOT_REPEATED if (f := _flag(k, v, classic))]
-    if phase == "base":
-        flags.append(f"--resume-from-step={step}")
-    else:
-        script_note = (f"{script} is upstream nanochat's script (the workbench trains base models only) and has no "
-                       "resume flag: this command restarts the phase from the checkpoint it started from")
-    launcher = ["python", "-m", script] if world_size <= 1 else \
-        ["torchrun", "--standalone", f"--nproc_per_node={world_size}", "-m", script, "--"]
-    env = {}
-    if base_dir is not None and base_dir.expanduser().resolve() != DEFAULT_BASE_DIR.expanduser().resolve():
-        env["NANOCHAT_BASE_DIR"] = str(base_dir)
+def build_command(chosen: CheckpointFiles, meta: dict, phase: str, tag: str, step: int, base_dir: Path | None,
+                  num_iterations: int | None = None) -> ResumeCommand:
+    """The training invocation that continues this run (its own flags from user_config, the model tag,
+    `--resume-from-step`, torchrun for several processes), and how faithful the continuation will be."""
+    user = meta.get("user_config") or {}
+    if chosen.layout == "single_file":
+        return ResumeCommand(None, "unsupported", "single-file checkpoints come from other training scripts; no "
+                             "nanochat script resumes them")
+    if phase == "base" and is_classic_user_config(user):
+        return ResumeCommand(None, "unsupported", "classic nanochat (before --resume-from-step existed) cannot "
+                             "resume, and current base_train builds a different architecture: the weights load for "
+                             "evaluation and sampling only")
+    trainer = UPSTREAM_SCRIPTS.get(phase, UPSTREAM_SCRIPTS["base"])
+    world = cm.expected_world_size(chosen, meta) or 1
     if phase != "base":
-        return launcher + flags, env, "restart", f"{phase.upper()} restarts from its starting checkpoint", script_note
+        return ResumeCommand(
+            resume_command(trainer, user, world_size=world, resume_step=None, env=launch_env(base_dir)),
+            "restart", f"{phase.upper()} restarts from its starting checkpoint",
+            f"{trainer.script} is upstream nanochat's script (the workbench trains base models only) and has no "
+            "resume flag: this command restarts the phase from the checkpoint it started from")
+    overrides = {"model_tag": tag}  # the directory the script will look in, whatever the run called it
+    if num_iterations is not None:
+        overrides["num_iterations"] = num_iterations
     if meta.get("train_state"):
-        return launcher + flags, env, "exact", ("every rank's RNG states and data-loader position are restored: the "
-                                                "continued run matches an uninterrupted one (same world size, device and "
-                                                "thread count)"), None
+        # CPU kernels reduce in an order that depends on the thread count: same count, same bits
+        threads = cpu_threads(chosen)
+        note = ("every rank's RNG states and data-loader position are restored: the continued run matches an "
+                "uninterrupted one (same world size, device and thread count)")
+        if threads is not None:
+            note += f"; OMP_NUM_THREADS={threads} as when it was trained"
+        return ResumeCommand(resume_command(trainer, user, world_size=world, resume_step=step,
+                                            env=launch_env(base_dir, threads), overrides=overrides), "exact", note)
     loader = meta.get("dataloader_state_dict")
     where = (f"the data loader continues from the saved position (shard {loader.get('pq_idx')}, row group "
-             f"{loader.get('rg_idx')})" if isinstance(loader, dict) else "no data-loader position: data restarts from the first shard")
-    return launcher + flags, env, "approximate", f"upstream checkpoint without RNG state; {where}", (
-        f"run this in the upstream nanochat checkout that wrote the run: its {script} resumes upstream "
+             f"{loader.get('rg_idx')})" if isinstance(loader, dict) else "no data-loader position: data restarts from "
+             "the first shard")
+    return ResumeCommand(
+        resume_command(trainer, user, world_size=world, resume_step=step, env=launch_env(base_dir), overrides=overrides),
+        "approximate", f"upstream checkpoint without RNG state; {where}",
+        f"run this in the upstream nanochat checkout that wrote the run: its {trainer.script} resumes upstream "
         "checkpoints; the workbench's trainer resumes only its own (exactly)")
 
 
@@ -269,11 +270,45 @@ def cpu_threads(ckpt: CheckpointFiles) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
-def command_line(argv: list[str] | tuple[str, ...], env: Mapping[str, str]) -> str:
-    return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(a) for a in argv])
-
-
 # ---------------------------------------------------------------------- the planner
+
+
+class _Checks:
+    """Integrity results per step: an earlier result while its files are unchanged and it is thorough
+    enough, else a fresh check (each checkpoint checked at most once per plan)."""
+
+    def __init__(self, known: Mapping[int, IntegrityResult] | None, check, deep: bool):
+        self.known, self.deep = known or {}, deep
+        self.check = check or (lambda c, d: integrity.check_checkpoint(c, deep=d))
+        self.results: dict[int | None, IntegrityResult] = {}
+
+    def __call__(self, ckpt: CheckpointFiles) -> IntegrityResult:
+        if ckpt.step not in self.results:
+            prior = self.known.get(ckpt.step)
+            usable = prior is not None and prior.is_current() and (prior.level == "deep" or not self.deep)
+            self.results[ckpt.step] = prior if usable else self.check(ckpt, self.deep)
+        return self.results[ckpt.step]
+
+
+@dataclass(frozen=True)
+class _Horizon:
+    target: int | None
+    source: str
+    run_iters: int | None
+    schedule: Schedule | None
+    warnings: tuple[str, ...]
+
+    def remaining(self, step: int) -> int | None:
+        return max(self.target - step, 0) if self.target else None
+
+
+@dataclass(frozen=True)
+class _ValReport:
+    val: float | None
+    best: float | None
+    best_step: int | None
+    better_step: int | None
+    warnings: tuple[str, ...]
 
 
 def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, deep: bool = False,
@@ -284,124 +319,132 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
     `known`: step -> an earlier IntegrityResult (e.g. from the registry), used while its files are
     unchanged and it is at least as thorough as asked (`deep`). `check(ckpt, deep)` runs a check
     (default `integrity.check_checkpoint`; the registry passes one that also stores the result).
-    `target_steps` overrides the run's num_iterations (the command then passes --num-iterations)."""
+    `target_steps` overrides the run's num_iterations (the command then passes --num-iterations); one
+    below the resume step raises TargetBelowStepError."""
     run = find_run_dir(run_dir).resolve()
-    check = check or (lambda c, d: integrity.check_checkpoint(c, deep=d))
+    checks = _Checks(known, check, deep)
     checkpoints = cm.list_checkpoints(run)
-    skipped: list[SkippedCheckpoint] = []
-    results: dict[int | None, IntegrityResult] = {}
-
-    def result_for(ckpt: CheckpointFiles) -> IntegrityResult:
-        if ckpt.step not in results:
-            prior = (known or {}).get(ckpt.step)
-            usable = prior is not None and prior.is_current() and (prior.level == "deep" or not deep)
-            results[ckpt.step] = prior if usable else check(ckpt, deep)
-        return results[ckpt.step]
-
-    chosen = None
-    for ckpt in reversed(checkpoints):
-        result = result_for(ckpt)
-        if result.ok:
-            chosen = ckpt
-            break
-        skipped.append(SkippedCheckpoint(ckpt.step, result.problems))
-    if chosen is None:
-        raise NothingResumableError(f"no resumable checkpoint in {run}: all {len(checkpoints)} failed the "
-                                    f"{'deep' if deep else 'quick'} check", tuple(skipped))
+    chosen, skipped = _choose_checkpoint(run, checkpoints, checks)
     meta = cm.read_meta(chosen)
     phase, tag = cm.phase_and_tag(run)
     base_dir = run.parent.parent if run.parent.name in cm.PHASE_DIRS else None
     step = chosen.step if chosen.step is not None else int(meta.get("step", 0))
     user = meta.get("user_config") or {}
-    warnings = [f"skipped newer step {s.step}: {s.reason}" for s in skipped]
 
-    # how far the run is, in its own terms
+    horizon = _horizon(meta, step, target_steps)
+    metrics = read_metrics(run)
+    vals = _val_report(checkpoints, metrics, meta, step, checks)
+    reached, reached_warnings = _reached(metrics, step)
+    step_time, time_source = _step_time(meta, metrics, step)
+    resume = build_command(chosen, meta, phase, tag, step, base_dir,
+                           horizon.target if horizon.source == "override" else None)
+    warnings = [f"skipped newer step {s.step}: {s.reason}" for s in skipped]
+    warnings += [*horizon.warnings, *vals.warnings, *reached_warnings]
+    if base_dir is None and resume.command:
+        warnings.append(f"{run} is not inside a nanochat base dir (<base>/base_checkpoints/<tag>): the training "
+                        "script only finds checkpoints there")
+    if resume.mode == "unsupported":
+        warnings.append(resume.note)
+    cmd, schedule, target, remaining = resume.command, horizon.schedule, horizon.target, horizon.remaining(step)
+    return ResumePlan(
+        run_dir=str(run), phase=phase, tag=tag, base_dir=str(base_dir) if base_dir else None, step=step,
+        segment=int(meta["resume_segment"]) if isinstance(meta.get("resume_segment"), int) else 1,
+        integrity_level=checks(chosen).level, files=tuple(p.name for p in chosen.files),
+        val_bpb=vals.val, best_val_bpb=vals.best, best_val_step=vals.best_step, better_step=vals.better_step,
+        better_command=_command_from(cmd, vals.better_step, step),
+        model_config=dict(meta.get("model_config") or {}), training_config=dict(user),
+        world_size=cm.expected_world_size(chosen, meta) or 1,
+        target_steps=target, target_source=horizon.source, run_num_iterations=horizon.run_iters,
+        remaining_steps=remaining, progress=(min(step / target, 1.0) if target else None),
+        finished=bool(target) and step >= target, schedule=schedule,
+        lr_multiplier=schedule.lr_multiplier(step) if schedule else None,
+        schedule_phase=schedule.phase(step) if schedule else None,
+        step_time_s=step_time, step_time_source=time_source,
+        eta_s=(remaining * step_time if step_time is not None and remaining is not None else None),
+        reached_step=reached, mode=resume.mode, mode_note=resume.note,
+        command=cmd.line if cmd else None, command_argv=cmd.argv if cmd else (), command_env=cmd.env if cmd else {},
+        script=cmd.argv[cmd.argv.index("-m") + 1] if cmd else None, script_note=resume.script_note,
+        warnings=tuple(warnings), skipped=tuple(skipped),
+    )
+
+
+def _choose_checkpoint(run: Path, checkpoints: list[CheckpointFiles], checks: _Checks):
+    """The newest checkpoint that passes its check, and the newer ones skipped (newest first)."""
+    skipped: list[SkippedCheckpoint] = []
+    for ckpt in reversed(checkpoints):
+        result = checks(ckpt)
+        if result.ok:
+            return ckpt, skipped
+        skipped.append(SkippedCheckpoint(ckpt.step, result.problems))
+    raise NothingResumableError(f"no resumable checkpoint in {run}: all {len(checkpoints)} failed the "
+                                f"{'deep' if checks.deep else 'quick'} check", tuple(skipped))
+
+
+def _horizon(meta: dict, step: int, target_steps: int | None) -> _Horizon:
+    """How far the run goes, in its own terms or to the asked target, and its LR schedule."""
+    user = meta.get("user_config") or {}
     run_iters = resolve_from_meta(meta)
     target, source = run_iters, ("meta" if isinstance(meta.get("num_iterations"), int) else "user_config")
     if target_steps is not None:
+        if target_steps < step:
+            raise TargetBelowStepError(f"target {target_steps} steps is below the resume step {step}: the run has "
+                                       f"already trained {step} steps; ask for at least {step} (or 0 for the run's own "
+                                       f"{run_iters if run_iters else 'target'})")
         target, source = int(target_steps), "override"
     schedule = schedule_from_user_config(user, target) if target else None
-    if target_steps is not None and run_iters and target != run_iters and step < target:
+    warnings = []
+    if source == "override" and run_iters and target != run_iters and step < target:
         before = schedule_from_user_config(user, run_iters).lr_multiplier(step)
         warnings.append(f"target {target} differs from the run's {run_iters} steps: the command passes "
                         f"--num-iterations={target}, which moves the LR schedule (multiplier at step {step}: "
                         f"{before:.4f} -> {schedule.lr_multiplier(step):.4f}, warmdown from step {schedule.warmdown_start})")
-    remaining = max(target - step, 0) if target else None
-    finished = bool(target) and step >= target
-    if finished:
+    if target and step >= target:
         warnings.append(f"the run is complete ({step} of {target} steps): to train longer pass a larger --target-steps")
+    return _Horizon(target, source, run_iters, schedule, tuple(warnings))
 
-    # val_bpb: the latest against the best so far
-    metrics = read_metrics(run)
+
+def _val_report(checkpoints, metrics: list[dict], meta: dict, step: int, checks: _Checks) -> _ValReport:
+    """val_bpb at the resume step against the best so far, and a better resumable step after a spike."""
     history = _val_history(checkpoints, metrics)
     so_far = {s: v for s, v in history.items() if s <= step}
     val = meta.get("val_bpb") if isinstance(meta.get("val_bpb"), (int, float)) else None
     best_step = min(so_far, key=lambda s: (so_far[s], -s)) if so_far else None
     best = so_far[best_step] if best_step is not None else None
-    latest_val = val if val is not None else (so_far[max(so_far)] if so_far else None)
-    better_step = None
-    if best is not None and latest_val is not None and latest_val > best * SPIKE_RATIO:
-        better_step = _best_resumable(checkpoints, history, step, result_for)
-        hint = (f"; step {better_step} (val_bpb {history[better_step]:.4f}) is resumable: pass --resume-from-step="
-                f"{better_step} to continue from before the spike") if better_step is not None else ""
-        warnings.append(f"loss spike: val_bpb {latest_val:.4f} at step {step} is {100 * (latest_val / best - 1):.0f}% "
-                        f"worse than the best so far ({best:.4f} at step {best_step}){hint}")
-    # a train row of step s trains step s (s+1 steps done); an eval row at s sees s steps done
+    latest = val if val is not None else (so_far[max(so_far)] if so_far else None)
+    if best is None or latest is None or latest <= best * SPIKE_RATIO:
+        return _ValReport(val, best, best_step, None, ())
+    better = _best_resumable(checkpoints, history, step, checks)
+    hint = (f"; step {better} (val_bpb {history[better]:.4f}) is resumable: pass --resume-from-step={better} to "
+            "continue from before the spike") if better is not None else ""
+    return _ValReport(val, best, best_step, better, (
+        f"loss spike: val_bpb {latest:.4f} at step {step} is {100 * (latest / best - 1):.0f}% worse than the best so "
+        f"far ({best:.4f} at step {best_step}){hint}",))
+
+
+def _reached(metrics: list[dict], step: int) -> tuple[int | None, list[str]]:
+    """The step training had reached: a train row of step s trains step s (s+1 steps done), an eval row
+    at s sees s steps done. Work past the checkpoint is trained again."""
     reached = max((r["step"] + (1 if "dt_ms" in r or "train_loss" in r else 0) for r in metrics), default=None)
     if reached is not None and reached > step:
-        warnings.append(f"training had reached step {reached} (metrics.jsonl): {reached - step} steps after the "
-                        "checkpoint will be trained again")
-
-    step_time, time_source = _step_time(meta, metrics, step)
-    world = cm.expected_world_size(chosen, meta) or 1
-    argv, env, mode, note, script_note = [], {}, "unsupported", "", None
-    if chosen.layout == "single_file":
-        note = "single-file checkpoints come from other training scripts; no nanochat script resumes them"
-    elif phase == "base" and is_classic_user_config(user):
-        note = ("classic nanochat (before --resume-from-step existed) cannot resume, and current base_train builds "
-                "a different architecture: the weights load for evaluation and sampling only")
-    else:
-        argv, env, mode, note, script_note = build_command(
-            meta, phase, tag, step, world, base_dir, target if source == "override" else None)
-        threads = cpu_threads(chosen) if mode == "exact" else None
-        if threads is not None:
-            # CPU kernels reduce in an order that depends on the thread count: same count, same bits
-            env["OMP_NUM_THREADS"] = str(threads)
-            note += f"; OMP_NUM_THREADS={threads} as when it was trained"
-    better_command = None
-    if better_step is not None and argv:
-        better_argv = [f"--resume-from-step={better_step}" if a == f"--resume-from-step={step}" else a for a in argv]
-        better_command = command_line(better_argv, env)
-    if base_dir is None and argv:
-        warnings.append(f"{run} is not inside a nanochat base dir (<base>/base_checkpoints/<tag>): the training "
-                        "script only finds checkpoints there")
-    if mode == "unsupported":
-        warnings.append(note)
-    return ResumePlan(
-        run_dir=str(run), phase=phase, tag=tag, base_dir=str(base_dir) if base_dir else None, step=step,
-        segment=int(meta["resume_segment"]) if isinstance(meta.get("resume_segment"), int) else 1,
-        integrity_level=results[chosen.step].level, files=tuple(p.name for p in chosen.files),
-        val_bpb=val, best_val_bpb=best, best_val_step=best_step, better_step=better_step, better_command=better_command,
-        model_config=dict(meta.get("model_config") or {}), training_config=dict(user), world_size=world,
-        target_steps=target, target_source=source, run_num_iterations=run_iters, remaining_steps=remaining,
-        progress=(min(step / target, 1.0) if target else None), finished=finished, schedule=schedule,
-        lr_multiplier=schedule.lr_multiplier(step) if schedule else None,
-        schedule_phase=schedule.phase(step) if schedule else None,
-        step_time_s=step_time, step_time_source=time_source,
-        eta_s=(remaining * step_time if step_time is not None and remaining is not None else None),
-        reached_step=reached, mode=mode, mode_note=note,
-        command=command_line(argv, env) if argv else None, command_argv=tuple(argv), command_env=env,
-        script=argv[argv.index("-m") + 1] if argv else None, script_note=script_note,
-        warnings=tuple(warnings), skipped=tuple(skipped),
-    )
+        return reached, [f"training had reached step {reached} (metrics.jsonl): {reached - step} steps after the "
+                         "checkpoint will be trained again"]
+    return reached, []
 
 
-def _best_resumable(checkpoints, history, step, result_for) -> int | None:
+def _command_from(cmd: Command | None, other_step: int | None, step: int) -> str | None:
+    """The same command resuming from `other_step` instead of `step`."""
+    if cmd is None or other_step is None:
+        return None
+    argv = tuple(f"--resume-from-step={other_step}" if a == f"--resume-from-step={step}" else a for a in cmd.argv)
+    return Command(argv, cmd.env).line
+
+
+def _best_resumable(checkpoints, history, step, checks: _Checks) -> int | None:
     """The resumable checkpoint at or before `step` with the lowest val_bpb, if clearly better."""
     candidates = sorted((history[c.step], -c.step, c) for c in checkpoints
                         if c.step is not None and c.step < step and c.step in history)
     for _, _, ckpt in candidates:
-        if result_for(ckpt).ok:
+        if checks(ckpt).ok:
             return ckpt.step
     return None
 
@@ -469,4 +512,4 @@ def format_plan(plan: ResumePlan) -> str:
 
 
 __all__ = ["ResumePlan", "SkippedCheckpoint", "ResumePlanError", "NothingResumableError", "plan_resume", "format_plan",
-           "lr_curve", "find_run_dir", "read_metrics", "build_command", "command_line"]
+           "TargetBelowStepError", "lr_curve", "find_run_dir", "read_metrics", "build_command"]

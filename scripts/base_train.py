@@ -27,24 +27,44 @@ makes that rank SIGKILL itself right after writing that file, to prove saves are
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-BOOL_FLAGS = ("resume",)
-NOT_INHERITED = ("resume", "resume_from_step", "device_type")  # per launch, never taken from a checkpoint
+import torch
+
+from nanochat import checkpoint_manager as cm
+from nanochat import distributed
+from nanochat.common import get_base_dir
+from nanochat.dataloader import BosBestFitLoader, DataError, find_data_dir, list_parquet_files, split_files
+from nanochat.gpt import GPT
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.model_config import ArchitectureError, GPTConfig
+from nanochat.optim import LearningRates, MuonAdamW, OptimizerStateError, muon_momentum, muon_weight_decay, param_groups_for
+from nanochat.schedule import schedule_from_user_config
+from nanochat.tokenizer import Tokenizer, TokenizerError
+from nanochat.train_config import (
+    BASE_TRAIN,
+    CompileDecision,
+    RunShape,
+    compile_decision,
+    launch_env,
+    resume_command,
+    run_shape,
+    scaled_learning_rates,
+)
+from nanochat.train_state import TrainStateError, check_train_state, make_train_state, restore_rng
+
 FAULT_ENV = "NANOCHAT_FAULT_KILL_AFTER"
-B_REF = 2 ** 19  # upstream's reference batch in tokens (tuned at d12)
 EXIT_USAGE = 2
-FLAG_NAMES = {"device_type": "--device"}  # dests whose preferred flag is not --<dest with dashes>
+build_parser = BASE_TRAIN.build_parser  # the flags, their defaults and help: nanochat/train_config.py
+parse_args = BASE_TRAIN.parse_args
 
 
 class TrainError(Exception):
@@ -57,86 +77,45 @@ class TrainError(Exception):
         self.local, self.quiet = local, quiet
 
 
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scripts.base_train", description="Pretrain a nanochat base model.")
-
-    def add(*names, default=None, **kw):
-        p.add_argument(*names, default=argparse.SUPPRESS if suppress_defaults else default, **kw)
-
-    add("--run", type=str, default="dummy", help="run name, recorded in the meta (upstream's wandb name; no wandb here)")
-    add("--device", "--device-type", dest="device_type", type=str, default="auto", choices=["auto", "", "cpu", "cuda"],
-        help="auto (CUDA if present, else CPU), cpu or cuda")
-    add("--seed", type=int, default=42, help="seed for the initial weights and every RNG")
-    add("--compile", type=str, default="auto", choices=["auto", "on", "off"],
-        help="torch.compile the model: auto = on for CUDA, off on CPU (pays back after ~2,300 steps there: bench/train.py)")
-    # Model architecture
-    add("--depth", type=int, default=20, help="number of transformer layers")
-    add("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to head_dim)")
-    add("--head-dim", type=int, default=128, help="attention head dimension")
-    add("--max-seq-len", type=int, default=2048, help="context length in tokens")
-    add("--window-pattern", type=str, default="SSSL", help="sliding-window pattern tiled over layers (L = full, S = quarter)")
-    # Training horizon (first that applies)
-    add("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive from the rules below)")
-    add("--target-flops", type=float, default=-1.0, help="derive steps from a FLOPs budget (-1 = disable)")
-    add("--target-param-data-ratio", type=float, default=12, help="derive steps from tokens:params (-1 = disable)")
-    # Optimization
-    add("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
-    add("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = upstream's rule)")
-    add("--embedding-lr", type=float, default=0.3, help="AdamW LR of the embeddings")
-    add("--unembedding-lr", type=float, default=0.008, help="AdamW LR of lm_head")
-    add("--weight-decay", type=float, default=0.28, help="Muon's cautious weight decay (scaled, cosine to 0)")
-    add("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
-    add("--scalar-lr", type=float, default=0.5, help="AdamW LR of the per-layer scalars")
-    add("--warmup-steps", type=int, default=40, help="steps of linear LR warmup")
-    add("--warmdown-ratio", type=float, default=0.65, help="fraction of the run spent in the linear LR warmdown")
-    add("--final-lr-frac", type=float, default=0.05, help="LR at the end as a fraction of the peak")
-    add("--resume-from-step", type=int, default=-1, help="resume from this step's checkpoint (-1 = disable)")
-    add("--resume", action="store_true", default=False,
-        help="resume from the latest complete, resumable checkpoint of this model tag")
-    # Evaluation and output
-    add("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (-1 = disable)")
-    add("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
-    add("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    add("--keep-last", type=int, default=-1,
-        help="keep only the N newest checkpoints, plus the best-val_bpb one and the resume point (-1 = keep all)")
-    add("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
-    return p
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
-    argv = list(argv)
-    if argv and argv[0] == "--":  # `torchrun ... -m scripts.base_train -- --depth 4`
-        argv = argv[1:]
-    args = build_parser().parse_args(argv)
-    explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
-    return args, explicit
-
-
 # ---------------------------------------------------------------------- launch planning (reads only)
 
 
 @dataclass
 class Plan:
-    args: argparse.Namespace
+    args: object  # argparse.Namespace, the checkpoint's flags merged in on a resume
     user_config: dict
-    config: object  # GPTConfig
+    shape: RunShape
     checkpoint_dir: Path
-    total_batch_size: int
-    num_iterations: int
-    grad_accum: int
-    resume: object | None  # CheckpointFiles
+    resume: cm.CheckpointFiles | None
     resume_meta: dict | None
     segment: int
+    compile: CompileDecision
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.shape.config
+
+    @property
+    def num_iterations(self) -> int:
+        return self.shape.num_iterations
+
+    @property
+    def total_batch_size(self) -> int:
+        return self.shape.total_batch_size
+
+    @property
+    def grad_accum(self) -> int:
+        return self.shape.grad_accum
+
+    @property
+    def start_step(self) -> int:
+        return self.resume.step if self.resume is not None else 0
 
 
-def plan_run(args: argparse.Namespace, explicit: set[str], world_size: int, base_dir: Path, vocab_size: int,
-             master: bool = True) -> Plan:
+def plan_run(args, explicit: set[str], world_size: int, base_dir: Path, vocab_size: int, master: bool = True,
+             device_type: str = "cpu") -> Plan:
     """Everything decided before the first write: which checkpoint to resume, the merged flags, the
-    model, the batch arithmetic. Raises TrainError with a one-line reason."""
-    from nanochat import checkpoint_manager as cm
-    from nanochat.model_config import ArchitectureError, current_config
-    from nanochat.schedule import derive_total_batch_size, resolve_num_iterations
-
+    model, the batch arithmetic, whether to compile. Raises TrainError with a one-line reason."""
     if args.resume and args.resume_from_step >= 0:
         raise TrainError("use either --resume or --resume-from-step, not both")
     tag = args.model_tag or f"d{args.depth}"
@@ -144,39 +123,41 @@ def plan_run(args: argparse.Namespace, explicit: set[str], world_size: int, base
     resume, meta = None, None
     if args.resume or args.resume_from_step >= 0:
         resume, meta = _find_resume_point(ckpt_dir, args, world_size, master)
-        inherited = {k: v for k, v in (meta.get("user_config") or {}).items()
-                     if k not in explicit and k not in NOT_INHERITED and hasattr(args, k)}
-        for k, v in inherited.items():
+        for k, v in BASE_TRAIN.inherited(meta.get("user_config") or {}, explicit).items():
             setattr(args, k, v)
+    user_config = dict(vars(args))
     try:
-        config = current_config(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, vocab_size,
-                                args.window_pattern)
+        shape = run_shape(user_config, vocab_size=vocab_size, world_size=world_size)
     except (ArchitectureError, ZeroDivisionError) as e:
         raise TrainError(f"invalid model flags: {e}") from None
     if meta is not None:
-        saved = meta.get("model_config") or {}
-        wanted = config.upstream_dict()
-        diff = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
-        if diff:
-            raise TrainError(f"{resume.label} was trained with a different model ({', '.join(diff)}); "
-                             "drop the changed flags to resume, or start a new --model-tag")
-    user_config = dict(vars(args))
-    tbs = args.total_batch_size if args.total_batch_size > 0 else derive_total_batch_size(user_config, config)
-    num_iterations = resolve_num_iterations(user_config, config, tbs)
-    if not num_iterations or num_iterations <= 0:
-        raise TrainError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
-    per_step = args.device_batch_size * args.max_seq_len * world_size
-    if args.device_batch_size <= 0 or tbs % per_step != 0:
-        raise TrainError(f"--total-batch-size {tbs} is not a multiple of device batch x seq len x processes "
-                         f"({args.device_batch_size} x {args.max_seq_len} x {world_size} = {per_step})")
+        _check_same_model(resume, meta, shape.config)
+    if shape.problems:
+        raise TrainError(shape.problems[0])
     if resume is None:
-        existing = cm.list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
-        if existing or (ckpt_dir / "metrics.jsonl").exists():
-            steps = ", ".join(str(c.step) for c in existing[-4:]) or "none"
-            raise TrainError(f"{ckpt_dir} already holds a run (checkpoint steps: {steps}); continue it with --resume, "
-                             "or choose another --model-tag")
+        _check_new_run_dir(ckpt_dir)
     segment = next_segment(ckpt_dir, meta) if meta else 1
-    return Plan(args, user_config, config, ckpt_dir, tbs, num_iterations, tbs // per_step, resume, meta, segment)
+    saved = meta.get("compiled", device_type == "cuda") if meta else None  # before "compiled" was recorded: auto's rule
+    decision = compile_decision(args.compile, device_type, shape, shape.num_iterations - (resume.step if resume else 0),
+                                saved=saved)
+    return Plan(args, user_config, shape, ckpt_dir, resume, meta, segment, decision)
+
+
+def _check_same_model(resume, meta: dict, config: GPTConfig) -> None:
+    saved = meta.get("model_config") or {}
+    wanted = config.upstream_dict()
+    diff = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
+    if diff:
+        raise TrainError(f"{resume.label} was trained with a different model ({', '.join(diff)}); "
+                         "drop the changed flags to resume, or start a new --model-tag")
+
+
+def _check_new_run_dir(ckpt_dir: Path) -> None:
+    existing = cm.list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+    if existing or (ckpt_dir / "metrics.jsonl").exists():
+        steps = ", ".join(str(c.step) for c in existing[-4:]) or "none"
+        raise TrainError(f"{ckpt_dir} already holds a run (checkpoint steps: {steps}); continue it with --resume, "
+                         "or choose another --model-tag")
 
 
 def next_segment(ckpt_dir: Path, meta: dict) -> int:
@@ -196,9 +177,8 @@ def next_segment(ckpt_dir: Path, meta: dict) -> int:
     return max(seen) + 1
 
 
-def _find_resume_point(ckpt_dir: Path, args, world_size: int, master: bool):
-    from nanochat import checkpoint_manager as cm
-
+def _find_resume_point(ckpt_dir: Path, args, world_size: int, master: bool) -> tuple[cm.CheckpointFiles, dict]:
+    """The checkpoint --resume or --resume-from-step names, and its meta, checked for an exact resume."""
     try:
         found = cm.list_checkpoints(ckpt_dir)
     except cm.CheckpointError:
@@ -237,24 +217,6 @@ def _find_resume_point(ckpt_dir: Path, args, world_size: int, master: bool):
         raise TrainError(f"{ckpt.label} was trained by {saved_world} process(es) but this launch has {world_size}; "
                          f"resume it with {how}")
     return ckpt, meta
-
-
-def resume_command(user_config: dict, world_size: int, step: int) -> str:
-    """The command that continues this run from `step` (flags that differ from the defaults only)."""
-    defaults = vars(build_parser().parse_args([]))
-    parts = []
-    for k, v in user_config.items():
-        if k in ("resume", "resume_from_step") or v is None or v == defaults.get(k):
-            continue
-        parts += [FLAG_NAMES.get(k, f"--{k.replace('_', '-')}"), shlex.quote(str(v))]
-    parts += ["--resume-from-step", str(step)]
-    if world_size > 1:
-        cmd = f"torchrun --standalone --nproc_per_node={world_size} -m scripts.base_train -- " + " ".join(parts)
-    else:
-        cmd = "python -m scripts.base_train " + " ".join(parts)
-    if os.environ.get("NANOCHAT_BASE_DIR"):
-        cmd = f"NANOCHAT_BASE_DIR={shlex.quote(os.environ['NANOCHAT_BASE_DIR'])} " + cmd
-    return cmd
 
 
 # ---------------------------------------------------------------------- signals, faults, metrics
@@ -315,8 +277,6 @@ def apply_retention(ckpt_dir: Path, keep_last: int, protected: set[int]) -> list
     """Delete complete checkpoints beyond the newest `keep_last`, never the best val_bpb one nor the
     protected steps (the resume point, the step just written). Meta goes first: a half-deleted step is
     incomplete, never a broken "complete" one."""
-    from nanochat import checkpoint_manager as cm
-
     if keep_last <= 0:
         return []
     complete = []
@@ -358,8 +318,6 @@ def keep_freed_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     args, explicit = parse_args(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()
-    from nanochat import distributed
-
     try:
         device_type = distributed.resolve_device_type(args.device_type)
         dist_info = distributed.init_distributed(device_type)
@@ -378,215 +336,298 @@ def main(argv: list[str] | None = None) -> int:
         distributed.cleanup()
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What training reads besides checkpoints: the tokenizer and the data shards."""
+
+    base_dir: Path
+    tokenizer: Tokenizer
+    token_bytes: torch.Tensor  # bytes per token id, for val bpb
+    train_files: list
+    val_files: list
+
+
+@dataclass
+class LoopState:
+    """What changes from step to step besides the weights, optimizer and RNG; saved with each checkpoint."""
+
+    step: int = 0
+    val_bpb: float | None = None
+    min_val_bpb: float = math.inf
+    smooth_loss: float = 0.0  # EMA of the train loss (debiased when printed)
+    total_time: float = 0.0  # seconds of training after the first 10 steps, as upstream counts it
+    last_eval_step: int | None = None
+
+    def meta(self) -> dict:
+        return {"min_val_bpb": self.min_val_bpb, "smooth_train_loss": self.smooth_loss,
+                "total_training_time": self.total_time}
+
+    @classmethod
+    def from_checkpoint(cls, step: int, meta: dict, train_state: dict) -> LoopState:
+        loop = meta.get("loop_state") or {}
+        return cls(step=step, val_bpb=meta.get("val_bpb"), min_val_bpb=float(loop.get("min_val_bpb", math.inf)),
+                   smooth_loss=float(loop.get("smooth_train_loss", 0.0)),
+                   total_time=float(loop.get("total_training_time", 0.0)),
+                   last_eval_step=train_state["last_eval_step"] if train_state["last_eval_step"] >= 0 else None)
+
+
+@dataclass
+class Trainee:
+    """The model and what trains it, for one process."""
+
+    plan: Plan
+    dist: distributed.DistInfo
+    inputs: Inputs
+    model: GPT
+    optimizer: MuonAdamW
+    loader: BosBestFitLoader
+    weight_decay: float  # Muon's at step 0, after scaling
+    fwd: object = None  # the model or its torch.compile'd wrapper
+
+    @property
+    def master(self) -> bool:
+        return self.dist.master
+
+
 def train(args, explicit: set[str], dist_info) -> int:
-    import torch
+    inputs = open_inputs(get_base_dir(), dist_info.device)
+    plan = plan_run(args, explicit, dist_info.world_size, inputs.base_dir, inputs.tokenizer.get_vocab_size(),
+                    dist_info.master, dist_info.device.type)
+    if dist_info.device.type == "cpu":
+        torch.use_deterministic_algorithms(True)  # exact resume needs run-to-run identical kernels
+    torch.manual_seed(plan.args.seed)
+    t = build_trainee(plan, inputs, dist_info)
+    state = restore(t) if plan.resume is not None else LoopState()
+    if plan.resume is not None and state.step >= plan.num_iterations:
+        if state.step > plan.num_iterations:
+            raise TrainError(f"{plan.resume.label} is already past --num-iterations {plan.num_iterations}")
+        distributed.print0(f"{plan.resume.label} is the last step of this run ({plan.num_iterations}); nothing to do "
+                           "(raise --num-iterations to train longer)")
+        return 0
+    t.fwd = torch.compile(t.model, dynamic=False) if plan.compile.compile else t.model
+    # From here on we write: the checkpoint directory, metrics.jsonl, checkpoints.
+    if dist_info.master:
+        plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    metrics = MetricsLog(plan.checkpoint_dir / "metrics.jsonl", plan.segment) if dist_info.master else None
+    stop = StopRequest()
+    stop.install()
+    announce(t)
+    try:
+        return training_loop(t, state, stop, metrics)
+    finally:
+        if metrics:
+            metrics.close()
 
-    from nanochat import checkpoint_manager as cm
-    from nanochat import distributed
-    from nanochat.common import get_base_dir
-    from nanochat.dataloader import BosBestFitLoader, DataError, find_data_dir, list_parquet_files, split_files
-    from nanochat.gpt import GPT
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.model_config import current_config, param_counts
-    from nanochat.optim import LearningRates, MuonAdamW, OptimizerStateError, muon_momentum, muon_weight_decay, param_groups_for
-    from nanochat.schedule import schedule_from_user_config
-    from nanochat.tokenizer import Tokenizer, TokenizerError
-    from nanochat.train_state import TrainStateError, check_train_state, make_train_state, restore_rng
 
-    print0 = distributed.print0
-    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
-    base_dir = get_base_dir()
+def open_inputs(base_dir: Path, device) -> Inputs:
     try:
         tokenizer = Tokenizer.from_directory(base_dir / "tokenizer")
         token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
-        data_dir = find_data_dir(base_dir)
-        files = list_parquet_files(data_dir)
-        train_files, val_files = split_files(files, "train"), split_files(files, "val")
+        files = list_parquet_files(find_data_dir(base_dir))
+        return Inputs(base_dir, tokenizer, token_bytes, split_files(files, "train"), split_files(files, "val"))
     except (TokenizerError, DataError) as e:
         raise TrainError(str(e)) from None
 
-    plan = plan_run(args, explicit, world, base_dir, tokenizer.get_vocab_size(), dist_info.master)
-    args, config = plan.args, plan.config
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)  # exact resume needs run-to-run identical kernels
-    torch.manual_seed(args.seed)
 
-    model = GPT(config).to(device)
+def build_trainee(plan: Plan, inputs: Inputs, dist_info) -> Trainee:
+    """A freshly initialised model, its optimizer with upstream's scaled learning rates, and the data loader."""
+    args, rank, world, device = plan.args, dist_info.rank, dist_info.world_size, dist_info.device
+    model = GPT(plan.config).to(device)
     model.init_weights(seed=args.seed)
-    counts = param_counts(config)
-    scale_lr = (plan.total_batch_size / B_REF) ** 0.5  # sqrt batch scaling, as upstream (B_ref = 2**19)
-    d12 = param_counts(current_config(12, args.aspect_ratio, args.head_dim, args.max_seq_len, config.vocab_size,
-                                      args.window_pattern))["scaling"]
-    wd = args.weight_decay * scale_lr * (d12 / counts["scaling"])  # constant T_epoch across sizes (upstream)
-    lrs = LearningRates(embedding=args.embedding_lr * scale_lr, unembedding=args.unembedding_lr * scale_lr,
-                        matrix=args.matrix_lr * scale_lr, scalar=args.scalar_lr * scale_lr, weight_decay=wd)
+    rates = scaled_learning_rates(plan.user_config, plan.shape)
+    lrs = LearningRates(embedding=rates.embedding, unembedding=rates.unembedding, matrix=rates.matrix,
+                        scalar=rates.scalar, weight_decay=rates.weight_decay)
     optimizer = MuonAdamW(model, param_groups_for(model, lrs), rank=rank, world_size=world)
-    loader = BosBestFitLoader(train_files, tokenizer, args.device_batch_size, args.max_seq_len, rank, world, device)
+    loader = BosBestFitLoader(inputs.train_files, inputs.tokenizer, args.device_batch_size, args.max_seq_len, rank,
+                              world, device)
+    return Trainee(plan, dist_info, inputs, model, optimizer, loader, rates.weight_decay)
 
-    step, val_bpb, min_val_bpb, smooth_loss, total_time, last_eval_step = 0, None, float("inf"), 0.0, 0.0, None
+
+def restore(t: Trainee) -> LoopState:
+    """Weights, optimizer shard, data position, RNG and loop state of the checkpoint being resumed."""
+    ckpt, meta = t.plan.resume, t.plan.resume_meta
+    rank, world, device = t.dist.rank, t.dist.world_size, t.dist.device
+    failure, shared = None, False
+    try:
+        weights = cm.load_state_dict(ckpt, device)
+        cm.config_from_checkpoint(meta, {k: v.shape for k, v in weights.items()})
+        t.model.load_state_dict(weights, strict=True)
+        t.optimizer.load_shards([cm.torch_load(ckpt.optimizer_shards[r]) for r in range(world)])
+        ts = check_train_state(cm.torch_load(ckpt.train_states[rank]), rank=rank, world_size=world, step=ckpt.step)
+        t.loader.load_state_dict(ts["loader"])
+    except (cm.CheckpointError, OptimizerStateError, TrainStateError, DataError, RuntimeError) as e:
+        failure = f"cannot resume from {ckpt.label}: {str(e).splitlines()[0]}"
+        shared = isinstance(e, OptimizerStateError)  # every rank reads every optimizer file: rank 0 says it
+    # Each rank reads its own shard: all must agree before anyone waits for the others in a collective.
+    failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item()
+    if failure is not None:
+        raise TrainError(failure, local=not shared)
+    if failed:
+        raise TrainError("another rank could not resume", quiet=True)
+    restore_rng(ts["rng"])
+    if device.type == "cpu":
+        match_cpu_threads(ts.get("cpu_threads"), ckpt.label, t.master)
+    return LoopState.from_checkpoint(ckpt.step, meta, ts)
+
+
+def match_cpu_threads(threads: int | None, label: str, master: bool) -> None:
+    """CPU reductions depend on the thread count: match the checkpoint's unless the user chose one."""
+    if not threads or threads == torch.get_num_threads():
+        return
+    if "OMP_NUM_THREADS" in os.environ:
+        if master:
+            print(f"note: {label} was trained with {threads} CPU thread(s) per process and OMP_NUM_THREADS asks for "
+                  f"{torch.get_num_threads()}: the continuation will differ in the last bits (OMP_NUM_THREADS={threads} "
+                  "makes the resume bit-exact)", file=sys.stderr, flush=True)
+    else:
+        torch.set_num_threads(threads)
+        distributed.print0(f"using {threads} CPU thread(s) per process, as when {label} was written (bit-exact resume)")
+
+
+def announce(t: Trainee) -> None:
+    plan, cfg = t.plan, t.plan.config
+    distributed.print0(
+        f"model {plan.checkpoint_dir.name}: {plan.shape.params['total']:,} parameters (depth {cfg.n_layer}, width "
+        f"{cfg.n_embd}, vocab {cfg.vocab_size}), {plan.num_iterations} steps of {plan.total_batch_size:,} tokens, "
+        f"{plan.grad_accum} micro-step(s) x {t.dist.world_size} process(es), {t.dist.device.type}"
+        f"{', compiled' if plan.compile.compile else ''} ({plan.compile.reason})")
     if plan.resume is not None:
-        ckpt, meta = plan.resume, plan.resume_meta
-        failure, shared = None, False
-        try:
-            state = cm.load_state_dict(ckpt, device)
-            cm.config_from_checkpoint(meta, {k: v.shape for k, v in state.items()})
-            model.load_state_dict(state, strict=True)
-            optimizer.load_shards([cm.torch_load(ckpt.optimizer_shards[r]) for r in range(world)])
-            ts = check_train_state(cm.torch_load(ckpt.train_states[rank]), rank=rank, world_size=world, step=ckpt.step)
-            loader.load_state_dict(ts["loader"])
-        except (cm.CheckpointError, OptimizerStateError, TrainStateError, DataError, RuntimeError) as e:
-            failure = f"cannot resume from {ckpt.label}: {str(e).splitlines()[0]}"
-            shared = isinstance(e, OptimizerStateError)  # every rank reads every optimizer file: rank 0 says it
-        # Each rank reads its own shard: all must agree before anyone waits for the others in a collective.
-        failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item()
-        if failure is not None:
-            raise TrainError(failure, local=not shared)
-        if failed:
-            raise TrainError("another rank could not resume", quiet=True)
-        step = ckpt.step
-        loop = meta.get("loop_state") or {}
-        val_bpb, min_val_bpb = meta.get("val_bpb"), float(loop.get("min_val_bpb", float("inf")))
-        smooth_loss, total_time = float(loop.get("smooth_train_loss", 0.0)), float(loop.get("total_training_time", 0.0))
-        last_eval_step = ts["last_eval_step"] if ts["last_eval_step"] >= 0 else None
-        restore_rng(ts["rng"])
-        threads = ts.get("cpu_threads")
-        if device.type == "cpu" and threads and threads != torch.get_num_threads():
-            # CPU reductions depend on the thread count: match the checkpoint unless the user chose one.
-            if "OMP_NUM_THREADS" in os.environ:
-                if dist_info.master:
-                    print(f"note: {ckpt.label} was trained with {threads} CPU thread(s) per process and "
-                          f"OMP_NUM_THREADS asks for {torch.get_num_threads()}: the continuation will differ in the "
-                          f"last bits (OMP_NUM_THREADS={threads} makes the resume bit-exact)", file=sys.stderr, flush=True)
-            else:
-                torch.set_num_threads(threads)
-                print0(f"using {threads} CPU thread(s) per process, as when {ckpt.label} was written (bit-exact resume)")
-    start_step = step
+        distributed.print0(f"resuming {plan.resume.label} (segment {plan.segment})")
+
+
+def stop_command(user_config: dict, checkpoint_dir: Path, world_size: int, cpu_threads: int | None, step: int) -> str:
+    """The command that resumes this run from `step`, built as the registry's resume planner builds it
+    (same builder, same inputs: the base dir and tag from the checkpoint directory), so both say the same."""
+    return resume_command(BASE_TRAIN, user_config, world_size=world_size, resume_step=step,
+                          env=launch_env(checkpoint_dir.parent.parent, cpu_threads),
+                          overrides={"model_tag": checkpoint_dir.name}).line
+
+
+def training_loop(t: Trainee, state: LoopState, stop: StopRequest, metrics: MetricsLog | None) -> int:
+    """Evaluate, save and step until the last step or a stop request; each decision reads the loop state."""
+    plan, args = t.plan, t.plan.args
+    n, start = plan.num_iterations, plan.start_step
     resumed = plan.resume is not None
-    if resumed and step >= plan.num_iterations:
-        if step > plan.num_iterations:
-            raise TrainError(f"{plan.resume.label} is already past --num-iterations {plan.num_iterations}")
-        print0(f"{plan.resume.label} is the last step of this run ({plan.num_iterations}); nothing to do "
-               "(raise --num-iterations to train longer)")
-        return 0
-
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    fwd = torch.compile(model, dynamic=False) if use_compile else model
-    schedule = schedule_from_user_config(plan.user_config, plan.num_iterations)
-    n, tbs = plan.num_iterations, plan.total_batch_size
-    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world))
-
-    # From here on we write: the checkpoint directory, metrics.jsonl, checkpoints.
-    ckpt_dir = plan.checkpoint_dir
-    if dist_info.master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    metrics = MetricsLog(ckpt_dir / "metrics.jsonl", plan.segment) if dist_info.master else None
-    stop = StopRequest()
-    stop.install()
-
-    print0(f"model {ckpt_dir.name}: {counts['total']:,} parameters (depth {config.n_layer}, width {config.n_embd}, "
-           f"vocab {config.vocab_size}), {n} steps of {tbs:,} tokens, {plan.grad_accum} micro-step(s) x {world} "
-           f"process(es), {device.type}{', compiled' if use_compile else ''}")
-    if resumed:
-        print0(f"resuming {plan.resume.label} (segment {plan.segment})")
-
-    def save(at_step: int) -> None:
-        if dist_info.master:
-            cm.invalidate_step(ckpt_dir, at_step)
-        distributed.barrier()
-        if dist_info.master:
-            cm.save_model(ckpt_dir, at_step, model.state_dict())
-            fault_point("model", at_step, rank)
-        cm.save_optimizer_shard(ckpt_dir, at_step, rank, optimizer.state_dict())
-        fault_point("optim", at_step, rank)
-        cm.save_train_state(ckpt_dir, at_step, rank, make_train_state(
-            rank=rank, world_size=world, step=at_step, loader_state=loader.state_dict(), last_eval_step=last_eval_step))
-        fault_point("trainstate", at_step, rank)
-        distributed.barrier()  # every shard is on disk before the meta says the step is complete
-        if dist_info.master:
-            cm.write_meta(ckpt_dir, at_step, {
-                "step": at_step,
-                "val_bpb": val_bpb,
-                "model_config": config.upstream_dict(),
-                "user_config": plan.user_config,
-                "device_batch_size": args.device_batch_size,
-                "max_seq_len": args.max_seq_len,
-                "total_batch_size": tbs,
-                "dataloader_state_dict": loader.upstream_state(),
-                "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_loss,
-                               "total_training_time": total_time},
-                "world_size": world,
-                "num_iterations": n,
-                "resume_segment": plan.segment,
-                "train_state": True,
-                "workbench_version": 1,
-            })
-            fault_point("meta", at_step, rank)
-            protected = {at_step} | ({start_step} if resumed else set())
-            deleted = apply_retention(ckpt_dir, args.keep_last, protected)
-            print0(f"saved step {at_step} to {ckpt_dir}" + (f" (removed steps {deleted})" if deleted else ""))
-        distributed.barrier()
-
-    seg_times: list[float] = []
+    schedule = schedule_from_user_config(plan.user_config, n)
+    step_times: list[float] = []  # this launch's, for the ETA
     while True:
+        step = state.step
         last_step = step == n
-        stopping = stop.signal_name is not None and step > start_step
+        stopping = stop.signal_name is not None and step > start
         if args.eval_every > 0 and not stopping and (last_step or step % args.eval_every == 0) \
-                and not (step == start_step and last_eval_step == step):
-            model.eval()
-            val_loader = BosBestFitLoader(val_files, tokenizer, args.device_batch_size, args.max_seq_len, rank, world,
-                                          device)
-            val_bpb = evaluate_bpb(model, iter(val_loader), eval_steps, token_bytes)  # eager: no recompile
-            model.train()
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            last_eval_step = step
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            if metrics:
-                metrics.write(step, val_bpb=val_bpb)
-        if last_step or stopping or (step > 0 and not (resumed and step == start_step) and args.save_every > 0
+                and not (step == start and state.last_eval_step == step):
+            evaluate(t, state, metrics)
+        if last_step or stopping or (step > 0 and not (resumed and step == start) and args.save_every > 0
                                      and step % args.save_every == 0):
-            save(step)
+            save_checkpoint(t, state)
         if last_step:
             break
         if stopping:
-            print0(f"stopped by {stop.signal_name} at step {step}; checkpoint saved. Resume with:\n"
-                   f"  {resume_command(plan.user_config, world, step)}")
-            if metrics:
-                metrics.close()
+            threads = torch.get_num_threads() if t.dist.device.type == "cpu" else None
+            distributed.print0(f"stopped by {stop.signal_name} at step {step}; checkpoint saved. Resume with:\n"
+                               f"  {stop_command(plan.user_config, plan.checkpoint_dir, t.dist.world_size, threads, step)}")
             return 0
-
         t0 = time.time()
         lrm = schedule.lr_multiplier(step)
-        optimizer.set_schedule(lrm, muon_momentum(step, n, schedule.warmdown_ratio), muon_weight_decay(step, n, wd))
-        loss = train_step(fwd, optimizer, loader, plan.grad_accum)
-        # One collective per step: the mean loss over ranks and whether any rank was asked to stop.
-        shared = torch.stack([loss, torch.tensor(float(stop.signal_name is not None), device=device)])
-        distributed.all_reduce_sum(shared)
-        train_loss = shared[0].item() / world
-        if shared[1].item() > 0 and stop.signal_name is None:
-            stop.signal_name = "a stop request on another rank"
+        t.optimizer.set_schedule(lrm, muon_momentum(step, n, schedule.warmdown_ratio),
+                                 muon_weight_decay(step, n, t.weight_decay))
+        train_loss = shared_loss(t, train_step(t.fwd, t.optimizer, t.loader, plan.grad_accum), stop)
         dt = time.time() - t0
-
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased = smooth_loss / (1 - 0.9 ** (step + 1))
-        if step > 10:
-            total_time += dt
-        if step > start_step:  # the first step of a launch pays for warm-up (and compilation)
-            seg_times.append(dt)
-        avg = sum(seg_times) / len(seg_times) if seg_times else dt
-        eta = (n - step - 1) * avg
-        tok_per_sec = tbs / dt
-        if metrics:  # the file first: whoever sees the console line can rely on the row being on disk
-            metrics.write(step, train_loss=train_loss, lrm=lrm, tok_per_sec=tok_per_sec, dt_ms=dt * 1000)
-        print0(f"step {step:05d}/{n:05d} ({100 * (step + 1) / n:5.1f}%) | loss {debiased:.4f} | lrm {lrm:.2f} | "
-               f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | eta {_fmt_duration(eta)}")
-        step += 1
-
-    print0(f"done: {n} steps, val bpb {val_bpb if val_bpb is None else round(val_bpb, 4)}, "
-           f"checkpoints in {ckpt_dir}")
-    if metrics:
-        metrics.close()
+        if step > start:  # the first step of a launch pays for warm-up (and compilation)
+            step_times.append(dt)
+        log_step(t, state, train_loss, lrm, dt, step_times, metrics)
+        state.step += 1
+    distributed.print0(f"done: {n} steps, val bpb {state.val_bpb if state.val_bpb is None else round(state.val_bpb, 4)}, "
+                       f"checkpoints in {plan.checkpoint_dir}")
     return 0
+
+
+def shared_loss(t: Trainee, loss: torch.Tensor, stop: StopRequest) -> float:
+    """One collective per step: the mean loss over ranks, and whether any rank was asked to stop."""
+    shared = torch.stack([loss, torch.tensor(float(stop.signal_name is not None), device=t.dist.device)])
+    distributed.all_reduce_sum(shared)
+    if shared[1].item() > 0 and stop.signal_name is None:
+        stop.signal_name = "a stop request on another rank"
+    return shared[0].item() / t.dist.world_size
+
+
+def log_step(t: Trainee, state: LoopState, train_loss: float, lrm: float, dt: float, step_times: list[float],
+             metrics: MetricsLog | None) -> None:
+    step, n, tbs = state.step, t.plan.num_iterations, t.plan.total_batch_size
+    state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * train_loss
+    debiased = state.smooth_loss / (1 - 0.9 ** (step + 1))
+    if step > 10:
+        state.total_time += dt
+    avg = sum(step_times) / len(step_times) if step_times else dt
+    tok_per_sec = tbs / dt
+    if metrics:  # the file first: whoever sees the console line can rely on the row being on disk
+        metrics.write(step, train_loss=train_loss, lrm=lrm, tok_per_sec=tok_per_sec, dt_ms=dt * 1000)
+    distributed.print0(f"step {step:05d}/{n:05d} ({100 * (step + 1) / n:5.1f}%) | loss {debiased:.4f} | lrm {lrm:.2f} | "
+                       f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | eta {_fmt_duration((n - step - 1) * avg)}")
+
+
+def evaluate(t: Trainee, state: LoopState, metrics: MetricsLog | None) -> None:
+    args, rank, world = t.plan.args, t.dist.rank, t.dist.world_size
+    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world))
+    t.model.eval()
+    val_loader = BosBestFitLoader(t.inputs.val_files, t.inputs.tokenizer, args.device_batch_size, args.max_seq_len,
+                                  rank, world, t.dist.device)
+    state.val_bpb = evaluate_bpb(t.model, iter(val_loader), eval_steps, t.inputs.token_bytes)  # eager: no recompile
+    t.model.train()
+    state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
+    state.last_eval_step = state.step
+    distributed.print0(f"step {state.step:05d} | val bpb {state.val_bpb:.4f}")
+    if metrics:
+        metrics.write(state.step, val_bpb=state.val_bpb)
+
+
+def save_checkpoint(t: Trainee, state: LoopState) -> None:
+    """Model, every rank's optimizer shard and training state, then the meta (rank 0, last: it marks the
+    step complete), then retention. Barriers keep the order across ranks."""
+    plan, rank, world, at = t.plan, t.dist.rank, t.dist.world_size, state.step
+    ckpt_dir = plan.checkpoint_dir
+    if t.master:
+        cm.invalidate_step(ckpt_dir, at)
+    distributed.barrier()
+    if t.master:
+        cm.save_model(ckpt_dir, at, t.model.state_dict())
+        fault_point("model", at, rank)
+    cm.save_optimizer_shard(ckpt_dir, at, rank, t.optimizer.state_dict())
+    fault_point("optim", at, rank)
+    cm.save_train_state(ckpt_dir, at, rank, make_train_state(
+        rank=rank, world_size=world, step=at, loader_state=t.loader.state_dict(), last_eval_step=state.last_eval_step))
+    fault_point("trainstate", at, rank)
+    distributed.barrier()  # every shard is on disk before the meta says the step is complete
+    if t.master:
+        cm.write_meta(ckpt_dir, at, checkpoint_meta(t, state))
+        fault_point("meta", at, rank)
+        protected = {at} | ({plan.start_step} if plan.resume is not None else set())
+        deleted = apply_retention(ckpt_dir, plan.args.keep_last, protected)
+        distributed.print0(f"saved step {at} to {ckpt_dir}" + (f" (removed steps {deleted})" if deleted else ""))
+    distributed.barrier()
+
+
+def checkpoint_meta(t: Trainee, state: LoopState) -> dict:
+    """Upstream's meta keys (so upstream's loader reads our checkpoints) plus what an exact resume needs."""
+    plan, args = t.plan, t.plan.args
+    return {
+        "step": state.step,
+        "val_bpb": state.val_bpb,
+        "model_config": plan.config.upstream_dict(),
+        "user_config": plan.user_config,
+        "device_batch_size": args.device_batch_size,
+        "max_seq_len": args.max_seq_len,
+        "total_batch_size": plan.total_batch_size,
+        "dataloader_state_dict": t.loader.upstream_state(),
+        "loop_state": state.meta(),
+        "world_size": t.dist.world_size,
+        "num_iterations": plan.num_iterations,
+        "resume_segment": plan.segment,
+        "compiled": plan.compile.compile,  # a resume runs the same kernels (see train_config.compile_decision)
+        "train_state": True,
+        "workbench_version": 1,
+    }
 
 
 def train_step(fwd, optimizer, loader, grad_accum: int):

@@ -15,6 +15,8 @@ import torch
 
 from nanochat import checkpoint_manager as cm
 from registry import resume
+from registry.errors import TargetBelowStepError
+from scripts import base_train
 from scripts.demo import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,22 @@ def test_every_demo_run_is_planned_at_its_last_step(demo_base):
     crashed = resume.plan_resume(demo_base / "base_checkpoints" / "d2-crash")
     assert crashed.segment == 2 and resume.plan_resume(demo_base / "base_checkpoints" / "d2").segment == 1
     assert "--resume" not in crashed.command_argv
+
+
+def test_the_trainer_and_the_planner_print_the_same_resume_command(demo_base):
+    """One builder: what base_train prints when stopped at a step is the planner's command for that step."""
+    for tag in SPECS:
+        run = demo_base / "base_checkpoints" / tag
+        plan = resume.plan_resume(run)
+        meta = cm.read_meta(cm.find_last_complete(run, resumable=True))
+        printed = base_train.stop_command(meta["user_config"], run, world_size=1, cpu_threads=1, step=plan.step)
+        assert printed == plan.command
+
+
+def test_a_target_below_the_resume_step_is_refused(demo_base):
+    spec = SPECS["d2"]
+    with pytest.raises(TargetBelowStepError, match=f"target 3 steps is below the resume step {spec.steps}"):
+        resume.plan_resume(demo_base / "base_checkpoints" / "d2", target_steps=3)
 
 
 def test_crash_during_the_last_save_is_resumed_to_the_same_weights(demo_copy):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from nanochat.model_config import GPTConfig
-from nanochat.schedule import Schedule, resolve_from_meta, resolve_num_iterations, schedule_from_user_config
+from nanochat.schedule import Schedule, resolve_from_meta, schedule_from_user_config
+from nanochat.train_config import resolve_num_iterations
 
 
 def test_current_schedule_shape():

@@ -25,6 +25,7 @@ import torch
 from nanochat import checkpoint_manager as cm
 from nanochat.gpt import GPT
 from nanochat.optim import LearningRates, MuonAdamW, param_groups_for
+from registry.resume import plan_resume
 from tests.modelkit import v1_optimizer_files, write_training_base
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -322,9 +323,11 @@ def test_sigterm_saves_prints_the_resume_command_and_that_command_resumes(base):
     assert m, out[-1000:]
     step, cmd = int(m.group(1)), m.group(2)
     assert complete_steps(base, tag) == [step]
-    assert cmd.startswith(f"NANOCHAT_BASE_DIR={shlex.quote(str(base))} python -m scripts.base_train ")
-    assert f"--model-tag {tag}" in cmd and f"--resume-from-step {step}" in cmd
-    argv = shlex.split(cmd)[1:]
+    assert cmd.startswith(f"NANOCHAT_BASE_DIR={shlex.quote(str(base.resolve()))} OMP_NUM_THREADS=1 "
+                          "python -m scripts.base_train ")
+    assert f"--model-tag={tag}" in cmd and cmd.endswith(f" --resume-from-step={step}")
+    assert cmd == plan_resume(run_dir(base, tag)).command  # the registry's planner says the same
+    argv = shlex.split(cmd)[2:]
     argv = [sys.executable, *argv[1:], "--num-iterations", str(step + 2)]  # run it, but only two more steps
     res = subprocess.run(argv, cwd=ROOT, env=env_for(base), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

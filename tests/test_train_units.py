@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import shlex
 import socket
 from pathlib import Path
 
@@ -17,12 +18,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat import checkpoint_manager as cm
+from nanochat.common import DEFAULT_BASE_DIR
 from nanochat.dataloader import BosBestFitLoader, DataError, DocumentStream, find_data_dir, list_parquet_files, split_files
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_config import current_config
 from nanochat.optim import LearningRates, MuonAdamW, OptimizerStateError, assign_owners, param_groups_for
 from nanochat.tokenizer import Tokenizer
+from nanochat.train_config import BASE_TRAIN, launch_env, resume_command
 from nanochat.train_state import capture_rng, restore_rng
 from scripts import base_train
 from tests.modelkit import random_model, write_checkpoint, write_training_base
@@ -271,14 +274,20 @@ def test_parse_args_accepts_torchrun_separator_and_tracks_explicit_flags():
     assert explicit == {"depth", "device_type", "resume"}
 
 
-def test_resume_command_repeats_non_default_flags(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", "/data/my base")
-    args, _ = base_train.parse_args(["--depth", "4", "--device", "cpu", "--model-tag", "x y", "--resume"])
-    cmd = base_train.resume_command(vars(args), world_size=1, step=17)
-    assert cmd == "NANOCHAT_BASE_DIR='/data/my base' python -m scripts.base_train --device cpu --depth 4 " \
-                  "--model-tag 'x y' --resume-from-step 17"
-    multi = base_train.resume_command(vars(args), world_size=4, step=17)
-    assert "torchrun --standalone --nproc_per_node=4 -m scripts.base_train -- --device cpu" in multi
+def test_resume_command_repeats_the_runs_flags_in_one_syntax():
+    args, _ = base_train.parse_args(["--depth", "4", "--device", "cpu", "--run", "x y", "--resume"])
+    env = launch_env("/data/my base", cpu_threads=2)
+    cmd = resume_command(BASE_TRAIN, vars(args), world_size=1, resume_step=17, env=env,
+                         overrides={"model_tag": "d4"}).line
+    assert cmd.startswith("NANOCHAT_BASE_DIR='/data/my base' OMP_NUM_THREADS=2 python -m scripts.base_train "
+                          "'--run=x y' --device=cpu --seed=42 --compile=auto --depth=4 ")
+    assert cmd.endswith(" --model-tag=d4 --resume-from-step=17")
+    assert "--resume " not in cmd and "--target-flops=-1.0" in cmd  # per-launch flags dropped, floats as typed
+    reparsed, _ = base_train.parse_args(shlex.split(cmd)[5:])  # what the trainer reads back is the run's flags
+    assert {**vars(args), "model_tag": "d4", "resume": False, "resume_from_step": 17} == vars(reparsed)
+    multi = resume_command(BASE_TRAIN, vars(args), world_size=4, resume_step=17).line
+    assert multi.startswith("torchrun --standalone --nproc_per_node=4 -m scripts.base_train -- '--run=x y'")
+    assert launch_env(DEFAULT_BASE_DIR) == {}
 
 
 def test_readme_documents_every_training_flag():
