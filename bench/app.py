@@ -154,7 +154,7 @@ def main() -> int:
         def calculator_page():
             data.runs(url)
             for depth in range(8, 33):
-                data.model_estimate("current", depth, 64, 128, 2048, 32768, "SSSL", 32, -1, 12.0, -1, 8, 2)
+                data.model_estimate({"depth": depth}, vocab_size=32768, world_size=8)
 
         timed("calculator_page_data_s", calculator_page, figures)
         pages = [k for k in figures if k.endswith("_page_data_s")]

@@ -387,9 +387,9 @@ def _horizon(meta: dict, step: int, target_steps: int | None) -> _Horizon:
     target, source = run_iters, ("meta" if isinstance(meta.get("num_iterations"), int) else "user_config")
     if target_steps is not None:
         if target_steps < step:
+            own = f" (the run's own target is {run_iters})" if run_iters else ""
             raise TargetBelowStepError(f"target {target_steps} steps is below the resume step {step}: the run has "
-                                       f"already trained {step} steps; ask for at least {step} (or 0 for the run's own "
-                                       f"{run_iters if run_iters else 'target'})")
+                                       f"already trained {step} steps; ask for {step} or more{own}")
         target, source = int(target_steps), "override"
     schedule = schedule_from_user_config(user, target) if target else None
     warnings = []

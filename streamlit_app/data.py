@@ -383,45 +383,24 @@ def model_choices(url: str) -> pd.DataFrame:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def model_estimate(generation: str, depth: int, aspect_ratio: int, head_dim: int, max_seq_len: int, vocab_size: int,
-                   window_pattern: str, device_batch_size: int, total_batch_size: int, param_data_ratio: float,
-                   num_iterations: int, world_size: int, activation_bytes: int = 2) -> dict:
-    """What base_train would build and run from these flags (nanochat.model_config + nanochat.schedule,
-    the functions training calls): config, parameters, FLOPs/token, memory per device, steps, tokens."""
+def model_estimate(flags: dict, vocab_size: int, world_size: int = 1, activation_bytes: int = 2) -> dict:
+    """What base_train would build and run from these flags (a user_config; classic upstream's carries
+    `warmup_ratio`), derived by nanochat.train_config, the functions training itself calls: config,
+    parameters, FLOPs/token, memory per device, steps, tokens, and why training would refuse them.
+    Raises ArchitectureError when the flags describe no buildable model."""
     from nanochat import model_config as mc
-    from nanochat import schedule as sch
+    from nanochat import train_config as tc
 
-    classic = generation == "classic"
-    if classic:
-        cfg = mc.classic_config(depth, max_seq_len, vocab_size)
-        user = {"warmup_ratio": 0.0, "num_iterations": num_iterations, "target_param_data_ratio": param_data_ratio,
-                "total_batch_size": total_batch_size}
-        fpt = mc.classic_flops_per_token(cfg)
-    else:
-        cfg = mc.current_config(depth, aspect_ratio, head_dim, max_seq_len, vocab_size, window_pattern)
-        user = {"num_iterations": num_iterations, "target_param_data_ratio": param_data_ratio, "aspect_ratio": aspect_ratio,
-                "head_dim": head_dim, "total_batch_size": total_batch_size}
-        fpt = mc.flops_per_token(cfg)
-    counts = mc.param_counts(cfg)
-    tbs = total_batch_size if total_batch_size > 0 else (None if classic else sch.derive_total_batch_size(user, cfg))
-    steps = sch.resolve_num_iterations(user, cfg, tbs) if tbs else None
-    notes = []
-    per_step = device_batch_size * max_seq_len * world_size
-    if tbs and per_step and tbs % per_step:
-        notes.append(f"total batch {tbs:,} tokens is not a multiple of device batch × sequence × processes "
-                     f"({device_batch_size} × {max_seq_len} × {world_size} = {per_step:,}): base_train refuses this")
-    if tbs is None:
-        notes.append("classic nanochat needs an explicit total batch size")
-    if not steps:
-        notes.append("no training horizon: set num_iterations or a positive param:data ratio")
-    tokens = steps * tbs if steps and tbs else None
+    shape = tc.run_shape(flags, vocab_size=vocab_size, world_size=world_size)
+    fpt = shape.flops_per_token
     return {
-        "config": dataclasses.asdict(cfg), "head_dim": cfg.head_dim, "params": counts, "flops_per_token": fpt,
-        "memory": mc.training_memory_bytes(cfg, device_batch_size, activation_bytes), "total_batch_size": tbs,
-        "num_iterations": steps,
-        "tokens": tokens, "total_flops": tokens * fpt if tokens else None,
-        "tokens_per_param": tokens / counts["scaling" if not classic else "total"] if tokens else None,
-        "grad_accum": (tbs // per_step) if tbs and per_step and tbs % per_step == 0 else None, "notes": notes,
+        "config": dataclasses.asdict(shape.config), "head_dim": shape.config.head_dim, "params": shape.params,
+        "flops_per_token": fpt,
+        "memory": mc.training_memory_bytes(shape.config, int(tc.flag_values(flags)["device_batch_size"]),
+                                           activation_bytes),
+        "total_batch_size": shape.total_batch_size, "num_iterations": shape.num_iterations, "tokens": shape.tokens,
+        "total_flops": shape.tokens * fpt if shape.tokens else None, "tokens_per_param": shape.tokens_per_param,
+        "grad_accum": shape.grad_accum, "notes": list(shape.problems),
     }
 
 

@@ -282,6 +282,14 @@ def test_resume_page_reports_the_plan_and_the_command(registry, demo_base):
     assert metric(at, "Remaining steps").value == "12"
 
 
+def test_resume_page_refuses_a_target_below_the_resume_step(registry):
+    at = open_app("resume", {"run": "base/d2-crash", "target": "3"})
+    # it used to plan "12 of 3 steps" with a negative LR multiplier and --num-iterations=3 --resume-from-step=12
+    assert [e.value for e in at.error] == ["target 3 steps is below the resume step 12: the run has already trained "
+                                           "12 steps; ask for 12 or more (the run's own target is 12)"]
+    assert not at.code and not at.metric
+
+
 def test_resume_page_skips_a_broken_newest_checkpoint(own_base):
     (own_base / "base_checkpoints" / "d2-crash" / "optim_000012_rank0.pt").unlink()
     at = open_app("resume", {"run": "base/d2-crash"})
@@ -456,3 +464,11 @@ def test_scan_box_imports_an_upstream_log_and_checkpoints_show_its_evaluations(o
     evals = next(df.value for df in at.dataframe if "evaluation" in df.value.columns)
     assert dict(zip(evals["evaluation"], evals["value"])) == {"CORE:core": 0.3474, "arc_easy:accuracy": 0.5105,
                                                               "arc_easy:centered": 0.3474}
+
+
+def test_calculator_classic_mode_marks_depths_classic_cannot_build(registry):
+    at = open_app("calculator")
+    at.button_group(key="gen").set_value("classic").run()
+    assert_clean(at)  # the depth sweep used to end in "ArchitectureError: n_embd 576 is not divisible by n_head 5"
+    assert metric(at, "Parameters").value.endswith("M")
+    assert any("Not drawn: depth 9" in c.value for c in at.caption), [c.value for c in at.caption]

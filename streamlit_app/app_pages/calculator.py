@@ -7,17 +7,19 @@ import pandas as pd
 import streamlit as st
 
 from nanochat.model_config import ArchitectureError
+from nanochat.train_config import BASE_TRAIN, CLASSIC_DEFAULTS, VOCAB_SIZE
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, ui
 
 FLAGS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern", "device_batch_size", "total_batch_size",
          "target_param_data_ratio", "num_iterations")
-CURRENT = {"depth": 20, "aspect_ratio": 64, "head_dim": 128, "max_seq_len": 2048, "vocab_size": 32768,
-           "window_pattern": "SSSL", "device_batch_size": 32, "total_batch_size": -1, "target_param_data_ratio": 12.0,
-           "num_iterations": -1, "world_size": 8}
+# base_train's defaults (its flag table), typed as the widgets hold them; upstream trains on 8 GPUs
+CURRENT = {**{k: BASE_TRAIN.flag(k).type(BASE_TRAIN.flag(k).default) for k in FLAGS},
+           "vocab_size": VOCAB_SIZE["current"], "world_size": 8}
+CLASSIC = {**CURRENT, "vocab_size": VOCAB_SIZE["classic"], "total_batch_size": CLASSIC_DEFAULTS["total_batch_size"],
+           "target_param_data_ratio": float(CLASSIC_DEFAULTS["target_param_data_ratio"])}
 PARTS = {"wte": "token embedding", "value_embeds": "value embeddings", "lm_head": "lm_head", "transformer_matrices": "blocks",
          "scalars": "scalars"}
-CLASSIC = {**CURRENT, "vocab_size": 65536, "total_batch_size": 524288, "target_param_data_ratio": 20.0}
 
 
 def apply(values: dict) -> None:
@@ -83,9 +85,12 @@ with st.sidebar:
     precision = st.segmented_control("Activations", ["bf16", "fp32"], key="precision",
                                      help="bf16: autocast on GPU (upstream's CUDA setting); fp32: CPU training") or "bf16"
 
+flags = {"depth": int(depth), "max_seq_len": int(seq), "device_batch_size": int(dbs), "total_batch_size": int(tbs),
+         "target_param_data_ratio": float(ratio), "num_iterations": int(iters),
+         **({"warmup_ratio": CLASSIC_DEFAULTS["warmup_ratio"]} if classic else
+            {"aspect_ratio": int(aspect), "head_dim": int(head_dim), "window_pattern": window or "L"})}
 try:
-    est = data.model_estimate(gen, int(depth), int(aspect), int(head_dim), int(seq), int(vocab), window or "L", int(dbs),
-                              int(tbs), float(ratio), int(iters), int(world), 2 if precision == "bf16" else 4)
+    est = data.model_estimate(flags, int(vocab), int(world), 2 if precision == "bf16" else 4)
 except (ArchitectureError, ValueError) as e:
     st.error(f"These flags do not describe a model base_train can build: {e}", icon=":material/straighten:")
     st.stop()
@@ -136,12 +141,18 @@ with left:
     st.altair_chart(charts.breakdown_chart(parts, "GiB", fmt=",.0f"), width="stretch")
 with right:
     st.markdown("**Parameters and training tokens by depth**")
-    sweep = []
+    sweep, impossible = [], []
     for dd in range(max(1, depth - 12), depth + 13):
-        e = data.model_estimate(gen, dd, int(aspect), int(head_dim), int(seq), int(vocab), window or "L", int(dbs), int(tbs),
-                                float(ratio), int(iters), int(world))
+        try:
+            e = data.model_estimate({**flags, "depth": dd}, int(vocab), int(world))
+        except ArchitectureError:
+            impossible.append(dd)  # e.g. classic's head count does not divide the width at odd depths
+            continue
         sweep.append({"depth": dd, "parameters": e["params"]["total"], "training tokens": e["tokens"]})
     st.altair_chart(charts.depth_chart(pd.DataFrame(sweep), int(depth)), width="stretch")
+    if impossible:
+        st.caption(f"Not drawn: depth {', '.join(map(str, impossible))} (base_train cannot build these: the width is "
+                   "not divisible by the head count).")
     st.markdown("**The model base_train builds**")
     shown = {"n_layer": cfg["n_layer"], "n_embd (width)": cfg["n_embd"], "n_head": cfg["n_head"], "head dim": est["head_dim"],
              "sequence_len": cfg["sequence_len"], "vocab_size": cfg["vocab_size"], "window_pattern": cfg["window_pattern"],
