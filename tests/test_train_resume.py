@@ -176,6 +176,21 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_identical(base, referenc
                                 run_dir(base, "crash") / "optim_000030_rank0.pt")
 
 
+def test_compiled_training_resumes_bit_identically(base):
+    """--compile on (what --compile auto picks for long CPU runs): killed, then resumed, and the weights
+    match an uninterrupted compiled run; the checkpoint records the choice, so auto resumes it compiled."""
+    res = run(command("cref", "--compile", "on"), base)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ", compiled (--compile on)" in res.stdout
+    code = kill_between_checkpoints(command("ccrash", "--compile", "on"), base, "ccrash", SAVE_EVERY + 2)
+    assert code == -signal.SIGKILL and complete_steps(base, "ccrash") == [10]
+    assert cm.read_meta(cm.find_last_complete(run_dir(base, "ccrash")))["compiled"] is True
+    res = run(command("ccrash", "--resume", "--compile", "auto"), base)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ", compiled (as the checkpoint's launch chose)" in res.stdout
+    assert_bit_identical(weights(base, "cref"), weights(base, "ccrash"))
+
+
 def test_two_processes_under_torchrun_resume_bit_identically(base, ddp_reference):
     kill_step = random.Random().randint(SAVE_EVERY + 1, SAVE_EVERY + 5)
     code = kill_between_checkpoints(command("ddp-crash", nproc=2), base, "ddp-crash", kill_step, group=True)

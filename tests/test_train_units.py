@@ -25,7 +25,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_config import current_config
 from nanochat.optim import LearningRates, MuonAdamW, OptimizerStateError, assign_owners, param_groups_for
 from nanochat.tokenizer import Tokenizer
-from nanochat.train_config import BASE_TRAIN, launch_env, resume_command
+from nanochat.train_config import BASE_TRAIN, compile_decision, launch_env, resume_command, run_shape
 from nanochat.train_state import capture_rng, restore_rng
 from scripts import base_train
 from tests.modelkit import random_model, write_checkpoint, write_training_base
@@ -309,3 +309,15 @@ def test_segments_grow_per_launch_even_when_resuming_an_older_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 10, "segm')
     assert base_train.next_segment(tmp_path, {"resume_segment": 1}) == 4  # resuming a segment-1 checkpoint
     assert base_train.next_segment(tmp_path / "empty", {"resume_segment": 2}) == 3
+
+
+def test_compile_auto_compiles_where_it_pays_back_within_the_planned_steps():
+    demo = run_shape({"depth": 4, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 256, "device_batch_size": 16,
+                      "total_batch_size": 4096, "num_iterations": 250}, vocab_size=2048)
+    assert not compile_decision("auto", "cpu", demo, 250).compile  # the demo's run: compiling would not pay
+    long_run = compile_decision("auto", "cpu", demo, 20_000)
+    assert long_run.compile and "s saved over 20,000 steps" in long_run.reason
+    assert compile_decision("auto", "cuda", demo, 10).compile
+    assert not compile_decision("off", "cuda", demo, 10**6).compile and compile_decision("on", "cpu", demo, 1).compile
+    # a resume keeps what the checkpoint's launch chose, so it runs the same kernels (bit-exact)
+    assert compile_decision("auto", "cpu", demo, 20_000, saved=False).compile is False
