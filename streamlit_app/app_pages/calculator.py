@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from nanochat.model_config import ArchitectureError
-from nanochat.train_config import BASE_TRAIN, CLASSIC_DEFAULTS, VOCAB_SIZE
+from nanochat.train_config import BASE_TRAIN, CLASSIC_DEFAULTS, VOCAB_SIZE, is_classic_user_config
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, ui
 
@@ -32,7 +32,7 @@ def prefill(run) -> None:
     if run is None:
         return
     user, mc = run.user_config or {}, run.model_config or {}
-    classic = "warmup_ratio" in user and "warmup_steps" not in user
+    classic = is_classic_user_config(user)
     apply({"gen": "classic" if classic else "current", **(CLASSIC if classic else CURRENT)})
     for k in FLAGS:
         if isinstance(user.get(k), (int, float, str)) and not isinstance(user.get(k), bool):
@@ -158,5 +158,5 @@ with right:
              "sequence_len": cfg["sequence_len"], "vocab_size": cfg["vocab_size"], "window_pattern": cfg["window_pattern"],
              "total batch (tokens/step)": est["total_batch_size"], "grad accumulation steps": est["grad_accum"]}
     st.dataframe(frames.config_frame(shown), hide_index=True, width="stretch")
-st.caption("Computed by nanochat.model_config and nanochat.schedule, the functions base_train itself calls: "
+st.caption("Computed by nanochat.train_config and nanochat.model_config, the functions base_train itself calls: "
            "the numbers match what training prints and records.")
