@@ -11,7 +11,11 @@ batch-scaled learning rates (`scaled_learning_rates`) and whether `--compile aut
 checkpoints and for the calculator; our trainer trains the current generation only.
 
 A new trainer (chat_sft, lr_find) declares a `Trainer` from the shared flag groups plus its own
-`Flag`s; its argparse, defaults, what a resume inherits and its resume command then come for free.
+`Flag`s; its argparse, defaults, what a resume inherits and its resume command then come for free:
+
+    CHAT_SFT = Trainer("scripts.chat_sft", "Fine-tune a chat model.", RUN_FLAGS + OPTIM_FLAGS + RESUME_FLAGS
+                       + (Flag("mmlu_epochs", int, 3, "epochs over MMLU's auxiliary train set"),))
+
 This module parses no command line itself, reads no files and does not import torch.
 """
 
