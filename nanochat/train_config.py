@@ -49,15 +49,14 @@ class Flag:
     type: type  # int, float, str; bool = a switch (store_true)
     default: object
     help: str
-    option: str | None = None  # the preferred option string when not --<dest with dashes>
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other option strings after --<dest with dashes>
     choices: tuple | None = None
     inherit: bool = True  # a resume takes the checkpoint's value unless the flag is given again
     repeat: bool = True  # the resume command repeats it
 
     @property
     def option_strings(self) -> tuple[str, ...]:
-        return (self.option or "--" + self.dest.replace("_", "-"), *self.aliases)
+        return ("--" + self.dest.replace("_", "-"), *self.aliases)
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,9 @@ class Trainer:
 
 RUN_FLAGS = (
     Flag("run", str, "dummy", "run name, recorded in the meta (upstream's wandb name; no wandb here)"),
-    Flag("device_type", str, "auto", "auto (CUDA if present, else CPU), cpu or cuda", option="--device",
-         aliases=("--device-type",), choices=("auto", "", "cpu", "cuda"), inherit=False),
+    # --device-type is upstream's name: commands use it, so the planner's work for upstream's script too
+    Flag("device_type", str, "auto", "auto (CUDA if present, else CPU), cpu or cuda", aliases=("--device",),
+         choices=("auto", "", "cpu", "cuda"), inherit=False),
     Flag("seed", int, 42, "seed for the initial weights and every RNG"),
     Flag("compile", str, "auto", "torch.compile the model: auto = on for CUDA; on CPU only where compiling pays "
          "back within the run's planned steps (nanochat.train_config.compile_decision; a resume keeps the "

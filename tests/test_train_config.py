@@ -31,7 +31,7 @@ def test_a_new_trainer_adds_its_own_flags_to_the_shared_groups():
     saved = {"mmlu_epochs": 7, "matrix_lr": 0.05, "device_type": "cuda", "resume_from_step": 3}
     assert sft.inherited(saved, explicit) == {"matrix_lr": 0.05}
     cmd = resume_command(sft, vars(args), world_size=1, resume_step=9)
-    assert cmd.line.startswith("python -m scripts.chat_sft --run=dummy --device=cpu ")
+    assert cmd.line.startswith("python -m scripts.chat_sft --run=dummy --device-type=cpu ")
     assert "--mmlu-epochs=5" in cmd.argv and cmd.argv[-1] == "--resume-from-step=9" and "--resume" not in cmd.argv
     reparsed, _ = sft.parse_args(list(cmd.argv[3:]))
     assert {**vars(args), "resume": False, "resume_from_step": 9} == vars(reparsed)

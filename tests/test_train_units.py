@@ -280,7 +280,7 @@ def test_resume_command_repeats_the_runs_flags_in_one_syntax():
     cmd = resume_command(BASE_TRAIN, vars(args), world_size=1, resume_step=17, env=env,
                          overrides={"model_tag": "d4"}).line
     assert cmd.startswith("NANOCHAT_BASE_DIR='/data/my base' OMP_NUM_THREADS=2 python -m scripts.base_train "
-                          "'--run=x y' --device=cpu --seed=42 --compile=auto --depth=4 ")
+                          "'--run=x y' --device-type=cpu --seed=42 --compile=auto --depth=4 ")
     assert cmd.endswith(" --model-tag=d4 --resume-from-step=17")
     assert "--resume " not in cmd and "--target-flops=-1.0" in cmd  # per-launch flags dropped, floats as typed
     reparsed, _ = base_train.parse_args(shlex.split(cmd)[5:])  # what the trainer reads back is the run's flags
