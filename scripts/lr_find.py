@@ -59,12 +59,12 @@ class FindError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scripts import base_train
+    from nanochat.train_config import BASE_TRAIN
 
     p = argparse.ArgumentParser(prog="python -m scripts.lr_find",
                                 description="Learning-rate range test over base_train's optimizer groups.")
-    # base_train's own flags, copied from its parser (names, defaults, help): one definition for both scripts
-    for action in base_train.build_parser()._actions:
+    # base_train's own flags from its one flag table (names, defaults, help, choices): nanochat/train_config.py
+    for action in BASE_TRAIN.build_parser()._actions:
         if action.dest in BASE_TRAIN_FLAGS:
             p._add_action(action)
     p.add_argument("--min-lr-mult", type=float, default=0.01, help="first multiplier of the learning rates (default 0.01)")
@@ -160,8 +160,9 @@ def find(args) -> dict:
     from nanochat.dataloader import BosBestFitLoader, DataError, find_data_dir, list_parquet_files, split_files
     from nanochat.gpt import GPT
     from nanochat.model_config import ArchitectureError
-    from nanochat.optim import MuonAdamW, param_groups_for
+    from nanochat.optim import LearningRates, MuonAdamW, param_groups_for
     from nanochat.tokenizer import Tokenizer, TokenizerError
+    from nanochat.train_config import run_shape, scaled_learning_rates
     from scripts.base_train import MetricsLog, keep_freed_memory, train_step
 
     keep_freed_memory()
@@ -186,12 +187,18 @@ def find(args) -> dict:
         args.depth, args.max_seq_len = cfg.n_layer, cfg.sequence_len
     user_config = {k: v for k, v in vars(args).items() if k in BASE_TRAIN_FLAGS}
     try:
-        config, tbs, grad_accum = _run_shape(user_config, tokenizer.get_vocab_size())
+        shape = run_shape(user_config, vocab_size=tokenizer.get_vocab_size())
     except (ArchitectureError, ValueError) as e:
         raise FindError(f"invalid model or batch flags: {e}") from None
+    batch_problems = [p for p in shape.problems if not p.startswith("no training horizon")]  # the sweep sets its own
+    if batch_problems:
+        raise FindError(f"invalid model or batch flags: {batch_problems[0]}")
+    config, tbs, grad_accum = shape.config, shape.total_batch_size, shape.grad_accum
     if start is not None:
         config = start.model.config
-    lrs = _learning_rates(user_config, config, tbs)
+    rates = scaled_learning_rates(user_config, shape)
+    lrs = LearningRates(embedding=rates.embedding, unembedding=rates.unembedding, matrix=rates.matrix,
+                        scalar=rates.scalar, weight_decay=rates.weight_decay)
 
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -239,34 +246,6 @@ def find(args) -> dict:
     cm.atomic_write_bytes(run_dir / RESULT_FILE, json.dumps(result, indent=1).encode())
     print(summary(result))
     return result
-
-
-# TODO(h15-config): base_train's derived quantities move to nanochat/train_config.py (run_shape,
-# scaled_learning_rates); these two restate base_train.plan_run/train's arithmetic until then.
-def _run_shape(user_config: dict, vocab_size: int):
-    from nanochat.model_config import current_config
-    from nanochat.schedule import derive_total_batch_size
-
-    u = user_config
-    config = current_config(u["depth"], u["aspect_ratio"], u["head_dim"], u["max_seq_len"], vocab_size, u["window_pattern"])
-    tbs = u["total_batch_size"] if u["total_batch_size"] > 0 else derive_total_batch_size(u, config)
-    per_step = u["device_batch_size"] * u["max_seq_len"]
-    if u["device_batch_size"] <= 0 or tbs % per_step:
-        raise ValueError(f"--total-batch-size {tbs} is not a multiple of device batch x seq len ({per_step})")
-    return config, tbs, tbs // per_step
-
-
-def _learning_rates(user_config: dict, config, tbs: int):
-    from nanochat.model_config import current_config, param_counts
-    from nanochat.optim import LearningRates
-
-    u = user_config
-    scale = (tbs / 2 ** 19) ** 0.5
-    d12 = param_counts(current_config(12, u["aspect_ratio"], u["head_dim"], config.sequence_len, config.vocab_size,
-                                      config.window_pattern))["scaling"]
-    wd = u["weight_decay"] * scale * (d12 / param_counts(config)["scaling"])
-    return LearningRates(embedding=u["embedding_lr"] * scale, unembedding=u["unembedding_lr"] * scale,
-                         matrix=u["matrix_lr"] * scale, scalar=u["scalar_lr"] * scale, weight_decay=wd)
 
 
 def summary(result: dict) -> str:
