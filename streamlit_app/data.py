@@ -931,7 +931,7 @@ def lr_find_settings(run_dir: str) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-@st.cache_data(ttl=LIVE_TTL_S, max_entries=32, show_spinner=False)
+@registry_read(ttl=LIVE_TTL_S, max_entries=32)
 def lr_find_curves(url: str, run_ids: tuple[int, ...]) -> tuple[pd.DataFrame, dict]:
     """(one row per find and step: lr_mult, train_loss, smooth_loss; {run_id: Suggestion}) from the
     registry's metrics, the suggestion computed by nanochat.lr_range as the script computed it."""
@@ -944,7 +944,7 @@ def lr_find_curves(url: str, run_ids: tuple[int, ...]) -> tuple[pd.DataFrame, di
     return curves, out
 
 
-@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+@registry_read(max_entries=16)
 def sweeps(url: str) -> list:
     """Groups of runs that differ in one setting (internals.find_sweeps over the registry's runs)."""
     return internals.find_sweeps([r for r in runs(url) if r.phase != LR_FIND_PHASE])
