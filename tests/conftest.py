@@ -1,13 +1,15 @@
 """Shared test fixtures: the vendored upstream checkpoints, tiny real models, and the CI skip rule.
 
 Under CI=true a skipped test is a failure: CI installs everything the suite needs (Chromium,
-PostgreSQL), so a skip there means a part silently went untested.
+PostgreSQL), so a skip there means a part silently went untested. Elsewhere skips are summed up in one
+line by reason (pyproject's `-rfE` lists only failures and errors), not one line per skipped test.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,23 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        reason = skip_reason(report)
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
+
+
+def skip_reason(report) -> str:
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line for every skip outside CI: '53 skipped: 45 × needs PostgreSQL ..., 8 × browser test needs ...'."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if not hasattr(r, "wasxfail")]
+    if skipped and not IN_CI:
+        counts = Counter(skip_reason(r) for r in skipped)
+        parts = "; ".join(f"{n} × {reason}" for reason, n in counts.most_common())
+        terminalreporter.write_line(f"{len(skipped)} skipped: {parts}", yellow=True)
 
 
 @pytest.fixture(scope="session")
