@@ -7,7 +7,11 @@ that says which registry is open.
     streamlit run streamlit_app/app.py -- --db URL          # any registry (SQLite path or postgresql+psycopg://)
 
 It does no work of its own: pages read their widgets, call `data.py` and render. Importing this module
-never imports torch (only the Generate, Compare and Chat pages load models, through `data.py`).
+never imports torch (only the Generate, Compare, Chat and Attention pages load models, through `data.py`).
+
+Local only: `.streamlit/config.toml` beside this file (Streamlit reads it from the script's folder, whatever
+the working directory) binds 127.0.0.1 and turns usage statistics off; when a flag, an environment variable
+or another config file overrides that, the app refuses to serve its pages (`exposure_problem`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,23 @@ from registry.errors import RegistryError  # noqa: E402
 from streamlit_app import data, frames  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_problem(argv: list[str], option) -> str | None:
+    """Why this server is not local-only (listening beyond loopback, or sending usage statistics), or None.
+    Only for `streamlit run` of this file (argv[0]); `option` is st.get_option."""
+    if not argv or Path(argv[0]).resolve() != HERE / "app.py":
+        return None  # AppTest and imports: no server of ours
+    address = option("server.address")
+    if address not in LOOPBACK:
+        return (f"server.address is {address or 'unset (all interfaces)'}: this app serves your runs on 127.0.0.1 only. "
+                "Remove the --server.address flag, STREAMLIT_SERVER_ADDRESS or the [server] address of your own "
+                "config.toml, and reach a remote machine through an SSH tunnel (ssh -L 8501:127.0.0.1:8501 HOST).")
+    if option("browser.gatherUsageStats"):
+        return ("browser.gatherUsageStats is on: this app sends nothing off the machine. Remove the flag, "
+                "STREAMLIT_BROWSER_GATHER_USAGE_STATS or the setting in your own config.toml.")
+    return None
 
 
 def pages() -> dict[str, list]:
@@ -74,6 +95,10 @@ def sidebar() -> None:
 def main() -> None:
     # a local favicon: with none, the browser fetches each page's material icon from fonts.gstatic.com
     st.set_page_config(page_title="nanochat workbench", page_icon=str(HERE / "favicon.png"), layout="wide")
+    problem = exposure_problem(sys.argv, st.get_option)
+    if problem:
+        st.error(f"Not serving: {problem}", icon=":material/public_off:")
+        st.stop()
     page = st.navigation(pages())
     sidebar()
     page.run()
