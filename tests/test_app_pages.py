@@ -254,6 +254,27 @@ def test_checkpoints_page_history_detail_and_diff(registry):
     assert "run" in texts(at) or at.dataframe[-1].value is not None
 
 
+def test_checkpoints_filter_follows_the_run_when_its_states_differ(own_base):
+    """Defect: the integrity filter remembered run A's states; run B's were all filtered out ("0 of 3 shown")
+    while every pill of B still looked selected."""
+    from registry import open_store, verify
+
+    with open_store(own_base / "registry.sqlite") as s:
+        verify.verify(s, "d2-crash")  # d2-crash: quick-checked; d1: never checked
+    at = open_app("checkpoints", {"run": "base/d1"})
+    assert sorted(at.dataframe[0].value["step"]) == [4, 8, 12]
+    at.selectbox(key="run").select_index(at.selectbox(key="run").options.index("base/d2-crash")).run()
+    assert_clean(at)
+    assert sorted(at.dataframe[0].value["step"]) == [4, 8, 12]
+    assert "3 of 3 checkpoints shown" in texts(at)
+
+
+def test_checkpoints_integrity_tile_says_not_verified_yet(registry):
+    at = open_app("checkpoints", {"run": "base/d2"})
+    tile = metric(at, "Integrity")
+    assert tile.value == "not verified yet" and "0 of 3" in tile.delta
+
+
 def test_a_checkpoint_deleted_since_it_was_indexed(own_base):
     (own_base / "base_checkpoints" / "d1" / "model_000012.pt").unlink()
     at = open_app("checkpoints", {"run": "base/d1"})

@@ -45,7 +45,8 @@ latest = present["step"].max() if not present.empty else None
 t3.metric("Latest step", f"{int(latest):,}" if latest == latest and latest is not None else "—",
           f"of {run.num_iterations:,} target" if run.num_iterations else "target unknown", delta_color="off",
           delta_arrow="off", border=True)
-t4.metric("Integrity", f"{bad} with problems" if bad else "no problems", f"{trusted} of {len(present)} verified by a check",
+t4.metric("Integrity", f"{bad} with problems" if bad else ("no problems" if trusted else "not verified yet"),
+          f"{trusted} of {len(present)} verified by a check",
           delta_color="off", delta_arrow="off", border=True,
           help="Problems found by the scan or the latest check of each checkpoint; verify them on the Integrity page.")
 
@@ -61,8 +62,10 @@ if len(vals) > 1 and vals.max() > vals.min():
 else:
     val_range = None
 states = [s for s in frames.CHECKPOINT_STATES if s in set(df["state"])]
+# keyed by the states this run has: a selection remembered from a run with other states would hide
+# every checkpoint here while the pills (options that exist) still looked all selected
 picked = f3.pills("Integrity state", states, default=states, selection_mode="multi", format_func=frames.CHECKPOINT_STATES.get,
-                  key="states") or []
+                  key=f"states_{'_'.join(states)}") or []
 shown = df[df["state"].isin(picked) & (df["step"].isna() | df["step"].between(*step_range))]
 if val_range is not None and val_range != (float(vals.min()), float(vals.max())):
     shown = shown[shown["val_bpb"].between(*val_range)]
