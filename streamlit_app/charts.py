@@ -47,10 +47,25 @@ def run_scale(df: pd.DataFrame) -> alt.Scale:
 
 
 def smooth(df: pd.DataFrame, weight: float) -> pd.Series:
-    """TensorBoard's debiased EMA (weight 0 = raw, 0.99 = very smooth), per run and segment."""
+    """TensorBoard's debiased EMA (weight 0 = raw, 0.99 = very smooth) per run, across resume segments.
+
+    A resumed segment continues the history it resumed from: its EMA runs over the run's points before its
+    first step (each step's value from the newest earlier segment that logged it), then over its own. So
+    the curve says what training did: no restart (and no drop, while the EMA lags a falling loss) at a resume
+    line, and the steps a crash lost keep the EMA they showed before it. df has run_id, segment, step, value."""
     if weight <= 0 or df.empty:
         return df["value"]
-    return df.groupby(["run_id", "segment"])["value"].transform(lambda s: s.ewm(alpha=1 - weight, adjust=True).mean())
+    alpha = 1 - weight
+    out = pd.Series(index=df.index, dtype=float)
+    for _, run in df.groupby("run_id", sort=False):
+        for seg, own in run.groupby("segment", sort=True):
+            own = own.sort_values("step", kind="stable")
+            before = run[(run["segment"] < seg) & (run["step"] < own["step"].iloc[0])]
+            before = before.sort_values(["step", "segment"], kind="stable").drop_duplicates("step", keep="last")
+            history = pd.concat([before["value"], own["value"]], ignore_index=True)
+            ema = history.ewm(alpha=alpha, adjust=True).mean()
+            out.loc[own.index] = ema.iloc[len(before):].to_numpy()
+    return out
 
 
 def _time_unit(seconds: pd.Series) -> tuple[float, str]:

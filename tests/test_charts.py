@@ -158,12 +158,30 @@ def test_runs_keep_their_colour_whatever_else_is_selected():
     assert "base/b" in charts.legend_html(df) and charts.run_color(2) in charts.legend_html(df)
 
 
-def test_smoothing_is_a_debiased_ema_restarting_per_segment():
-    df = pd.DataFrame({"run_id": [1] * 5, "segment": [1, 1, 1, 2, 2], "value": [1.0, 2.0, 3.0, 10.0, 20.0]})
+def test_smoothing_is_a_debiased_ema_per_run():
+    df = pd.DataFrame({"run_id": [1, 1, 1, 2, 2], "segment": [1] * 5, "step": [0, 1, 2, 0, 1],
+                       "value": [1.0, 2.0, 3.0, 10.0, 20.0]})
     out = charts.smooth(df, 0.5).tolist()
-    assert out[0] == 1.0 and out[3] == 10.0  # debiased: the first point of each segment is itself
-    assert out[1] == pytest.approx((0.5 * 0.5 * 1 + 0.5 * 2) / (1 - 0.25))
+    assert out[0] == 1.0 and out[3] == 10.0  # debiased: the first point of each run is itself
+    assert out[1] == pytest.approx((0.5 * 1 + 2) / 1.5)
     assert charts.smooth(df, 0.0).tolist() == df["value"].tolist()
+
+
+def test_smoothing_runs_across_a_resume_on_the_newest_segments_values():
+    """Defect: the EMA restarted at each resume segment, so a falling loss showed a drop at the resume line
+    (the restarted EMA has no lag) while the raw loss was continuous."""
+    loss = lambda step: 5.0 - step / 50
+    seg1 = [(1, s, loss(s) + (0.5 if s >= 60 else 0.0)) for s in range(80)]  # steps 60..79: trained again by segment 2
+    seg2 = [(2, s, loss(s)) for s in range(60, 120)]
+    df = pd.DataFrame([{"run_id": 1, "segment": g, "step": s, "value": v} for g, s, v in seg1 + seg2])
+    out = df.assign(smoothed=charts.smooth(df, 0.9))
+    at = lambda seg, step: float(out[(out["segment"] == seg) & (out["step"] == step)]["smoothed"].iloc[0])
+    assert at(2, 60) - at(1, 59) == pytest.approx(at(1, 59) - at(1, 58), abs=0.01)  # no jump at the resume
+    # segment 2 continues the history it resumed from: segment 1 up to step 59, then its own points
+    history = pd.Series([loss(s) for s in range(120)])
+    assert at(2, 119) == pytest.approx(history.ewm(alpha=0.1, adjust=True).mean().iloc[-1])
+    # segment 1's lost tail keeps its own EMA (what it showed before the crash)
+    assert at(1, 79) == pytest.approx(pd.Series([v for _, _, v in seg1]).ewm(alpha=0.1, adjust=True).mean().iloc[-1])
 
 
 # ---------------------------------------------------------------------- checkpoints and integrity
