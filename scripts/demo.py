@@ -1,8 +1,8 @@
 """
 Build the demo base directory the app shows on a fresh machine: real data, a real tokenizer, real runs.
 
-    python -m scripts.demo                 # builds .demo/ (about 2-3 minutes on 2 CPU cores), then prints a sample
-    python -m scripts.demo --profile test  # a tiny version in seconds (what the tests use)
+    python -m scripts.demo                 # builds .demo/ (README: measured times), then prints a sample
+    python -m scripts.demo --profile test  # a tiny version in about a minute (what the tests use)
 
 Steps, each skipped when its output already exists (a second run finishes in seconds):
 1. the bundled Shakespeare corpus (`data/shakespeare.jsonl.gz`) -> parquet shards in `<base>/base_data/`
@@ -10,12 +10,15 @@ Steps, each skipped when its output already exists (a second run finishes in sec
    play, The Winter's Tale, is the last shard = validation);
 2. a 2,048-token BPE tokenizer trained on the train shards (`scripts.tok_train`) -> `<base>/tokenizer/`;
 3. three CPU runs of `scripts.base_train`, each a real subprocess, with checkpoints every few steps:
-   two finished runs of different depth, and one that is SIGKILLed between two checkpoints and then
-   continued with `--resume` (two resume segments in its metrics);
+   a finished run; one SIGKILLed between two checkpoints and continued with `--resume` to its end (two
+   resume segments in its metrics); and a shallower one SIGKILLed between two checkpoints and left so (a
+   crash waiting to be resumed: the Resume page's first case; its files are dated an hour back, so the
+   registry calls it stopped, not training);
 4. the registry index `<base>/registry.sqlite` (`registry.scanner.scan_path`).
 
 `build_demo(base_dir, profile="full"|"test", progress=None)` is the one builder the CLI, the tests and
-the app's fixtures share. It returns a `DemoResult` with each run's final step, val_bpb and segments and a
+the app's fixtures share; progress(stage, done, total) also reports stage "total": the training work
+done and planned, in FLOPs (the CLI turns it into an ETA). It returns a `DemoResult` with each run's final step, val_bpb and segments and a
 text sample from the final model. It does not start the app (`make app` does, after this).
 """
 
@@ -61,7 +64,30 @@ class RunSpec:
     save_every: int
     eval_every: int
     kill_after_step: int | None = None  # SIGKILL the first launch once this step has been logged
+    resume_after_kill: bool = True  # False: leave the killed run as the crash left it
     lane: int = 0  # runs in different lanes train at the same time, one CPU thread each
+
+    @property
+    def left_killed(self) -> bool:
+        return self.kill_after_step is not None and not self.resume_after_kill
+
+    @property
+    def final_step(self) -> int:
+        """The newest checkpoint the finished build has: the target, or the last save before the kill."""
+        if self.left_killed:
+            return self.kill_after_step // self.save_every * self.save_every
+        return self.steps
+
+    def steps_to_train(self, have: int = 0) -> int:
+        """Optimizer steps still to run, from `have` (the newest complete checkpoint already there)."""
+        if have >= self.final_step:
+            return 0
+        first = (self.kill_after_step or 0) + 1  # the killed launch, from scratch
+        if self.left_killed:
+            return first  # an unfinished kill starts over
+        if self.kill_after_step is None or have:
+            return self.steps - have  # --resume from `have` to the end
+        return first + self.steps - self.kill_after_step // self.save_every * self.save_every
 
     def flags(self, p: DemoProfile) -> list[str]:
         return ["--model-tag", self.tag, "--depth", str(self.depth), "--aspect-ratio", str(p.aspect_ratio),
@@ -102,7 +128,8 @@ PROFILES = {
         name="full", vocab_size=2048, aspect_ratio=32, head_dim=32, seq_len=256, device_batch_size=16,
         total_batch_size=4096, warmup_steps=10, eval_tokens=16384, matrix_lr=0.32, embedding_lr=2.4,
         unembedding_lr=0.064, scalar_lr=2.0,
-        runs=(RunSpec("d2", depth=2, steps=150, save_every=50, eval_every=25, lane=1),
+        runs=(RunSpec("d2", depth=2, steps=200, save_every=50, eval_every=25, kill_after_step=165, resume_after_kill=False,
+                      lane=1),
               RunSpec("d4-crash", depth=4, steps=150, save_every=30, eval_every=25, kill_after_step=75, lane=1),
               RunSpec("d4", depth=4, steps=250, save_every=50, eval_every=25, lane=0)),
         final_tag="d4"),
@@ -110,7 +137,8 @@ PROFILES = {
         name="test", vocab_size=512, aspect_ratio=32, head_dim=32, seq_len=64, device_batch_size=8,
         total_batch_size=512, warmup_steps=2, eval_tokens=1024, matrix_lr=0.32, embedding_lr=2.4,
         unembedding_lr=0.064, scalar_lr=2.0,
-        runs=(RunSpec("d1", depth=1, steps=12, save_every=4, eval_every=4, lane=1),
+        runs=(RunSpec("d1", depth=1, steps=16, save_every=4, eval_every=4, kill_after_step=13, resume_after_kill=False,
+                      lane=1),
               RunSpec("d2-crash", depth=2, steps=12, save_every=4, eval_every=4, kill_after_step=6, lane=1),
               RunSpec("d2", depth=2, steps=12, save_every=4, eval_every=4, lane=0)),
         final_tag="d2", corpus_chars=600_000),
@@ -235,11 +263,29 @@ def _complete_steps(run_dir: Path) -> list[int]:
             if c.layout == "upstream" and not any(p.blocks == "load" for p in cm.quick_problems(c))]
 
 
+def _leave_killed(run_dir: Path, age_s: float = 3600.0) -> None:
+    """Date the killed run's files back: the registry calls a run whose files changed in the last minutes
+    `training`; the demo's crash is one found later, a `stopped` run waiting to be resumed."""
+    when = time.time() - age_s
+    for f in run_dir.iterdir():
+        os.utime(f, (when, when))
+
+
 def build_run(base_dir: Path, spec: RunSpec, profile: DemoProfile, progress: Progress | None,
               threads: int = 1) -> RunResult:
     run_dir = base_dir / "base_checkpoints" / spec.tag
     steps = _complete_steps(run_dir)
-    reused = spec.steps in steps
+    reused = spec.final_step in steps
+    if spec.left_killed:
+        if not reused:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a kill that never happened: start over
+            code, tail = _run_training(_train_cmd(spec, profile, False), base_dir, spec.tag, spec.steps, progress,
+                                       kill_after_step=spec.kill_after_step, threads=threads)
+            if code != -signal.SIGKILL or spec.final_step not in _complete_steps(run_dir):
+                raise DemoError(f"run {spec.tag} was meant to be killed after step {spec.final_step} but exited with "
+                                f"{code}: {tail[-1:]}")
+            _leave_killed(run_dir)
+        return summarize_run(run_dir, reused)
     if not reused:
         if not steps:
             shutil.rmtree(run_dir, ignore_errors=True)  # leftovers of an interrupted build, nothing complete
@@ -275,15 +321,31 @@ def summarize_run(run_dir: Path, reused: bool) -> RunResult:
                      reused)
 
 
+def step_flops(spec: RunSpec, p: DemoProfile) -> int:
+    """Training FLOPs of one optimizer step of the run (the unit of the build's ETA)."""
+    from nanochat import model_config as mc
+
+    cfg = mc.current_config(spec.depth, p.aspect_ratio, p.head_dim, p.seq_len, p.vocab_size, "L")
+    return mc.flops_per_token(cfg) * p.total_batch_size
+
+
 def build_runs(base: Path, p: DemoProfile, progress: Progress | None) -> tuple[RunResult, ...]:
-    """Every run of the profile; lanes train side by side (one per core), runs in a lane one after another."""
+    """Every run of the profile; lanes train side by side (one per core), runs in a lane one after another.
+    Reports each run's steps, and stage "total": training FLOPs done of those planned."""
     lanes = sorted({spec.lane for spec in p.runs}) if (os.cpu_count() or 1) >= 2 else [0]
     threads = max(1, (os.cpu_count() or 1) // len(lanes))
     lock = threading.Lock()
+    unit = {spec.tag: step_flops(spec, p) for spec in p.runs}
+    planned = sum(unit[spec.tag] * spec.steps_to_train(max(_complete_steps(base / "base_checkpoints" / spec.tag), default=0))
+                  for spec in p.runs)
+    work = {"done": 0}
 
     def report(stage: str, done: int, total: int) -> None:
         with lock:
             progress(stage, done, total)
+            if stage in unit and planned:  # one call per logged step
+                work["done"] = min(planned, work["done"] + unit[stage])
+                progress("total", work["done"], planned)
 
     def lane(i: int) -> dict[str, RunResult]:
         mine = [s for s in p.runs if s.lane == i or len(lanes) == 1]
@@ -407,18 +469,28 @@ def main(argv: list[str] | None = None) -> int:
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=f"{stage:>10}", unit="step" if total > 1 else "",
-                                     bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}]", leave=True)
+            # "total": every run's training FLOPs, so its ETA (from the average rate so far) covers all lanes
+            fmt = ("{desc} {bar} {percentage:3.0f}% [{elapsed} so far, about {remaining} left]" if stage == "total"
+                   else "{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+            bar = bars[stage] = tqdm(total=total, desc=f"{'all runs' if stage == 'total' else stage:>10}",
+                                     bar_format=fmt, leave=True)
         bar.n = done
         bar.refresh()
         if done >= total:
             bar.close()
+
+    if not (args.base_dir / MANIFEST).exists():
+        print(f"Building the {args.profile} demo in {args.base_dir} (first run only; the README says how long it takes "
+              "and where the time goes). Progress and an ETA follow.", flush=True)
 
     try:
         result = build_demo(args.base_dir, args.profile, progress)
     except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        for bar in bars.values():  # the killed run's bar stops short of its total
+            bar.close()
     print()
     for r in result.runs:
         bpb = "n/a" if r.val_bpb is None else f"{r.val_bpb:.4f}"

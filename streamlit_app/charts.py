@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 from streamlit_app.frames import CHECKPOINT_STATES, STATE_COLORS
@@ -26,13 +27,29 @@ X_AXES = {
     "flops": ("flops", "training FLOPs", "~s"),
     "time": ("elapsed_s", "wall time since the run started", None),
 }
-METRIC_TITLES = {
+METRIC_TITLES = {  # known keys first, in the order the Runs page offers them
     "val_bpb": "val bpb (bits/byte)",
     "train_loss": "train loss (nats/token)",
     "lrm": "LR multiplier",
     "tok_per_sec": "throughput (tokens/s)",
     "dt_ms": "step time (ms)",
+    "mfu": "MFU (%)",
+    "grad_norm": "gradient norm",
 }
+DEFAULT_METRICS = ("val_bpb", "train_loss")
+# Logged every step and noisy: the EMA slider applies to these. Evaluations are sparse and the LR
+# multiplier is a schedule, so they are drawn as logged.
+SMOOTHED_METRICS = frozenset({"train_loss", "tok_per_sec", "dt_ms", "mfu", "grad_norm"})
+
+
+def metric_order(keys) -> list[str]:
+    """Known metrics in METRIC_TITLES order, then any other key alphabetically."""
+    known = [k for k in METRIC_TITLES if k in set(keys)]
+    return known + sorted(set(keys) - set(known))
+
+
+def metric_label(key: str) -> str:
+    return METRIC_TITLES.get(key, key)
 SI = "replace(replace(format(datum.value, '~s'), 'G', 'B'), 'P', 'Q')"  # tokens/FLOPs: 1.2M, 3.4B
 
 
@@ -150,8 +167,9 @@ def checkpoint_chart(df: pd.DataFrame, color: str, height: int = 300) -> alt.Lay
 
 
 def lr_chart(lr: pd.DataFrame, phases: pd.DataFrame, resume_step: int | None, resume_lr: float | None,
-             reached_step: int | None = None, height: int = 340) -> alt.LayerChart:
-    """The LR multiplier over the run, phases shaded, the resume step marked."""
+             reached_step: int | None = None, height: int = 340, own: pd.DataFrame | None = None) -> alt.LayerChart:
+    """The LR multiplier over the run, phases shaded, the resume step marked. `own`: the run's own
+    schedule when the planned target moves it, drawn dashed, with the jump at the resume step."""
     phase_colors = alt.Scale(domain=["warmup", "constant", "warmdown"], range=["#fde68a", "#e5e7eb", "#bfdbfe"])
     bands = alt.Chart(phases).mark_rect(opacity=0.55).encode(
         x="start:Q", x2="end:Q", color=alt.Color("phase:N", scale=phase_colors, title="schedule phase",
@@ -159,9 +177,22 @@ def lr_chart(lr: pd.DataFrame, phases: pd.DataFrame, resume_step: int | None, re
         tooltip=["phase:N", alt.Tooltip("start:Q", format=",d"), alt.Tooltip("end:Q", format=",d")])
     line = alt.Chart(lr).mark_line(color="#111827", strokeWidth=2).encode(
         x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1)),
-        y=alt.Y("lr_multiplier:Q", title="LR multiplier (× peak LR)", scale=alt.Scale(domain=[0, 1.05])),
+        y=alt.Y("lr_multiplier:Q", title="LR multiplier (× peak LR)", scale=alt.Scale(domain=[0, 1.05], clamp=True)),
         tooltip=[alt.Tooltip("step:Q", format=",d"), alt.Tooltip("lr_multiplier:Q", format=".4f"), "phase:N"])
     layers = [bands, line]
+    if own is not None and not own.empty:
+        own = own.assign(what="the run's own schedule")
+        layers.insert(1, alt.Chart(own).mark_line(color="#6b7280", strokeDash=[4, 3], strokeWidth=1.5).encode(
+            x="step:Q", y="lr_multiplier:Q", tooltip=[alt.Tooltip("what:N", title=""), alt.Tooltip("step:Q", format=",d"),
+                                                      alt.Tooltip("lr_multiplier:Q", format=".4f")]))
+        before = own.loc[(own["step"] - (resume_step or 0)).abs().idxmin(), "lr_multiplier"] if resume_step is not None else None
+        if before is not None and resume_lr is not None and abs(before - resume_lr) > 1e-6:
+            jump = pd.DataFrame([{"step": resume_step, "from": before, "to": resume_lr,
+                                  "label": f"LR jump ×{before:.2f} → ×{resume_lr:.2f}"}])
+            layers.append(alt.Chart(jump).mark_rule(color="#dc2626", strokeWidth=3).encode(
+                x="step:Q", y="from:Q", y2="to:Q", tooltip=[alt.Tooltip("label:N", title="")]))
+            layers.append(alt.Chart(jump).mark_text(color="#dc2626", align="left", dx=10, dy=14, fontWeight="bold").encode(
+                x="step:Q", y="to:Q", text="label:N"))
     if reached_step is not None and resume_step is not None and reached_step > resume_step:
         lost = pd.DataFrame([{"start": resume_step, "end": reached_step, "what": "trained again after the resume"}])
         layers.append(alt.Chart(lost).mark_rect(color="#ef4444", opacity=0.18).encode(
@@ -200,37 +231,46 @@ def integrity_map(df: pd.DataFrame, height_per_run: int = 26) -> alt.Chart:
 GRID_LABELS_PX = 64  # the y-axis label column of both generation charts, so their step columns line up
 
 
-def generation_chart(alts: pd.DataFrame, selected_step: int | None = None) -> alt.LayerChart:
+def generation_chart(alts: pd.DataFrame, selected_step: int | None = None, shading: str = "likely",
+                     probabilities: bool = False) -> alt.LayerChart:
     """Per-step alternatives: one column per generated step, the sampled token on top, the top-N by
-    model probability below; colour = model probability, the sampled cell outlined in red, tokens the
-    filters removed in grey. Clicking a cell selects (step, row) (selection "cell")."""
+    model probability below; colour = model probability (`shading` "likely": darker blue = more probable)
+    or surprisal ("surprise": darker red = less probable, −log₂ p), the sampled cell outlined in red, tokens
+    the filters removed in grey; with `probabilities` each cell also prints its model probability.
+    Clicking a cell selects (step, row) (selection "cell")."""
     order = ["sampled"] + sorted({r for r in alts["row"] if r != "sampled"}, key=lambda r: int(r[1:]))
+    alts = alts.assign(surprise_bits=-np.log2(alts["model_prob"].clip(lower=1e-12)),
+                       p_label=alts["model_prob"].map(lambda p: f"{p:.0%}" if p >= 0.01 else ("<1%" if p > 0 else "0")))
     x = alt.X("step:O", title=None, axis=alt.Axis(labelAngle=0, orient="top"))
     pick = alt.selection_point(fields=["step", "row"], name="cell", on="click", clear=False)
     tooltip = [alt.Tooltip("step:O"), alt.Tooltip("row:N", title="row"), alt.Tooltip("token:N"), alt.Tooltip("token_id:Q", title="id"),
                alt.Tooltip("model_prob:Q", title="model p (T=1)", format=".3f"),
+               alt.Tooltip("surprise_bits:Q", title="surprise (bits)", format=".2f"),
                alt.Tooltip("sampled_prob:Q", title="sampling p", format=".3f"), alt.Tooltip("kept:N", title="kept by filters")]
     y = alt.Y("row:N", sort=order, title=None, axis=alt.Axis(minExtent=GRID_LABELS_PX, maxExtent=GRID_LABELS_PX))
     base = alt.Chart(alts).encode(x=x, y=y)
     outlined = "datum.is_sampled && datum.row != 'sampled'"
+    if shading == "surprise":
+        fill = alt.Color("surprise_bits:Q", scale=alt.Scale(scheme="reds", domain=[0, 8], clamp=True), legend=None)
+        dark = "datum.kept && datum.surprise_bits > 5"
+    else:
+        fill = alt.Color("model_prob:Q", scale=alt.Scale(type="sqrt", scheme="blues", domain=[0, 1]), legend=None)
+        dark = "datum.kept && datum.model_prob > 0.55"
     cells = base.mark_rect(cornerRadius=3).encode(
-        color=alt.when("datum.kept").then(alt.Color("model_prob:Q", scale=alt.Scale(type="sqrt", scheme="blues", domain=[0, 1]),
-                                                    legend=None))
-        .otherwise(alt.value("#e5e7eb")),
+        color=alt.when("datum.kept").then(fill).otherwise(alt.value("#e5e7eb")),
         stroke=alt.when(outlined).then(alt.value("#dc2626")).otherwise(alt.value("white")),
         strokeWidth=alt.when(outlined).then(alt.value(2.5)).otherwise(alt.value(1)),
         tooltip=tooltip,
     ).add_params(pick)
-    text = base.mark_text(fontSize=11, limit=44).encode(
-        text="token:N",
-        color=alt.when("datum.kept && datum.model_prob > 0.55").then(alt.value("white"))
-        .when("datum.kept").then(alt.value("#111827")).otherwise(alt.value("#9ca3af")),
-        tooltip=tooltip)
+    ink = alt.when(dark).then(alt.value("white")).when("datum.kept").then(alt.value("#111827")).otherwise(alt.value("#9ca3af"))
+    text = base.mark_text(fontSize=11, limit=44, dy=-6 if probabilities else 0).encode(text="token:N", color=ink, tooltip=tooltip)
     layers = [cells, text]
+    if probabilities:
+        layers.append(base.mark_text(fontSize=9, dy=9, opacity=0.85).encode(text="p_label:N", color=ink, tooltip=tooltip))
     if selected_step is not None and selected_step in set(alts["step"]):
         sel = pd.DataFrame([{"step": selected_step}])
         layers.append(alt.Chart(sel).mark_rect(fill=None, stroke="#111827", strokeWidth=1.5, strokeDash=[3, 2]).encode(x="step:O"))
-    return alt.layer(*layers).properties(width="container", height=alt.Step(32))
+    return alt.layer(*layers).properties(width="container", height=alt.Step(40 if probabilities else 32))
 
 
 def entropy_chart(steps: pd.DataFrame) -> alt.Chart:
@@ -263,7 +303,7 @@ def compare_chart(stats: pd.DataFrame, height: int = 260) -> alt.LayerChart:
     """Each column of a comparison as a point: diversity (distinct-2) against likelihood (mean log-prob)."""
     base = alt.Chart(stats).encode(
         x=alt.X("distinct_2:Q", title="distinct-2 (unique bigrams / bigrams)", scale=alt.Scale(zero=False, padding=20)),
-        y=alt.Y("mean_logprob:Q", title="mean log-probability (nats/token)", scale=alt.Scale(zero=False, padding=20)),
+        y=alt.Y("mean_logprob:Q", title="mean log-p (nats/token)", scale=alt.Scale(zero=False, padding=20)),
         tooltip=["column:N", alt.Tooltip("mean_logprob:Q", format=".3f"), alt.Tooltip("mean_entropy:Q", format=".3f"),
                  alt.Tooltip("distinct_2:Q", format=".3f"), alt.Tooltip("repeated_3grams:Q", title="repeated trigrams"),
                  alt.Tooltip("tokens:Q")])

@@ -154,6 +154,14 @@ def metrics(url: str, run_ids: tuple[int, ...], keys: tuple[str, ...] = ("val_bp
     return df
 
 
+@registry_read(ttl=LIVE_TTL_S, max_entries=64)
+def metric_keys(url: str, run_ids: tuple[int, ...]) -> list[str]:
+    """Every metric key any of the runs has (the Runs page's metric picker)."""
+    s = store(url)
+    known = {r.id for r in runs(url)}
+    return sorted({info.key for rid in run_ids if rid in known for info in s.metric_keys(rid)})
+
+
 def refresh_runs(url: str, paths: list[str]) -> None:
     """Re-scan the given run folders (incremental: unchanged files cost a stat) for live curves."""
     s = store(url)

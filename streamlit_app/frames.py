@@ -169,6 +169,19 @@ def lr_frame(plan) -> pd.DataFrame:
     return pd.DataFrame([{"step": s, "lr_multiplier": m, "phase": plan.schedule.phase(s)} for s, m in pts])
 
 
+def own_lr_frame(plan) -> pd.DataFrame:
+    """The run's own LR schedule (step, lr_multiplier) when the plan's target moves it, else empty: with
+    it a chart shows the jump at the resume step that the planner's warning describes."""
+    from nanochat.schedule import schedule_from_user_config
+    from registry.resume import lr_curve
+
+    own = plan.run_num_iterations
+    if plan.schedule is None or not own or own == plan.schedule.num_iterations:
+        return pd.DataFrame(columns=["step", "lr_multiplier"])
+    schedule = schedule_from_user_config(plan.training_config, own)
+    return pd.DataFrame(lr_curve(schedule, 300, marks=(plan.step,)), columns=["step", "lr_multiplier"])
+
+
 def schedule_phases(plan) -> pd.DataFrame:
     """The warmup / constant / warmdown spans of the plan's schedule, for shading a chart."""
     s = plan.schedule

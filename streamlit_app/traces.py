@@ -175,18 +175,26 @@ def stats(gen: Generation) -> dict:
 # ---------------------------------------------------------------------- text with probabilities
 
 
-def _span(text: str, p: float, title: str, mark: bool) -> str:
+SHADINGS = {"likely": "darker = more likely under the model", "surprise": "darker = more surprising (−log₂ p)"}
+
+
+def _span(text: str, p: float, title: str, mark: bool, step: int, shading: str = "likely") -> str:
     body = html.escape(text).replace("\n", "↵<br>")
-    alpha = 0.08 + 0.72 * math.sqrt(max(0.0, min(1.0, p)))  # sqrt: a 5% token is still visibly shaded
+    p = max(0.0, min(1.0, p))
+    if shading == "surprise":  # 0 bits (certain) pale, 8 bits (a 1-in-256 token) and more fully red
+        alpha, rgb = 0.05 + 0.75 * min(1.0, -math.log2(max(p, 1e-12)) / 8), "214,39,40"
+    else:
+        alpha, rgb = 0.08 + 0.72 * math.sqrt(p), "31,119,180"  # sqrt: a 5% token is still visibly shaded
     border = "border-bottom:2px solid #d62728;" if mark else ""
-    return (f'<span title="{html.escape(title, quote=True)}" style="background:rgba(31,119,180,{alpha:.2f});'
-            f'border-radius:3px;padding:1px 0;{border}">{body}</span>')
+    return (f'<span data-step="{step}" title="{html.escape(title, quote=True)}" style="background:rgba({rgb},{alpha:.2f});'
+            f'border-radius:3px;padding:1px 0;cursor:pointer;{border}">{body}</span>')
 
 
-def shaded_html(gen: Generation, prompt: str | None = None, since: int | None = None) -> str:
-    """The prompt (plain, grey) then each generated token shaded by its model probability (darker =
-    more likely); hovering a token shows its probabilities and rank. Tokens from step `since` on are
-    underlined (where a branch diverges). All text is HTML-escaped."""
+def shaded_html(gen: Generation, prompt: str | None = None, since: int | None = None, shading: str = "likely") -> str:
+    """The prompt (plain, grey) then each generated token shaded by its model probability (`shading`
+    "likely": darker = more likely) or its surprisal ("surprise": darker = less likely); hovering a token
+    shows its probabilities and rank, and each token's span carries its 1-based step (data-step) for a
+    click. Tokens from step `since` on are underlined (where a branch diverges). All text is HTML-escaped."""
     parts = []
     if prompt:
         parts.append(f'<span style="color:#6b7280">{html.escape(prompt).replace(chr(10), "<br>")}</span>')
@@ -197,6 +205,6 @@ def shaded_html(gen: Generation, prompt: str | None = None, since: int | None = 
         text = gen.token_text(s.token_id)
         title = (f"step {s.step + 1}: {visible(text)} · p={s.model_prob:.3f} (sampling p={s.sampled_prob:.3f}) · "
                  f"rank {s.rank}" + (" · the tool's output" if s.tool_output else " · forced (branch)" if s.forced else ""))
-        parts.append(_span(text, s.model_prob, title, since is not None and s.step >= since))
+        parts.append(_span(text, s.model_prob, title, since is not None and s.step >= since, s.step + 1, shading))
     return ('<div style="font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:0.95rem;line-height:1.9;'
             'white-space:pre-wrap;word-break:break-word">' + "".join(parts) + "</div>")

@@ -20,6 +20,26 @@ from nanochat.sampling import SamplingSettings
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, traces
 
+# Generated text whose tokens can be clicked: the span's data-step comes back as the trigger value
+# "step" (inline JS, no build step; components.v2). The HTML is ours and escaped (traces.shaded_html).
+_CLICKABLE_TEXT = st.components.v2.component("nanochat_clickable_text", js="""
+export default function(component) {
+    const { data, setTriggerValue, parentElement } = component;
+    let box = parentElement.querySelector('div.clickable');
+    if (!box) { box = document.createElement('div'); box.className = 'clickable'; parentElement.appendChild(box); }
+    box.innerHTML = data;
+    box.querySelectorAll('[data-step]').forEach((el) => {
+        el.onclick = () => setTriggerValue('step', Number(el.dataset.step));
+    });
+}
+""")
+# Scrolls the page to where it is mounted, once (after a branch is made, to show it).
+_SCROLL_HERE = st.components.v2.component("nanochat_scroll_here", isolate_styles=False, js="""
+export default function(component) {
+    const el = component.parentElement;
+    setTimeout(() => el.scrollIntoView({behavior: 'smooth', block: 'start'}), 300);
+}
+""")
 SCAN_REPORT = "scan_report"  # session key: the last scan's report, shown once after the rerun it causes
 # What to do next, by the `code` of a nanochat.checkpoint_manager.CheckpointError.
 CHECKPOINT_HINTS = {
@@ -157,6 +177,18 @@ def run_picker(runs: list, key: str = "run", label: str = "Run", container=None,
     return where.selectbox(label, [r.id for r in runs], index=index, format_func=lambda i: names[i], key=key,
                            bind="query-params",
                            help="Runs are listed by last activity, newest first.")
+
+
+def clickable_text(html_text: str, key: str) -> int | None:
+    """Render escaped HTML whose [data-step] spans are clickable; the step clicked on this rerun, else None."""
+    result = _CLICKABLE_TEXT(data=html_text, key=key, on_step_change=lambda: None)
+    step = getattr(result, "step", None)
+    return int(step) if step else None
+
+
+def scroll_here(key: str) -> None:
+    """Scroll the browser to this point of the page (mount it on one rerun only)."""
+    _SCROLL_HERE(key=key, height=0)
 
 
 def status_label(status: str) -> str:

@@ -203,6 +203,22 @@ def test_runs_page_selects_runs_axes_smoothing_and_log_scale(registry):
     assert rules and int(rules[0]["step"].iloc[0]) == int(crash[crash["segment"] == 2]["step"].min())
 
 
+def test_runs_page_charts_the_metrics_the_user_picks(registry):
+    at = open_app(query={"runs": ["base/d2-crash"]})
+    picker = at.multiselect(key="metrics")
+    assert picker.value == ["val_bpb", "train_loss"]
+    assert {"lrm", "tok_per_sec", "dt_ms"} <= set(picker.options) or {"LR multiplier", "step time (ms)"} <= set(picker.options)
+    picker.set_value(["lrm", "tok_per_sec", "dt_ms"]).run()
+    assert_clean(at)
+    drawn = {data[0]["key"].iloc[0]: data[0] for _, data in charts(at) if data and "key" in data[0]}
+    assert sorted(drawn) == ["dt_ms", "lrm", "tok_per_sec"] and all(set(d["key"]) == {k} for k, d in drawn.items())
+    # the LR multiplier is a schedule, not smoothed; throughput is
+    lrm, tps = drawn["lrm"], drawn["tok_per_sec"]
+    assert (lrm["smoothed"] == lrm["value"]).all() and not (tps["smoothed"] == tps["value"]).all()
+    at = open_app(query={"runs": ["base/d2-crash"], "metrics": ["dt_ms"]})
+    assert [set(data[0]["key"]) for _, data in charts(at) if data and "key" in data[0]] == [{"dt_ms"}]
+
+
 def test_runs_page_view_comes_from_the_url(registry):
     at = open_app(query={"runs": ["base/d2-crash", "base/d1"], "x": "wall time", "ema": "0.9"})
     names = dict(zip(at.dataframe[0].value["id"], at.dataframe[0].value["run"]))
@@ -311,6 +327,24 @@ def test_resume_page_refuses_a_target_below_the_resume_step(registry):
     assert not at.code and not at.metric
 
 
+def test_resume_page_first_case_is_the_crash_and_the_deep_check_says_it_ran(registry):
+    at = open_app("resume")
+    names = {v: k for k, v in enumerate(at.selectbox(key="run").options)}
+    assert at.selectbox(key="run").value is not None and "base/d1" in names
+    assert metric(at, "Resume from step").value == "12"  # d1: killed after step 13, its last checkpoint 12
+    assert "ETA" in metric(at, "Remaining steps").delta
+    assert any("training had reached step" in w.value for w in at.warning)
+    at.button[[b.label for b in at.button].index("Deep-check and plan")].click().run()
+    assert_clean(at)
+    assert any(s.value.startswith("Deep check done: step 12") for s in at.success)
+    # a new target moves the schedule: the run's own schedule is drawn too, with the jump at the resume step
+    at.number_input(key="target").set_value(40).run()
+    assert_clean(at)
+    spec, data = charts(at)[0]
+    assert any("LR jump" in str(d.get("label", pd.Series()).tolist()) for d in data if "label" in d)
+    assert "dashed grey" in texts(at)
+
+
 def test_resume_page_skips_a_broken_newest_checkpoint(own_base):
     (own_base / "base_checkpoints" / "d2-crash" / "optim_000012_rank0.pt").unlink()
     at = open_app("resume", {"run": "base/d2-crash"})
@@ -385,6 +419,20 @@ def test_generate_page_generates_and_branches(registry, monkeypatch):
     assert len(loads) == 1  # three script runs, one model load (st.cache_resource)
 
 
+def test_generate_page_shading_and_probabilities_in_the_grid(registry):
+    at = open_app("generate", {"run": "base/d2", "n": "8", "prompt": "KING HENRY."})
+    grid_spec = next(spec for spec, data in charts(at) if "row" in data[0])
+    assert "blues" in json.dumps(grid_spec) and len(grid_spec["layer"]) == 3  # cells, tokens, the selected step
+    at.segmented_control(key="shade").set_value("surprise")
+    at.toggle(key="show_p").set_value(True).run()
+    assert_clean(at)
+    grid_spec, grid = next((spec, data[0]) for spec, data in charts(at) if "row" in data[0])
+    assert "reds" in json.dumps(grid_spec) and "surprise_bits" in json.dumps(grid_spec)
+    assert any(layer.get("encoding", {}).get("text", {}).get("field") == "p_label" for layer in grid_spec["layer"])
+    assert set(grid["p_label"]) and all(p.endswith("%") or p in ("0", "<1%") for p in grid["p_label"])
+    assert any("more surprising" in c.value for c in at.caption)
+
+
 def test_generate_page_refuses_bad_input_with_a_message(registry):
     at = open_app("generate", {"run": "base/d2", "prompt": "word " * 200})
     assert any("context" in e.value for e in at.error), [e.value for e in at.error]
@@ -427,11 +475,15 @@ def test_compare_grid_is_one_batched_call_and_reproducible(registry, monkeypatch
     assert [(s.temperature, s.top_k, s.top_p, s.seed) for s in rows[0]] == \
         [(t, 50, 1.0, seed) for t in (0.5, 0.9) for seed in (1, 2)]  # the grid reaches the engine by name
     assert metric(at, "Columns").value == "4"
-    cards = {m.value: i for i, m in enumerate(at.markdown) if m.value.startswith("**#")}
-    assert len(cards) == 4
+    cards = [m.value for m in at.markdown if m.value.startswith("**#")]
+    assert cards == ["**#1**", "**#2**", "**#3**", "**#4**"]
+    # laid out as the grid it is: a row per temperature, a column per seed, each with its header
+    headers = [m.value for m in at.markdown if m.value.startswith("**") and not m.value.startswith("**#")]
+    assert headers[:2] == ["**seed 1**", "**seed 2**"] and "**T=0.5**" in headers and "**T=0.9**" in headers
+    assert headers.index("**T=0.5**") < headers.index("**T=0.9**")
+    assert any("Every column: top-k 50 · top-p 1" in c.value for c in at.caption)
     html = [m.value for m in at.markdown if m.value.startswith("<div")]
-    wanted = next(i for i, h in enumerate(cards) if "T=0.9" in h and "seed 2" in h)
-    alone = html[wanted]
+    alone = html[3]  # row T=0.9, column seed 2
     # the same setting and seed alone in a grid gives the same column
     at.text_input(key="temps").set_value("0.9")
     at.text_input(key="seeds").set_value("2").run()
@@ -443,8 +495,10 @@ def test_compare_grid_is_one_batched_call_and_reproducible(registry, monkeypatch
 
 
 def test_compare_checkpoints_mode_and_bad_values(registry):
-    at = open_app("compare", {"mode": "checkpoints"})
+    at = open_app("compare", {"mode": "checkpoints", "ckpts": ["base/d2 @ step 12", "base/d1 @ step 4", "base/d1 @ step 8"]})
     assert metric(at, "Columns").value == "3"
+    cards = [m.value for m in at.markdown if m.value.startswith("**#")]
+    assert [c.split(" · ")[1] for c in cards] == ["base/d1 @ step 4", "base/d1 @ step 8", "base/d2 @ step 12"]  # by step
     at = open_app("compare", {"temps": "warm"})
     assert any("not a number" in e.value for e in at.error)
     at = open_app("compare", {"topp": "1.5"})

@@ -1,5 +1,6 @@
 """The demo builder (scripts/demo.py) through the shared `demo_base` fixture (profile "test"): the layout
-the app and the registry tests rely on, a real crash with two resume segments, and idempotence."""
+the app and the registry tests rely on, a real crash with two resume segments, a crash left for the user to
+resume, and idempotence."""
 
 from __future__ import annotations
 
@@ -30,21 +31,23 @@ def test_layout_is_a_nanochat_base_dir(demo_base):
     assert (demo_base / "registry.sqlite").is_file()
 
 
-def test_every_run_finished_with_checkpoints_every_few_steps(demo_base):
+def test_every_run_has_checkpoints_every_few_steps(demo_base):
     for spec in PROFILE.runs:
         run = demo_base / "base_checkpoints" / spec.tag
         steps = [c.step for c in cm.list_checkpoints(run) if not cm.quick_problems(c)]
-        assert steps == list(range(spec.save_every, spec.steps + 1, spec.save_every)), spec.tag
+        assert steps == list(range(spec.save_every, spec.final_step + 1, spec.save_every)), spec.tag
         meta = cm.read_meta(cm.find_last_complete(run, resumable=True))
-        assert meta["step"] == meta["num_iterations"] == spec.steps
+        assert meta["step"] == spec.final_step and meta["num_iterations"] == spec.steps
         assert meta["model_config"]["n_layer"] == spec.depth and meta["train_state"] is True
         assert isinstance(meta["val_bpb"], float)
-    depths = {spec.depth for spec in PROFILE.runs if spec.kill_after_step is None}
-    assert len(depths) == 2  # two finished runs of different depth
+    # one run finished, one killed and resumed to its end, one killed and left: the Resume page's first case
+    assert sorted((s.kill_after_step is not None, s.resume_after_kill) for s in PROFILE.runs) == [
+        (False, True), (True, False), (True, True)]
+    assert len({spec.depth for spec in PROFILE.runs}) == 2  # curves of two model sizes to compare
 
 
 def test_the_crashed_run_was_really_killed_and_resumed(demo_base):
-    spec = next(s for s in PROFILE.runs if s.kill_after_step is not None)
+    spec = next(s for s in PROFILE.runs if s.kill_after_step is not None and s.resume_after_kill)
     run = demo_base / "base_checkpoints" / spec.tag
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first = [r["step"] for r in rows if r["segment"] == 1 and "train_loss" in r]
@@ -56,6 +59,16 @@ def test_the_crashed_run_was_really_killed_and_resumed(demo_base):
     assert cm.read_meta(cm.find_last_complete(run))["resume_segment"] == 2
 
 
+def test_the_run_left_killed_stopped_between_two_checkpoints(demo_base):
+    spec = next(s for s in PROFILE.runs if s.left_killed)
+    run = demo_base / "base_checkpoints" / spec.tag
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["segment"] for r in rows} == {1}
+    trained = max(r["step"] for r in rows if "train_loss" in r)
+    assert spec.final_step < trained < spec.steps  # steps after its last checkpoint were lost in the kill
+    assert cm.find_last_complete(run).step == spec.final_step
+
+
 def test_registry_lists_the_demo_runs(demo_base):
     from registry import open_store
 
@@ -63,8 +76,10 @@ def test_registry_lists_the_demo_runs(demo_base):
         runs = {r.tag: r for r in store.list_runs()}
     assert set(runs) == {s.tag for s in PROFILE.runs}
     for spec in PROFILE.runs:
-        assert runs[spec.tag].latest_checkpoint_step == spec.steps
+        assert runs[spec.tag].latest_checkpoint_step == spec.final_step
         assert runs[spec.tag].num_iterations == spec.steps
+        # the crash left alone is found later, not still training: the registry calls it stopped
+        assert runs[spec.tag].status == ("stopped" if spec.left_killed else "finished")
 
 
 def test_second_build_reuses_everything(demo_base, tmp_path):

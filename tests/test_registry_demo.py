@@ -8,6 +8,9 @@ import shutil
 import pytest
 
 from registry import open_store
+from scripts.demo import PROFILES
+
+SPECS = {spec.tag: spec for spec in PROFILES["test"].runs}
 
 
 @pytest.fixture
@@ -23,8 +26,11 @@ def test_scan_demo_indexes_runs_and_resume_segments(store, demo_copy):
     runs = {r.tag: r for r in store.list_runs()}
     assert set(runs) == {"d1", "d2", "d2-crash"}
     for r in runs.values():
-        assert r.phase == "base" and r.has_metrics_file and r.num_iterations == 12 and r.latest_step == 12
-        assert r.status == "finished" and r.best_val_bpb is not None and r.checkpoint_count >= 3
+        spec = SPECS[r.tag]
+        assert r.phase == "base" and r.has_metrics_file and r.num_iterations == spec.steps
+        assert r.latest_checkpoint_step == spec.final_step and r.latest_step >= spec.final_step
+        assert r.status == ("stopped" if spec.left_killed else "finished")
+        assert r.best_val_bpb is not None and r.checkpoint_count >= 3
         assert all(c.complete and c.resumable and not c.problems for c in store.checkpoints(r.id))
     crashed = runs["d2-crash"]
     assert crashed.segments == 2 and runs["d2"].segments == 1

@@ -44,12 +44,20 @@ def shell(command: str) -> subprocess.CompletedProcess:
 def test_every_demo_run_is_planned_at_its_last_step(demo_base):
     for tag, spec in SPECS.items():
         plan = resume.plan_resume(demo_base / "base_checkpoints" / tag)
-        assert (plan.step, plan.target_steps, plan.remaining_steps, plan.finished) == (spec.steps, spec.steps, 0, True)
+        left = spec.steps - spec.final_step
+        assert (plan.step, plan.target_steps, plan.remaining_steps, plan.finished) == (spec.final_step, spec.steps, left,
+                                                                                      not left)
         assert plan.mode == "exact" and plan.skipped == () and plan.world_size == 1
         assert plan.command_env["NANOCHAT_BASE_DIR"] == str(demo_base)
         assert plan.command_env["OMP_NUM_THREADS"] == "1"  # the demo trains one thread per process
-        assert f"--model-tag={tag}" in plan.command_argv and plan.command_argv[-1] == f"--resume-from-step={spec.steps}"
+        assert f"--model-tag={tag}" in plan.command_argv
+        assert plan.command_argv[-1] == f"--resume-from-step={spec.final_step}"
         assert plan.step_time_s is not None and plan.val_bpb is not None
+    # the run left killed: training had gone past its last checkpoint, so those steps are trained again
+    killed = next(spec for spec in SPECS.values() if spec.left_killed)
+    plan = resume.plan_resume(demo_base / "base_checkpoints" / killed.tag)
+    assert plan.reached_step is not None and plan.reached_step > killed.final_step
+    assert plan.eta_s is not None and plan.eta_s > 0
     # the run killed mid-way was continued once: its last checkpoint is from the second segment, and the
     # planned command does not repeat the --resume that launched it (it names the step instead)
     crashed = resume.plan_resume(demo_base / "base_checkpoints" / "d2-crash")
@@ -92,8 +100,8 @@ def test_crash_during_the_last_save_is_resumed_to_the_same_weights(demo_copy):
 
 
 def test_a_finished_demo_run_trains_longer_with_target_steps(demo_copy):
-    run = demo_copy / "base_checkpoints" / "d1"
-    spec = SPECS["d1"]
+    run = demo_copy / "base_checkpoints" / "d2"
+    spec = SPECS["d2"]
     plan = resume.plan_resume(run, target_steps=spec.steps + 4)
     assert (plan.step, plan.remaining_steps, plan.target_source) == (spec.steps, 4, "override")
     assert f"--num-iterations={spec.steps + 4}" in plan.command_argv

@@ -35,7 +35,7 @@ best = scored.loc[scored["val_bpb"].idxmin()] if not scored.empty else None
 counts = df["state"].value_counts()
 trusted = int(counts.get("verified", 0) + counts.get("quick_ok", 0))
 bad = int(counts.get("problems", 0) + counts.get("incomplete", 0))
-t1, t2, t3, t4 = st.columns(4)
+t1, t2, t3, t4 = st.columns([1, 1, 1, 1.5])  # the last holds "not verified yet"
 t1.metric("Checkpoints on disk", len(present), f"{int(counts.get('missing', 0))} deleted since indexed"
           if counts.get("missing") else f"{int(present['size_mb'].sum()):,} MB in total", delta_color="off", delta_arrow="off",
           border=True)

@@ -16,7 +16,7 @@ from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, traces, ui
 
 MAX_COLUMNS = 24
-PER_ROW = 4
+PER_ROW = 4  # checkpoint cards per row
 DEFAULT_PROMPT = "To be, or not to be, that is the"
 
 
@@ -51,7 +51,7 @@ mode = st.segmented_control("Compare", ["settings", "checkpoints"], default="set
                             help="settings: a grid of temperatures × top-k × top-p × seeds on one checkpoint; checkpoints: "
                                  "several checkpoints at one setting") or "settings"
 prompt = st.text_area("Prompt", DEFAULT_PROMPT, height=68, key="prompt", bind="query-params")
-c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 2, 1.4])
+c1, c2, c3, c4, c5 = st.columns([4, 2, 2, 2, 1.4])
 try:
     if mode == "settings":
         ckpts = [c1.selectbox("Checkpoint", latest_ids + [i for i in labels if i not in latest_ids], format_func=labels.get,
@@ -78,6 +78,8 @@ if not prompt.strip():
 if not ckpts:
     st.info("Pick at least one checkpoint.", icon=":material/touch_app:")
     st.stop()
+if mode == "checkpoints":  # training order: earlier steps to the left
+    ckpts = sorted(ckpts, key=lambda cid: (int(rows_by_id[cid].step), order.get(rows_by_id[cid].run_id, 1 << 30)))
 grid = [SamplingSettings(temperature=float(t), top_k=k, top_p=float(p), seed=int(s))
         for t, k, p, s in itertools.product(temps, topks, topps, seeds)]
 if len(grid) * len(ckpts) > MAX_COLUMNS:
@@ -134,13 +136,52 @@ st.caption("Log-probability and entropy under the model at temperature 1, in nat
            "token bigrams / bigrams. Same seed, same column, whatever else is in the grid.")
 
 # ---------------------------------------------------------------------- side by side
-for start in range(0, len(columns), PER_ROW):
-    cols = st.columns(PER_ROW)
-    for col, (i, (title, _, g)) in zip(cols, enumerate(columns[start:start + PER_ROW], start)):
-        s = traces.stats(g)
-        with col.container(border=True):
-            st.markdown(f"**#{i + 1}** · {title}")
-            st.caption(f"log-p {s['mean_logprob']:.2f} · entropy {s['mean_entropy']:.2f} · distinct-2 "
-                       f"{s['distinct_2'] or 0:.0%} · {s['repeated_3grams']} repeats · {s['tokens']} tok"
-                       + (" · stopped" if g.finish_reason == "stop" else ""))
-            st.markdown(traces.shaded_html(g), unsafe_allow_html=True)
+
+
+def card(i: int, title: str | None, g) -> None:
+    s = traces.stats(g)
+    with st.container(border=True):
+        st.markdown(f"**#{i + 1}**" + (f" · {title}" if title else ""))
+        st.caption(f"log-p {s['mean_logprob']:.2f} · entropy {s['mean_entropy']:.2f} · distinct-2 "
+                   f"{s['distinct_2'] or 0:.0%} · {s['repeated_3grams']} repeats · {s['tokens']} tok"
+                   + (" · stopped" if g.finish_reason == "stop" else ""))
+        st.markdown(traces.shaded_html(g), unsafe_allow_html=True)
+
+
+SETTING_LABELS = {"temperature": lambda v: f"T={v:g}", "top_k": lambda v: f"top-k {v or 'off'}",
+                  "top_p": lambda v: f"top-p {v:g}", "seed": lambda v: f"seed {v}"}
+if mode == "settings":
+    # The grid as it is: one row per value of the first varied settings, one column per value of the last.
+    values = {"temperature": temps, "top_k": topks, "top_p": topps, "seed": seeds}
+    varied = [k for k, v in values.items() if len(v) > 1]
+    col_key = varied[-1] if varied else None
+    row_keys = varied[:-1]
+    fixed = " · ".join(SETTING_LABELS[k](v[0]) for k, v in values.items() if len(v) == 1)
+    if fixed:
+        st.caption(f"Every column: {fixed}.")
+    col_values = values[col_key] if col_key else [None]
+    # columns come in `grid` order: itertools.product of the values in this order
+    by_setting = {combo: (i, columns[i][2]) for i, combo in enumerate(itertools.product(*values.values()))}
+    label_w = 1 if row_keys else 0.001
+    header = st.columns([label_w] + [3] * len(col_values))
+    if col_key:
+        for cell, v in zip(header[1:], col_values):
+            cell.markdown(f"**{SETTING_LABELS[col_key](v)}**")
+    for row_vals in itertools.product(*(values[k] for k in row_keys)):
+        cells = st.columns([label_w] + [3] * len(col_values))
+        if row_keys:
+            cells[0].markdown("**" + "<br>".join(SETTING_LABELS[k](v) for k, v in zip(row_keys, row_vals)) + "**",
+                              unsafe_allow_html=True)
+        for cell, cv in zip(cells[1:], col_values):
+            setting = {**{k: v[0] for k, v in values.items()}, **dict(zip(row_keys, row_vals))}
+            if col_key:
+                setting[col_key] = cv
+            i, g = by_setting[tuple(setting[k] for k in values)]
+            with cell:
+                card(i, None, g)
+else:
+    for start in range(0, len(columns), PER_ROW):
+        cols = st.columns(PER_ROW)
+        for col, (i, (title, _, g)) in zip(cols, enumerate(columns[start:start + PER_ROW], start)):
+            with col:
+                card(i, title, g)

@@ -36,6 +36,14 @@ prompt = st.text_area("Prompt", DEFAULT_PROMPT, height=80, key="prompt", bind="q
 
 sampling = ui.sampling_controls()
 settings, max_tokens, alternatives = sampling.settings, sampling.max_tokens, sampling.alternatives
+with st.sidebar:
+    st.markdown("**Display**")
+    shading = st.segmented_control("Shade tokens by", list(traces.SHADINGS), default="likely", key="shade",
+                                   bind="query-params", format_func={"likely": "likelihood", "surprise": "surprise"}.get,
+                                   help="likelihood: darker = more probable under the model; surprise: darker = less "
+                                        "probable (−log₂ p), so the unexpected tokens stand out") or "likely"
+    show_p = st.toggle("Probabilities in the grid", key="show_p", bind="query-params",
+                       help="Print each cell's model probability under its token")
 
 if not prompt.strip():
     st.info("Type a prompt to generate from.", icon=":material/edit:")
@@ -80,20 +88,33 @@ t4.metric("Distinct bigrams", f"{stats['distinct_2']:.0%}" if stats["distinct_2"
           f"{stats['repeated_3grams']} repeated trigrams", delta_color="off", delta_arrow="off", border=True)
 
 text_cols = st.columns(min(len(gens), 3))
+scroll_to = st.session_state.pop("scroll_to_branch", None)
 for i, (name, g) in enumerate(gens):
     with text_cols[i % len(text_cols)].container(border=True):
         b = next((b for b in branches if b["name"] == name), None)
+        if name == scroll_to:
+            ui.scroll_here(key=f"scroll_{name}")
         st.markdown(f"**{'Main generation' if b is None else name.capitalize()}**" + ("" if b is None else
                     f" · from {b['from']} at step {b['step'] + 1}: `{traces.visible(b['token'])}`"))
-        st.markdown(traces.shaded_html(g, prompt, since=None if b is None else b["step"]), unsafe_allow_html=True)
-st.caption(f"{traces.settings_label(gen.settings)} · darker = more likely under the model; hover a token for its "
-           "probabilities" + (" · underlined: the branch's own continuation" if branches else ""))
+        clicked = ui.clickable_text(traces.shaded_html(g, prompt, since=None if b is None else b["step"], shading=shading),
+                                    key=f"text_{name}")
+        if clicked:  # a token clicked in the text: show this generation and select its step, as a grid click does
+            st.session_state["inspect"] = clicked
+            if st.session_state.get("view") != name and len(gens) > 1:
+                st.session_state["view"] = name
+                st.rerun()
+st.caption(f"{traces.settings_label(gen.settings)} · {traces.SHADINGS[shading]}; hover a token for its probabilities, "
+           "click it to inspect its step below" + (" · underlined: the branch's own continuation" if branches else ""))
 
 # ---------------------------------------------------------------------- per-step alternatives
 st.subheader("Per-step alternatives")
 n_steps = len(gen.steps)
 first = 0
 if n_steps > WINDOW:
+    wanted = int(st.session_state.get("inspect", 1))
+    shown_from = int(st.session_state.get("from", 1))
+    if not shown_from <= wanted < shown_from + WINDOW:  # a token clicked in the text outside the window: move it
+        st.session_state["from"] = min(max(1, wanted - WINDOW // 2), n_steps - WINDOW + 1)
     first = st.slider("First step shown", 1, n_steps - WINDOW + 1, 1, key="from") - 1
 picked = (st.session_state.get("gen_chart") or {}).get("selection", {}).get("cell") or []
 if picked and picked != st.session_state.get("gen_last_pick"):
@@ -110,11 +131,12 @@ if picked and picked != st.session_state.get("gen_last_pick"):
 st.session_state["inspect"] = min(max(1, int(st.session_state.get("inspect", 1))), max(n_steps, 1))
 inspect = st.session_state["inspect"]
 alts = traces.alternatives_frame(gen, alternatives, first, first + WINDOW)
-st.altair_chart(charts.generation_chart(alts, selected_step=inspect), on_select="rerun", key="gen_chart",
-                selection_mode="cell", width="stretch")
+st.altair_chart(charts.generation_chart(alts, selected_step=inspect, shading=shading, probabilities=show_p),
+                on_select="rerun", key="gen_chart", selection_mode="cell", width="stretch")
+shade_note = "darker blue = more probable under the model" if shading == "likely" else "darker red = more surprising"
 st.caption("Columns are generated steps; the top row is the token sampled, the rows below the most likely tokens "
-           "(darker blue = more probable under the model, grey = removed by top-k/top-p, red outline = the one sampled). "
-           "Click a cell to inspect that step below.")
+           f"({shade_note}, grey = removed by top-k/top-p, red outline = the one sampled). Click a cell to inspect that "
+           "step below" + ("" if show_p else "; turn on “Probabilities in the grid” in the sidebar to print them") + ".")
 st.markdown("**Entropy per step** (how spread the model's distribution is, in nats)")
 st.altair_chart(charts.entropy_chart(traces.steps_frame(gen).iloc[first:first + WINDOW]), width="stretch")
 
@@ -146,6 +168,7 @@ with right:
             branches.append({"name": f"branch {len(branches) + 1}", "from": view, "step": inspect - 1,
                              "token": gen.token_text(alt_token.token_id), "forced": prefix + ((inspect - 1, alt_token.token_id),)})
             st.session_state["view"] = branches[-1]["name"]
+            st.session_state["scroll_to_branch"] = branches[-1]["name"]  # the new text is at the top of the page
             st.rerun()
         st.caption("The branch keeps this generation's tokens up to the step, emits the chosen token there, and "
                    "continues with the same settings and seed. Every branch stays listed above.")

@@ -51,6 +51,11 @@ except (RegistryError, CheckpointError) as e:
     ui.show_error(e)
     st.stop()
 
+if st.session_state.get(deep_key) is plan:  # say that the button did what it says, and what it found
+    skipped = f"; {len(plan.skipped)} newer checkpoint(s) failed and are listed below" if plan.skipped else ""
+    st.success(f"Deep check done: step {plan.step:,} passed with every byte read (CRCs, NaN/Inf, pickle safety, "
+               f"sha256), recorded in the registry{skipped}. The plan below uses it.", icon=":material/verified:")
+
 warnings: dict[str, list[str]] = {}
 for w in plan.warnings:
     if plan.mode == "unsupported" and w == plan.mode_note:
@@ -58,7 +63,7 @@ for w in plan.warnings:
     warnings.setdefault(topic(w), []).append(w)
 
 # ---------------------------------------------------------------------- the answer first
-t1, t2, t3, t4 = st.columns(4)
+t1, t2, t3, t4 = st.columns([1, 1, 1.1, 1.25])  # the last holds "≈ approximate"
 with t1:
     st.metric("Resume from step", f"{plan.step:,}",
               f"val bpb {plan.val_bpb:.4f}" if plan.val_bpb is not None else "no val bpb recorded", delta_color="off",
@@ -67,7 +72,8 @@ with t1:
 with t2:
     remaining = f"{plan.remaining_steps:,}" if plan.remaining_steps is not None else "?"
     st.metric("Remaining steps", remaining,
-              f"of {plan.target_steps:,} ({plan.progress:.0%} done)" if plan.target_steps else "target unknown",
+              (f"of {plan.target_steps:,} · ETA {frames.duration(plan.eta_s)}" if plan.eta_s is not None
+               else f"of {plan.target_steps:,} ({plan.progress:.0%} done)") if plan.target_steps else "target unknown",
               delta_color="off", delta_arrow="off", border=True,
               help=f"Target from {plan.target_source}; ETA {frames.duration(plan.eta_s)} at "
                    f"{plan.step_time_s or 0:.2f} s/step ({plan.step_time_source or 'no step times'}).")
@@ -78,6 +84,9 @@ with t3:
 with t4:
     st.metric("Resume", MODE_LABELS.get(plan.mode, plan.mode), f"{plan.world_size} process(es)", delta_color="off",
               delta_arrow="off", border=True, help=plan.mode_note)
+if plan.eta_s is not None and plan.remaining_steps:
+    st.caption(f"ETA {frames.duration(plan.eta_s)}: {plan.remaining_steps:,} steps at {plan.step_time_s:.2f} s/step "
+               f"({plan.step_time_source or 'measured'}), {plan.progress:.0%} of {plan.target_steps:,} done.")
 # each warning under the tiles, in the tiles' order: val bpb, remaining steps, the target, the resume mode
 for w in warnings.pop("val", []):
     st.warning(w, icon=":material/trending_up:")
@@ -110,12 +119,15 @@ lr = frames.lr_frame(plan)
 if lr.empty:
     st.info("The run's target steps are unknown, so its schedule cannot be drawn: pass a target above.", icon=":material/straighten:")
 else:
-    st.altair_chart(charts.lr_chart(lr, frames.schedule_phases(plan), plan.step, plan.lr_multiplier, plan.reached_step),
-                    width="stretch")
+    own = frames.own_lr_frame(plan)
+    st.altair_chart(charts.lr_chart(lr, frames.schedule_phases(plan), plan.step, plan.lr_multiplier, plan.reached_step,
+                                    own=own), width="stretch")
     s = plan.schedule
     st.caption(f"{s.num_iterations:,} steps: warmup {s.warmup_steps:,}, warmdown from step {s.warmdown_start:,} "
                f"({s.warmdown_ratio:.0%} of the run) to ×{s.final_lr_frac:g}. The red band, if any, is work after the "
-               "checkpoint that will be trained again.")
+               "checkpoint that will be trained again"
+               + (f"; dashed grey: the run's own {plan.run_num_iterations:,}-step schedule, which the new target replaces "
+                  "(the red bar is the jump at the resume step)." if not own.empty else "."))
 
 # ---------------------------------------------------------------------- what else the planner saw
 warnings.pop("skipped", None)  # the same facts as plan.skipped, listed under the tiles

@@ -48,14 +48,9 @@ with st.expander("Scan a folder for new runs and checkpoints, or import a log", 
 
 # ---------------------------------------------------------------------- curves
 ids = [r.id for r in runs]
-c_runs, c_x = st.columns([3, 2], vertical_alignment="bottom")
-c_ema, c_log, c_live = st.columns([3, 1, 1], vertical_alignment="center")
+c_runs, c_live = st.columns([5, 1], vertical_alignment="bottom")
 chosen = c_runs.multiselect("Runs to plot", ids, default=ids[:1], format_func=lambda i: names[i], key="runs",
                             bind="query-params", max_selections=12, placeholder="Pick runs to plot")
-x = c_x.segmented_control("x axis", list(X_LABELS), default="step", format_func=X_LABELS.get, key="x", bind="query-params") or "step"
-ema = c_ema.slider("Smoothing (EMA)", 0.0, 0.99, 0.8, 0.01, key="ema", bind="query-params",
-                   help="Exponential moving average of the train loss (0 = raw). The raw curve stays faint behind it.")
-log = c_log.toggle("Log-scale loss", key="log", bind="query-params", help="Logarithmic y axis for the train loss")
 live = c_live.toggle("Live refresh", value=any(by_id[i].status == "training" for i in chosen), key="live", bind="query-params",
                      help=f"Re-scan the selected runs and redraw every {LIVE_EVERY_S} s while they train")
 if why := bpb_comparability([by_id[i] for i in chosen if i in by_id], names):
@@ -63,31 +58,52 @@ if why := bpb_comparability([by_id[i] for i in chosen if i in by_id], names):
                "wrong ids.", icon=":material/warning:")
 
 
+# A fragment: choosing metrics, the x axis, smoothing or log scale redraws the charts, not the page.
 @st.fragment(run_every=LIVE_EVERY_S if live else None)
-def curves(chosen: list[int], x: str, ema: float, log: bool, live: bool) -> None:
+def curves(chosen: list[int], live: bool) -> None:
     if not chosen:
         st.info("Pick one or more runs above to plot their curves.", icon=":material/touch_app:")
         return
     try:
         if live:
             data.refresh_runs(url, [by_id[i].path for i in chosen])
-        df = data.metrics(url, tuple(chosen))
+        available = charts.metric_order(data.metric_keys(url, tuple(chosen)))
     except RegistryError as e:
         ui.show_error(e)
         return
-    if df.empty:
+    if not available:
         st.info("The selected runs have no metrics yet (no metrics.jsonl, and no val_bpb in their metas). "
                 "Import an upstream training log with `python -m registry import-log FILE --run RUN`.", icon=":material/trending_up:")
         return
+    c_keys, c_x = st.columns([3, 2], vertical_alignment="bottom")
+    keys = c_keys.multiselect("Metrics", available, default=[k for k in charts.DEFAULT_METRICS if k in available] or available[:1],
+                              format_func=charts.metric_label, key="metrics", bind="query-params",
+                              placeholder="Pick metrics to chart", help="One chart per metric, all on the same x axis")
+    x = c_x.segmented_control("x axis", list(X_LABELS), default="step", format_func=X_LABELS.get, key="x",
+                              bind="query-params") or "step"
+    c_ema, c_log = st.columns([3, 2], vertical_alignment="center")
+    ema = c_ema.slider("Smoothing (EMA)", 0.0, 0.99, 0.8, 0.01, key="ema", bind="query-params",
+                       help="Exponential moving average of the per-step metrics (train loss, throughput, step time; "
+                            "0 = raw), across resumes. The raw curve stays faint behind it.")
+    log = c_log.toggle("Log-scale loss", key="log", bind="query-params", help="Logarithmic y axis for the train loss")
+    if not keys:
+        st.info("Pick one or more metrics above.", icon=":material/touch_app:")
+        return
+    try:
+        df = data.metrics(url, tuple(chosen), tuple(keys))
+    except RegistryError as e:
+        ui.show_error(e)
+        return
     resumes = frames.resume_points(df)
     st.markdown(charts.legend_html(df), unsafe_allow_html=True)
-    left, right = st.columns(2)
-    for col, key, title, smoothing, log_y in ((left, "val_bpb", "Validation bits per byte", 0.0, False),
-                                             (right, "train_loss", "Train loss", ema, log)):
-        with col:
-            st.markdown(f"**{title}**")
+    grid = st.columns(2) if len(keys) > 1 else [st.container()]
+    for i, key in enumerate(keys):
+        with grid[i % len(grid)]:
+            st.markdown(f"**{charts.metric_label(key)}**")
             if (df["key"] == key).any():
-                st.altair_chart(charts.metric_chart(df, key, x, smoothing, log_y, resumes), width="stretch")
+                smoothing = ema if key in charts.SMOOTHED_METRICS else 0.0
+                st.altair_chart(charts.metric_chart(df, key, x, smoothing, log and key == "train_loss", resumes,
+                                                    height=300 if len(keys) <= 2 else 220), width="stretch")
             else:
                 st.info(f"No {key} points for these runs (upstream runs without metrics.jsonl only have val_bpb "
                         "from their checkpoints).", icon=":material/trending_down:")
@@ -103,7 +119,8 @@ def curves(chosen: list[int], x: str, ema: float, log: bool, live: bool) -> None
     st.caption(" · ".join(notes).capitalize())
 
 
-curves(chosen, x, ema, log, live)
+curves(chosen, live)
+
 # ---------------------------------------------------------------------- the table
 st.subheader("All runs")
 table = table.assign(open=[f"checkpoints?run={quote(n, safe='')}" for n in table["run"]])
@@ -118,7 +135,7 @@ st.dataframe(
                                               "incomplete: the newest checkpoint is broken"),
         "depth": st.column_config.NumberColumn("depth", format="%d", width="small"),
         "parameters": st.column_config.NumberColumn("params", format="compact", width="small"),
-        "steps": st.column_config.TextColumn("steps / target", width="small"),
+        "steps": st.column_config.TextColumn("steps", width="small", help="steps done / target steps"),
         "progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0.0, max_value=1.0, width="small"),
         "best_val_bpb": st.column_config.NumberColumn("best bpb", format="%.4f", width="small",
                                                       help="best validation bits per byte (lower is better)"),
@@ -132,6 +149,6 @@ st.dataframe(
             "with a wrong byte length (upstream's build before 2ce972a), which shifts every val_bpb: compare only runs whose "
             "verdicts are right; 'no file (ok)': bpb computed from the tokenizer"),
         "last_update": st.column_config.DatetimeColumn("updated", format="distance", width="medium"),
-        "open": st.column_config.LinkColumn("", display_text="checkpoints ↗", width="small", help="This run's checkpoints"),
+        "open": st.column_config.LinkColumn("", display_text="open ↗", width="small", help="This run's checkpoints"),
     })
 st.caption(f"{len(table)} runs, newest activity first. Registry `{url}`.")
