@@ -37,7 +37,7 @@ export default function(component) {
 _SCROLL_HERE = st.components.v2.component("nanochat_scroll_here", isolate_styles=False, js="""
 export default function(component) {
     const el = component.parentElement;
-    setTimeout(() => el.scrollIntoView({behavior: 'smooth', block: 'start'}), 300);
+    setTimeout(() => el.scrollIntoView({behavior: 'smooth', block: 'center'}), 300);
 }
 """)
 SCAN_REPORT = "scan_report"  # session key: the last scan's report, shown once after the rerun it causes

@@ -215,7 +215,7 @@ def test_runs_page_charts_the_metrics_the_user_picks(registry):
     # the LR multiplier is a schedule, not smoothed; throughput is
     lrm, tps = drawn["lrm"], drawn["tok_per_sec"]
     assert (lrm["smoothed"] == lrm["value"]).all() and not (tps["smoothed"] == tps["value"]).all()
-    at = open_app(query={"runs": ["base/d2-crash"], "metrics": ["dt_ms"]})
+    at = open_app(query={"runs": ["base/d2-crash"], "metrics": ["step time (ms)"]})  # the URL carries the labels
     assert [set(data[0]["key"]) for _, data in charts(at) if data and "key" in data[0]] == [{"dt_ms"}]
 
 
@@ -492,6 +492,17 @@ def test_compare_grid_is_one_batched_call_and_reproducible(registry, monkeypatch
     assert [m.value for m in at.markdown if m.value.startswith("<div")] == [alone]
     stats = at.dataframe[0].value
     assert {"mean_logprob", "mean_entropy", "distinct_2", "repeated_3grams"} <= set(stats.columns)
+
+
+def test_the_model_stays_loaded_across_pages(registry, monkeypatch):
+    from nanochat import checkpoint_manager
+
+    loads = []
+    real_load = checkpoint_manager.load_model
+    monkeypatch.setattr(checkpoint_manager, "load_model", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
+    open_app("generate", {"run": "base/d2", "n": "4"})
+    open_app("compare", {"ckpt": "base/d2 @ step 12", "n": "8"})
+    assert len(loads) == 1  # one st.cache_resource entry per checkpoint file, shared by both pages
 
 
 def test_compare_checkpoints_mode_and_bad_values(registry):

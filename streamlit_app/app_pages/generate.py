@@ -109,36 +109,46 @@ st.caption(f"{traces.settings_label(gen.settings)} · {traces.SHADINGS[shading]}
 # ---------------------------------------------------------------------- per-step alternatives
 st.subheader("Per-step alternatives")
 n_steps = len(gen.steps)
-first = 0
-if n_steps > WINDOW:
-    wanted = int(st.session_state.get("inspect", 1))
-    shown_from = int(st.session_state.get("from", 1))
-    if not shown_from <= wanted < shown_from + WINDOW:  # a token clicked in the text outside the window: move it
-        st.session_state["from"] = min(max(1, wanted - WINDOW // 2), n_steps - WINDOW + 1)
-    first = st.slider("First step shown", 1, n_steps - WINDOW + 1, 1, key="from") - 1
-picked = (st.session_state.get("gen_chart") or {}).get("selection", {}).get("cell") or []
-if picked and picked != st.session_state.get("gen_last_pick"):
-    # a clicked cell selects its step below, and an alternative's cell preselects it for branching
-    st.session_state["gen_last_pick"] = picked
-    clicked_step, row_name = int(picked[0]["step"]), str(picked[0].get("row", "sampled"))
-    st.session_state["inspect"] = clicked_step
-    if row_name.startswith("#") and 1 <= clicked_step <= len(gen.steps):
-        st_ = gen.steps[clicked_step - 1]
-        ids = [a.token_id for a in st_.alternatives if a.token_id != st_.token_id][:10]
-        rank = int(row_name[1:])
-        if rank <= len(st_.alternatives) and st_.alternatives[rank - 1].token_id in ids:
-            st.session_state[f"branch_alt_{clicked_step}"] = ids.index(st_.alternatives[rank - 1].token_id)
-st.session_state["inspect"] = min(max(1, int(st.session_state.get("inspect", 1))), max(n_steps, 1))
-inspect = st.session_state["inspect"]
-alts = traces.alternatives_frame(gen, alternatives, first, first + WINDOW)
-st.altair_chart(charts.generation_chart(alts, selected_step=inspect, shading=shading, probabilities=show_p),
-                on_select="rerun", key="gen_chart", selection_mode="cell", width="stretch")
-shade_note = "darker blue = more probable under the model" if shading == "likely" else "darker red = more surprising"
-st.caption("Columns are generated steps; the top row is the token sampled, the rows below the most likely tokens "
-           f"({shade_note}, grey = removed by top-k/top-p, red outline = the one sampled). Click a cell to inspect that "
-           "step below" + ("" if show_p else "; turn on “Probabilities in the grid” in the sidebar to print them") + ".")
-st.markdown("**Entropy per step** (how spread the model's distribution is, in nats)")
-st.altair_chart(charts.entropy_chart(traces.steps_frame(gen).iloc[first:first + WINDOW]), width="stretch")
+
+
+# A fragment: moving the window redraws the grid alone; a clicked cell reruns the page (the step below changes).
+@st.fragment
+def alternatives_grid() -> None:
+    first = 0
+    if n_steps > WINDOW:
+        wanted = int(st.session_state.get("inspect", 1))
+        shown_from = int(st.session_state.get("from", 1))
+        if not shown_from <= wanted < shown_from + WINDOW:  # a token clicked in the text outside the window: move it
+            st.session_state["from"] = min(max(1, wanted - WINDOW // 2), n_steps - WINDOW + 1)
+        first = st.slider("First step shown", 1, n_steps - WINDOW + 1, 1, key="from") - 1
+    picked = (st.session_state.get("gen_chart") or {}).get("selection", {}).get("cell") or []
+    if picked and picked != st.session_state.get("gen_last_pick"):
+        # a clicked cell selects its step below, and an alternative's cell preselects it for branching
+        st.session_state["gen_last_pick"] = picked
+        clicked_step, row_name = int(picked[0]["step"]), str(picked[0].get("row", "sampled"))
+        st.session_state["inspect"] = clicked_step
+        if row_name.startswith("#") and 1 <= clicked_step <= len(gen.steps):
+            st_ = gen.steps[clicked_step - 1]
+            ids = [a.token_id for a in st_.alternatives if a.token_id != st_.token_id][:10]
+            rank = int(row_name[1:])
+            if rank <= len(st_.alternatives) and st_.alternatives[rank - 1].token_id in ids:
+                st.session_state[f"branch_alt_{clicked_step}"] = ids.index(st_.alternatives[rank - 1].token_id)
+        st.rerun(scope="app")  # the inspected step lives outside this fragment (once per click: the pick is kept)
+    st.session_state["inspect"] = min(max(1, int(st.session_state.get("inspect", 1))), max(n_steps, 1))
+    alts = traces.alternatives_frame(gen, alternatives, first, first + WINDOW)
+    st.altair_chart(charts.generation_chart(alts, selected_step=st.session_state["inspect"], shading=shading,
+                                            probabilities=show_p),
+                    on_select="rerun", key="gen_chart", selection_mode="cell", width="stretch")
+    shade_note = "darker blue = more probable under the model" if shading == "likely" else "darker red = more surprising"
+    st.caption("Columns are generated steps; the top row is the token sampled, the rows below the most likely tokens "
+               f"({shade_note}, grey = removed by top-k/top-p, red outline = the one sampled). Click a cell to inspect "
+               "that step below" + ("" if show_p else "; turn on “Probabilities in the grid” in the sidebar to print them")
+               + ".")
+    st.markdown("**Entropy per step** (how spread the model's distribution is, in nats)")
+    st.altair_chart(charts.entropy_chart(traces.steps_frame(gen).iloc[first:first + WINDOW]), width="stretch")
+
+
+alternatives_grid()
 
 # ---------------------------------------------------------------------- one step, and branching
 if not n_steps:
