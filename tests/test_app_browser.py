@@ -68,9 +68,12 @@ def app_url(demo_base, tmp_path):
     env = {**os.environ, "NANOCHAT_REGISTRY_URL": str(reg / "registry.sqlite")}
     env.pop("NANOCHAT_BASE_DIR", None)
     log = open(tmp_path / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app/app.py", "--server.headless", "true",
-                             "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # from another directory and with no address or usage-statistics flags: the app's own config must keep it
+    # local (loopback, nothing sent off the machine; the test fails on any outside request)
+    env = {k: v for k, v in env.items() if not k.startswith("STREAMLIT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"),
+                             "--server.port", str(port)],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -140,6 +143,11 @@ def test_every_page_renders_in_chromium(app_url, tmp_path):
                                    " return i && i.value === '3'; }", timeout=60_000)
             settle(page, PAGES["generate"][1])
             assert page.locator('[data-testid="stException"]').count() == 0
+            # a click on a token of the text selects its step too
+            page.locator('[data-step="5"]').first.click()
+            page.wait_for_function("() => { const i = [...document.querySelectorAll('[data-testid=stNumberInput] input')].pop();"
+                                   " return i && i.value === '5'; }", timeout=60_000)
+            settle(page, PAGES["generate"][1])
             # the chat page: a message gets a streamed reply, then its token view (grid, entropy, the step's distribution)
             page.goto(f"{app_url}/chat?n=8")
             settle(page, 0)

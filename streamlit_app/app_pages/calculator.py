@@ -138,7 +138,7 @@ with left:
     st.markdown("**Training memory per process**")
     parts = pd.DataFrame([{"part": k, "value": v / 2**30, "shown": f"{v / 2**30:,.2f} GiB"} for k, v in mem.items()
                           if k != "total"])
-    st.altair_chart(charts.breakdown_chart(parts, "GiB", fmt=",.0f"), width="stretch")
+    st.altair_chart(charts.breakdown_chart(parts, "GiB", fmt=",.2~f"), width="stretch")  # small models: 0.25 GiB, not "0"
 with right:
     st.markdown("**Parameters and training tokens by depth**")
     sweep, impossible = [], []
