@@ -70,6 +70,8 @@ except (RegistryError, CheckpointError, TokenizerError, SamplingError) as e:
 view = "main"
 if len(gens) > 1:
     options = [n for n, _ in gens]
+    if st.session_state.get("view_next") in options:  # a token clicked in another generation's text
+        st.session_state["view"] = st.session_state.pop("view_next")
     if st.session_state.get("view") not in options:
         st.session_state["view"] = options[-1]
     view = st.radio("Charts show", options, horizontal=True, key="view",
@@ -101,7 +103,7 @@ for i, (name, g) in enumerate(gens):
         if clicked:  # a token clicked in the text: show this generation and select its step, as a grid click does
             st.session_state["inspect"] = clicked
             if st.session_state.get("view") != name and len(gens) > 1:
-                st.session_state["view"] = name
+                st.session_state["view_next"] = name  # the radio above is drawn already: set it on the rerun
                 st.rerun()
 st.caption(f"{traces.settings_label(gen.settings)} · {traces.SHADINGS[shading]}; hover a token for its probabilities, "
            "click it to inspect its step below" + (" · underlined: the branch's own continuation" if branches else ""))
