@@ -51,44 +51,50 @@ t4.metric("Integrity", f"{bad} with problems" if bad else ("no problems" if trus
           help="Problems found by the scan or the latest check of each checkpoint; verify them on the Integrity page.")
 
 # ---------------------------------------------------------------------- filters, chart, table
-steps = df["step"].dropna()
-f1, f2, f3 = st.columns([3, 3, 4])
-lo, hi = (int(steps.min()), int(steps.max())) if not steps.empty else (0, 0)
-step_range = f1.slider("Steps", lo, hi, (lo, hi), key="steps", bind="query-params") if hi > lo else (lo, hi)
-vals = df["val_bpb"].dropna()
-if len(vals) > 1 and vals.max() > vals.min():
-    vmin, vmax = float(vals.min()), float(vals.max())
-    val_range = f2.slider("val bpb", vmin, vmax, (vmin, vmax), step=max((vmax - vmin) / 200, 1e-4), format="%.3f", key="bpb")
-else:
-    val_range = None
-states = [s for s in frames.CHECKPOINT_STATES if s in set(df["state"])]
-# keyed by the states this run has: a selection remembered from a run with other states would hide
-# every checkpoint here while the pills (options that exist) still looked all selected
-picked = f3.pills("Integrity state", states, default=states, selection_mode="multi", format_func=frames.CHECKPOINT_STATES.get,
-                  key=f"states_{'_'.join(states)}") or []
-shown = df[df["state"].isin(picked) & (df["step"].isna() | df["step"].between(*step_range))]
-if val_range is not None and val_range != (float(vals.min()), float(vals.max())):
-    shown = shown[shown["val_bpb"].between(*val_range)]
+# A fragment: the filters redraw the chart and the table, not the page.
+@st.fragment
+def history() -> None:
+    steps = df["step"].dropna()
+    f1, f2, f3 = st.columns([3, 3, 4])
+    lo, hi = (int(steps.min()), int(steps.max())) if not steps.empty else (0, 0)
+    step_range = f1.slider("Steps", lo, hi, (lo, hi), key="steps", bind="query-params") if hi > lo else (lo, hi)
+    vals = df["val_bpb"].dropna()
+    if len(vals) > 1 and vals.max() > vals.min():
+        vmin, vmax = float(vals.min()), float(vals.max())
+        val_range = f2.slider("val bpb", vmin, vmax, (vmin, vmax), step=max((vmax - vmin) / 200, 1e-4), format="%.3f", key="bpb")
+    else:
+        val_range = None
+    states = [s for s in frames.CHECKPOINT_STATES if s in set(df["state"])]
+    # keyed by the states this run has: a selection remembered from a run with other states would hide
+    # every checkpoint here while the pills (options that exist) still looked all selected
+    picked = f3.pills("Integrity state", states, default=states, selection_mode="multi", format_func=frames.CHECKPOINT_STATES.get,
+                      key=f"states_{'_'.join(states)}") or []
+    shown = df[df["state"].isin(picked) & (df["step"].isna() | df["step"].between(*step_range))]
+    if val_range is not None and val_range != (float(vals.min()), float(vals.max())):
+        shown = shown[shown["val_bpb"].between(*val_range)]
 
-st.altair_chart(charts.checkpoint_chart(shown, charts.run_color(run_id)), width="stretch")
-st.dataframe(
-    shown.sort_values("step", ascending=False), hide_index=True, width="stretch",
-    column_order=["step", "val_bpb", "integrity", "problems", "segment", "resumable", "train_state", "size_mb", "saved", "checked",
-                  "check"],
-    column_config={
-        "step": st.column_config.NumberColumn("step", format="%d", pinned=True),
-        "val_bpb": st.column_config.NumberColumn("val bpb", format="%.4f"),
-        "integrity": st.column_config.TextColumn("integrity"),
-        "problems": st.column_config.TextColumn("problems", help="problem codes (README: integrity)"),
-        "segment": st.column_config.NumberColumn("segment", format="%d", help="which launch of the run wrote it"),
-        "resumable": st.column_config.CheckboxColumn("resumable", help="every optimizer shard present, no problem"),
-        "train_state": st.column_config.CheckboxColumn("exact resume", help="RNG states and data position saved"),
-        "size_mb": st.column_config.NumberColumn("size (MB)", format="%.1f"),
-        "saved": st.column_config.DatetimeColumn("saved", format="YYYY-MM-DD HH:mm"),
-        "checked": st.column_config.DatetimeColumn("last check", format="distance"),
-        "check": st.column_config.TextColumn("level"),
-    })
-st.caption(f"{len(shown)} of {len(df)} checkpoints shown, newest first.")
+    st.altair_chart(charts.checkpoint_chart(shown, charts.run_color(run_id)), width="stretch")
+    st.dataframe(
+        shown.sort_values("step", ascending=False), hide_index=True, width="stretch",
+        column_order=["step", "val_bpb", "integrity", "problems", "segment", "resumable", "train_state", "size_mb", "saved", "checked",
+                      "check"],
+        column_config={
+            "step": st.column_config.NumberColumn("step", format="%d", pinned=True),
+            "val_bpb": st.column_config.NumberColumn("val bpb", format="%.4f"),
+            "integrity": st.column_config.TextColumn("integrity"),
+            "problems": st.column_config.TextColumn("problems", help="problem codes (README: integrity)"),
+            "segment": st.column_config.NumberColumn("segment", format="%d", help="which launch of the run wrote it"),
+            "resumable": st.column_config.CheckboxColumn("resumable", help="every optimizer shard present, no problem"),
+            "train_state": st.column_config.CheckboxColumn("exact resume", help="RNG states and data position saved"),
+            "size_mb": st.column_config.NumberColumn("size (MB)", format="%.1f"),
+            "saved": st.column_config.DatetimeColumn("saved", format="YYYY-MM-DD HH:mm"),
+            "checked": st.column_config.DatetimeColumn("last check", format="distance"),
+            "check": st.column_config.TextColumn("level"),
+        })
+    st.caption(f"{len(shown)} of {len(df)} checkpoints shown, newest first.")
+
+
+history()
 
 # ---------------------------------------------------------------------- one checkpoint
 st.subheader("Checkpoint details")
