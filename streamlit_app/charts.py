@@ -50,6 +50,11 @@ def metric_order(keys) -> list[str]:
 
 def metric_label(key: str) -> str:
     return METRIC_TITLES.get(key, key)
+
+
+def metric_name(key: str) -> str:
+    """The short name a picker shows (and a URL carries): the title without its unit."""
+    return METRIC_TITLES[key].split(" (")[0] if key in METRIC_TITLES else key
 SI = "replace(replace(format(datum.value, '~s'), 'G', 'B'), 'P', 'Q')"  # tokens/FLOPs: 1.2M, 3.4B
 
 

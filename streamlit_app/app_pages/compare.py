@@ -51,9 +51,9 @@ mode = st.segmented_control("Compare", ["settings", "checkpoints"], default="set
                             help="settings: a grid of temperatures × top-k × top-p × seeds on one checkpoint; checkpoints: "
                                  "several checkpoints at one setting") or "settings"
 prompt = st.text_area("Prompt", DEFAULT_PROMPT, height=68, key="prompt", bind="query-params")
-c1, c2, c3, c4, c5 = st.columns([4, 2, 2, 2, 1.4])
 try:
     if mode == "settings":
+        c1, c2, c3, c4, c5 = st.columns([4, 2, 2, 2, 1.4])
         ckpts = [c1.selectbox("Checkpoint", latest_ids + [i for i in labels if i not in latest_ids], format_func=labels.get,
                               key="ckpt", bind="query-params")]
         temps = numbers(c2.text_input("Temperatures", "0, 0.5, 0.9, 1.3", key="temps", bind="query-params"), float, "temperatures")
@@ -61,8 +61,10 @@ try:
         topps = numbers(c4.text_input("Top-p", "1.0", key="topp", bind="query-params"), float, "top-p")
         seeds = numbers(c5.text_input("Seeds", "42", key="seeds", bind="query-params"), int, "seeds")
     else:
-        ckpts = c1.multiselect("Checkpoints", list(labels), default=latest_ids[:3], format_func=labels.get, key="ckpts",
-                               max_selections=8, bind="query-params")
+        # a row of its own: several "run @ step" chips need the width
+        ckpts = st.multiselect("Checkpoints", list(labels), default=latest_ids[:3], format_func=labels.get, key="ckpts",
+                               max_selections=8, bind="query-params", help="Shown left to right by training step")
+        c2, c3, c4, c5 = st.columns(4)
         temps = [c2.number_input("Temperature", 0.0, 2.0, 0.8, 0.05, key="temp1")]
         k = c3.number_input("Top-k (0 = off)", 0, 100_000, 50, key="topk1")
         topks = [int(k) or None]
@@ -181,7 +183,7 @@ if mode == "settings":
                 card(i, None, g)
 else:
     for start in range(0, len(columns), PER_ROW):
-        cols = st.columns(PER_ROW)
+        cols = st.columns(min(PER_ROW, len(columns)))
         for col, (i, (title, _, g)) in zip(cols, enumerate(columns[start:start + PER_ROW], start)):
             with col:
                 card(i, title, g)

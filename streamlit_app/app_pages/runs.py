@@ -77,7 +77,7 @@ def curves(chosen: list[int], live: bool) -> None:
         return
     c_keys, c_x = st.columns([3, 2], vertical_alignment="bottom")
     keys = c_keys.multiselect("Metrics", available, default=[k for k in charts.DEFAULT_METRICS if k in available] or available[:1],
-                              format_func=charts.metric_label, key="metrics", bind="query-params",
+                              format_func=charts.metric_name, key="metrics", bind="query-params",
                               placeholder="Pick metrics to chart", help="One chart per metric, all on the same x axis")
     x = c_x.segmented_control("x axis", list(X_LABELS), default="step", format_func=X_LABELS.get, key="x",
                               bind="query-params") or "step"
@@ -149,6 +149,6 @@ st.dataframe(
             "with a wrong byte length (upstream's build before 2ce972a), which shifts every val_bpb: compare only runs whose "
             "verdicts are right; 'no file (ok)': bpb computed from the tokenizer"),
         "last_update": st.column_config.DatetimeColumn("updated", format="distance", width="medium"),
-        "open": st.column_config.LinkColumn("", display_text="open ↗", width="small", help="This run's checkpoints"),
+        "open": st.column_config.LinkColumn("open", display_text="↗", width=48, help="This run's checkpoints"),
     })
 st.caption(f"{len(table)} runs, newest activity first. Registry `{url}`.")
