@@ -192,12 +192,12 @@ def lr_chart(lr: pd.DataFrame, phases: pd.DataFrame, resume_step: int | None, re
                                                       alt.Tooltip("lr_multiplier:Q", format=".4f")]))
         before = own.loc[(own["step"] - (resume_step or 0)).abs().idxmin(), "lr_multiplier"] if resume_step is not None else None
         if before is not None and resume_lr is not None and abs(before - resume_lr) > 1e-6:
-            jump = pd.DataFrame([{"step": resume_step, "from": before, "to": resume_lr,
+            jump = pd.DataFrame([{"step": resume_step, "from": before, "to": resume_lr, "mid": (before + resume_lr) / 2,
                                   "label": f"LR jump ×{before:.2f} → ×{resume_lr:.2f}"}])
             layers.append(alt.Chart(jump).mark_rule(color="#dc2626", strokeWidth=3).encode(
                 x="step:Q", y="from:Q", y2="to:Q", tooltip=[alt.Tooltip("label:N", title="")]))
-            layers.append(alt.Chart(jump).mark_text(color="#dc2626", align="left", dx=10, dy=14, fontWeight="bold").encode(
-                x="step:Q", y="to:Q", text="label:N"))
+            layers.append(alt.Chart(jump).mark_text(color="#dc2626", align="left", dx=8, fontWeight="bold").encode(
+                x="step:Q", y="mid:Q", text="label:N"))  # beside the jump, clear of the resume label above it
     if reached_step is not None and resume_step is not None and reached_step > resume_step:
         lost = pd.DataFrame([{"start": resume_step, "end": reached_step, "what": "trained again after the resume"}])
         layers.append(alt.Chart(lost).mark_rect(color="#ef4444", opacity=0.18).encode(
