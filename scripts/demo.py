@@ -18,8 +18,8 @@ Steps, each skipped when its output already exists (a second run finishes in sec
 
 `build_demo(base_dir, profile="full"|"test", progress=None)` is the one builder the CLI, the tests and
 the app's fixtures share; progress(stage, done, total) also reports stage "total": the training work
-done and planned, in FLOPs (the CLI turns it into an ETA). It returns a `DemoResult` with each run's final step, val_bpb and segments and a
-text sample from the final model. It does not start the app (`make app` does, after this).
+done and planned, in FLOPs (the CLI turns it into an ETA). It returns a `DemoResult` with each run's
+final step, val_bpb and segments and a text sample from the final model. It does not start the app (`make app` does, after this).
 """
 
 from __future__ import annotations

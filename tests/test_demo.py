@@ -69,6 +69,15 @@ def test_the_run_left_killed_stopped_between_two_checkpoints(demo_base):
     assert cm.find_last_complete(run).step == spec.final_step
 
 
+def test_the_eta_plans_exactly_the_steps_each_run_trains(demo_base):
+    """The build's ETA counts steps_to_train per run; every trained step logs one train_loss row."""
+    for spec in PROFILE.runs:
+        rows = (demo_base / "base_checkpoints" / spec.tag / "metrics.jsonl").read_text().splitlines()
+        trained = sum("train_loss" in json.loads(line) for line in rows)
+        assert spec.steps_to_train(0) == trained, spec.tag
+        assert spec.steps_to_train(spec.final_step) == 0
+
+
 def test_registry_lists_the_demo_runs(demo_base):
     from registry import open_store
 
