@@ -74,7 +74,8 @@ def test_the_eta_plans_exactly_the_steps_each_run_trains(demo_base):
     for spec in PROFILE.runs:
         rows = (demo_base / "base_checkpoints" / spec.tag / "metrics.jsonl").read_text().splitlines()
         trained = sum("train_loss" in json.loads(line) for line in rows)
-        assert spec.steps_to_train(0) == trained, spec.tag
+        # a killed launch may finish one more step between the line the builder reads and the SIGKILL landing
+        assert 0 <= trained - spec.steps_to_train(0) <= (spec.kill_after_step is not None), spec.tag
         assert spec.steps_to_train(spec.final_step) == 0
 
 
