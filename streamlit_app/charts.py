@@ -30,6 +30,7 @@ X_AXES = {
 METRIC_TITLES = {  # known keys first, in the order the Runs page offers them
     "val_bpb": "val bpb (bits/byte)",
     "train_loss": "train loss (nats/token)",
+    "train_loss_ema": "train loss EMA, upstream's (nats/token)",  # imported logs print the smoothed loss
     "lrm": "LR multiplier",
     "tok_per_sec": "throughput (tokens/s)",
     "dt_ms": "step time (ms)",
