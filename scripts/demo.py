@@ -277,6 +277,11 @@ def build_run(base_dir: Path, spec: RunSpec, profile: DemoProfile, progress: Pro
     steps = _complete_steps(run_dir)
     reused = spec.final_step in steps
     if spec.left_killed:
+        if reused:  # a demo built before this run was left killed holds it finished: build it again
+            from nanochat import checkpoint_manager as cm
+
+            last = next(c for c in cm.list_checkpoints(run_dir) if c.step == spec.final_step)
+            reused = cm.read_meta(last).get("num_iterations") == spec.steps
         if not reused:
             shutil.rmtree(run_dir, ignore_errors=True)  # a kill that never happened: start over
             code, tail = _run_training(_train_cmd(spec, profile, False), base_dir, spec.tag, spec.steps, progress,
