@@ -133,7 +133,7 @@ st.dataframe(
         "status": st.column_config.TextColumn("status", width="small", help="training: files changed in the last 10 minutes; "
                                               "finished: reached its target steps; stopped: ended early (resumable); "
                                               "incomplete: the newest checkpoint is broken"),
-        "depth": st.column_config.NumberColumn("depth", format="%d", width="small"),
+        "depth": st.column_config.NumberColumn("depth", format="%d", width=56),
         "parameters": st.column_config.NumberColumn("params", format="compact", width="small"),
         "steps": st.column_config.TextColumn("steps", width="small", help="steps done / target steps"),
         "progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0.0, max_value=1.0, width="small"),
@@ -141,14 +141,14 @@ st.dataframe(
                                                       help="best validation bits per byte (lower is better)"),
         "best_step": st.column_config.NumberColumn("at step", format="%d", width="small"),
         "last_val_bpb": st.column_config.NumberColumn("last bpb", format="%.4f", width="small"),
-        "checkpoints": st.column_config.NumberColumn("ckpts", format="%d", width="small", help="checkpoints on disk"),
+        "checkpoints": st.column_config.NumberColumn("ckpts", format="%d", width=56, help="checkpoints on disk"),
         "segments": st.column_config.NumberColumn("segments", format="%d", width="small",
                                                   help="launches: 2 or more means it was resumed"),
         "token_bytes": st.column_config.TextColumn(
             "token_bytes", width=100, help="Is the token_bytes.pt beside the run's tokenizer right? WRONG: N = N token ids "
             "with a wrong byte length (upstream's build before 2ce972a), which shifts every val_bpb: compare only runs whose "
             "verdicts are right; 'no file (ok)': bpb computed from the tokenizer"),
-        "last_update": st.column_config.DatetimeColumn("updated", format="distance", width="medium"),
+        "last_update": st.column_config.DatetimeColumn("updated", format="distance", width=105),  # leaves room for "open"
         "open": st.column_config.LinkColumn("open", display_text="↗", width=48, help="This run's checkpoints"),
     })
 st.caption(f"{len(table)} runs, newest activity first. Registry `{url}`.")
