@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat import torchfile
+from nanochat import bounds, torchfile
 
 PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl",
               "lrfind": "lrfind"}  # learning-rate range tests (scripts/lr_find.py): metrics only, no checkpoints
@@ -124,18 +124,39 @@ def list_checkpoints(directory: str | os.PathLike) -> list[CheckpointFiles]:
         return steps.setdefault(step, {"optimizer_shards": {}, "train_states": {}})
 
     for name in names:
-        if m := MODEL_RE.match(name):
-            slot(int(m.group(1)))["model"] = d / name
-        elif m := META_RE.match(name):
-            slot(int(m.group(1)))["meta"] = d / name
-        elif m := OPTIM_RE.match(name):
-            slot(int(m.group(1)))["optimizer_shards"][int(m.group(2) or 0)] = d / name
-        elif m := TRAIN_STATE_RE.match(name):
-            slot(int(m.group(1)))["train_states"][int(m.group(2))] = d / name
+        kind = classify_name(name)
+        if kind is None or kind[0] in ("single_file", "out_of_range"):
+            continue  # a step or rank past the bounds is not a checkpoint file (the scanner reports it)
+        kind, step, rank = kind
+        if kind in ("model", "meta"):
+            slot(step)[kind] = d / name
+        else:
+            slot(step)["optimizer_shards" if kind == "optimizer" else "train_states"][rank] = d / name
     out = [CheckpointFiles(directory=d, step=s, layout="upstream", **steps[s]) for s in sorted(steps)]
     if SINGLE_FILE in names:
         out.append(_single_file_checkpoint(d / SINGLE_FILE))
     return out
+
+
+def classify_name(name: str) -> tuple[str, int | None, int | None] | None:
+    """(kind, step, rank) of a checkpoint file name (kind: model, meta, optimizer, train_state,
+    single_file), ("out_of_range", None, None) for a checkpoint name whose step or rank is past
+    `bounds`, None for other files."""
+    if name == SINGLE_FILE:
+        return "single_file", None, None
+    for kind, rx in (("model", MODEL_RE), ("meta", META_RE), ("optimizer", OPTIM_RE), ("train_state", TRAIN_STATE_RE)):
+        if m := rx.match(name):
+            return numbered(kind, *m.groups())
+    return None
+
+
+def numbered(kind: str, step: str, rank: str | None = None) -> tuple[str, int | None, int | None]:
+    """classify_name's answer from the digits a file-name pattern matched."""
+    n = bounds.name_number(step)
+    r = bounds.name_number(rank, bounds.MAX_WORLD_SIZE - 1) if rank is not None else (0 if kind == "optimizer" else None)
+    if n is None or (rank is not None and r is None):
+        return "out_of_range", None, None
+    return kind, n, r
 
 
 def _single_file_checkpoint(path: Path) -> CheckpointFiles:
@@ -155,9 +176,11 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> Chec
     if p.is_file():
         if p.name == SINGLE_FILE:
             ckpt = _single_file_checkpoint(p)
-        elif m := (MODEL_RE.match(p.name) or META_RE.match(p.name)):
-            found = [c for c in list_checkpoints(p.parent) if c.step == int(m.group(1)) and c.layout == "upstream"]
+        elif (kind := classify_name(p.name)) and kind[0] in ("model", "meta"):
+            found = [c for c in list_checkpoints(p.parent) if c.step == kind[1] and c.layout == "upstream"]
             ckpt = found[0]
+        elif kind and kind[0] == "out_of_range":
+            raise CheckpointNotFoundError(f"{p.name}: its step is out of range (at most {bounds.MAX_STEP})")
         else:
             raise CheckpointNotFoundError(
                 f"{p.name} is not a checkpoint file (expected model_NNNNNN.pt, meta_NNNNNN.json or {SINGLE_FILE})")
@@ -240,13 +263,23 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
     if ckpt.meta is None:
         raise CheckpointError(f"step {ckpt.step} has no meta_{ckpt.step:06d}.json", "missing_meta")
     try:
-        meta = json.loads(ckpt.meta.read_text(encoding="utf-8"))
+        if ckpt.meta.stat().st_size > bounds.MAX_META_BYTES:
+            raise CheckpointError(f"{ckpt.meta.name} is larger than {bounds.MAX_META_BYTES >> 20} MB: not a meta", "bad_meta_json")
+        meta = bounds.loads(ckpt.meta.read_text(encoding="utf-8"))
     except OSError as e:
         raise CheckpointError(f"cannot read {ckpt.meta.name}: {e.strerror}", "unreadable") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too deep, an integer of too many digits
         raise CheckpointError(f"{ckpt.meta.name} is not valid JSON ({e})", "bad_meta_json") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{ckpt.meta.name} is not a JSON object", "bad_meta_json")
+    return check_meta(meta, ckpt.meta.name)
+
+
+def check_meta(meta: dict, name: str) -> dict:
+    """The meta, if its numbers are within `bounds` (CheckpointError "bad_meta" otherwise): every reader
+    of a meta goes through here before a number from it drives memory, a loop or SQL."""
+    if why := bounds.meta_problem(meta):
+        raise CheckpointError(f"{name}: {why}", "bad_meta")
     return meta
 
 
@@ -255,7 +288,7 @@ def single_file_meta(tree, name: str) -> dict:
     meta = tree.get("metadata") if isinstance(tree, dict) else None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{name} has no metadata dict", "missing_meta")
-    return meta
+    return check_meta(meta, name)
 
 
 def expected_world_size(ckpt: CheckpointFiles, meta: dict | None) -> int:

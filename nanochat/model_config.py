@@ -48,6 +48,8 @@ class GPTConfig:
     qk_scale: float = QK_SCALE_CURRENT  # q and k multiplied by this after QK-norm (classic: 1.0)
 
     def __post_init__(self):
+        if min(self.n_head, self.n_embd) < 1:
+            raise ArchitectureError(f"n_head and n_embd must be positive (got {self.n_head}, {self.n_embd})")
         if self.n_embd % self.n_head != 0:
             raise ArchitectureError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:

@@ -32,6 +32,7 @@ from nanochat.checkpoint_manager import (
     CheckpointError,
     CheckpointFiles,
     Problem,
+    check_meta,
     expected_world_size,
     read_meta,
     single_file_meta,
@@ -91,17 +92,18 @@ def quick_check(ckpt: CheckpointFiles, meta: dict | None = None) -> QuickCheck:
                 state = _state_dict(pickle_bytes)
         except torchfile.TorchFileError as e:
             model_error = e
-    if meta is None:
-        try:
-            if ckpt.layout == "single_file":
-                if model_error is not None:
-                    raise CheckpointError(f"{model_name}: {model_error}", model_error.code)
-                meta = single_file_meta(tree, model_name)
-            else:
-                meta = read_meta(ckpt)
-        except CheckpointError as e:
-            problems.append(Problem(e.code, str(e), "load", ckpt.meta.name if ckpt.meta else model_name))
-            return QuickCheck(problems, [], None, None, expected_world_size(ckpt, None))
+    try:
+        if meta is not None:  # parsed by the caller: its numbers are checked all the same
+            meta = check_meta(meta, ckpt.meta.name if ckpt.meta else model_name)
+        elif ckpt.layout == "single_file":
+            if model_error is not None:
+                raise CheckpointError(f"{model_name}: {model_error}", model_error.code)
+            meta = single_file_meta(tree, model_name)
+        else:
+            meta = read_meta(ckpt)
+    except CheckpointError as e:
+        problems.append(Problem(e.code, str(e), "load", ckpt.meta.name if ckpt.meta else model_name))
+        return QuickCheck(problems, [], None, None, expected_world_size(ckpt, None))
     missing = [k for k in REQUIRED_META_KEYS if k not in meta]
     if missing:
         problems.append(Problem("bad_meta", f"meta lacks {', '.join(missing)}", "load",

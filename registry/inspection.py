@@ -12,12 +12,11 @@ This module writes nothing (scanner.py does) and does not walk folders.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanochat import bounds
 from nanochat import checkpoint_manager as cm
 from nanochat.model_config import GPTConfig, classic_flops_per_token, flops_per_token, param_counts
 from nanochat.quick_check import quick_check
@@ -33,18 +32,19 @@ _NAME_RE = re.compile(r"^(?:model_(\d+)\.pt|meta_(\d+)\.json|optim_(\d+)(?:_rank
 
 
 def file_kind(name: str) -> tuple[str, int | None, int | None] | None:
-    """(kind, step, rank) of a checkpoint file name, None for other files."""
+    """(kind, step, rank) of a checkpoint file name, None for other files: `cm.classify_name`'s answer,
+    ("out_of_range", None, None) included, one match per name."""
     m = _NAME_RE.match(name)
     if m is None:
         return ("single_file", None, None) if name == cm.SINGLE_FILE else None
     model, meta, optim, optim_rank, state, state_rank = m.groups()
     if model is not None:
-        return "model", int(model), None
+        return cm.numbered("model", model)
     if meta is not None:
-        return "meta", int(meta), None
+        return cm.numbered("meta", meta)
     if optim is not None:
-        return "optimizer", int(optim), int(optim_rank or 0)
-    return "train_state", int(state), int(state_rank)
+        return cm.numbered("optimizer", optim, optim_rank)
+    return cm.numbered("train_state", state, state_rank)
 
 
 def is_run_file(name: str) -> bool:
@@ -146,16 +146,9 @@ def _problems(items) -> list[dict]:
 
 
 def inspect_checkpoint(slot: Slot, directory: Path) -> Inspection:
-    """Read one checkpoint's metadata and run the quick check."""
-    meta = None
-    meta_name = slot.parts()[1]
-    if meta_name is not None:
-        try:
-            with open(os.path.join(directory, meta_name), "rb") as f:
-                meta = json.loads(f.read())
-        except (OSError, ValueError):
-            meta = None  # the quick check reads it again and names the problem
-    check = quick_check(slot.checkpoint_files(directory), meta if isinstance(meta, dict) else None)
+    """Read one checkpoint's metadata and run the quick check (which reads the meta: one reader, one
+    set of bounds, `checkpoint_manager.read_meta`)."""
+    check = quick_check(slot.checkpoint_files(directory))
     step = slot.step
     if slot.layout == "single_file":
         step = check.meta["step"] if check.meta is not None and isinstance(check.meta.get("step"), int) else -1
@@ -171,6 +164,8 @@ def run_config(ins: Inspection, directory: Path) -> dict:
         num = resolve_from_meta(meta)
     except (TypeError, ValueError, KeyError, ArithmeticError):
         num = None
+    if not (isinstance(num, int) and 0 < num <= bounds.MAX_STEP):
+        num = None  # e.g. a data ratio of 1e300 in user_config: no step count a column (or a run) holds
     tbs = meta.get("total_batch_size") or uc.get("total_batch_size")
     world = meta.get("world_size")
     out = {"model_config": mc, "user_config": uc, "config_step": ins.step, "num_iterations": num,

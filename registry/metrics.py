@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from nanochat import bounds
+from nanochat.bounds import MAX_STEP
 from registry.db import Database
 from registry.models import MetricPoint as PointRow
 from registry.models import MetricRollup, MetricSegment, MetricSeries, MetricSource
@@ -46,33 +48,56 @@ ProblemSink = Callable[[str, str, str], None]  # (path, code, message)
 # ---------------------------------------------------------------------- parsing metrics.jsonl
 
 
-def _as_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value:
-        raise ValueError(f"{name} must be an integer, got {value!r:.40}")
+def _as_int(value, name: str, low: int) -> int:
+    """A step or segment: an integer (or an integral float) from `low` to MAX_STEP."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise ValueError(f"{name} must be an integer, got {_show(value)}")
+    if not low <= value <= MAX_STEP:
+        raise ValueError(f"{name} {_show(value)} is out of range ({low} to {MAX_STEP})")
     return int(value)
 
 
-def parse_metrics_line(raw: bytes | str) -> list[Point]:
-    """The points of one metrics.jsonl line; ValueError with a short reason when it is malformed."""
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:36] + "…"
+
+
+def _number(value) -> float | None:
+    """A metric value or wall time as a float (None: not a number, or too large for one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        return float(value)
+    except OverflowError:  # an integer past 1.8e308
+        return None
+
+
+def parse_metrics_line(raw: bytes | str) -> list[Point]:
+    """The points of one metrics.jsonl line; ValueError with a short reason when it is malformed. The one
+    place a metrics line's numbers are checked: nesting (`bounds.loads`), step and segment within the
+    registry's columns, values that are floats."""
+    try:
+        obj = bounds.loads(raw)
+    except UnicodeDecodeError:
+        raise ValueError("not valid UTF-8") from None
+    except ValueError as e:  # JSONDecodeError, too deep, an integer of too many digits
+        raise ValueError(f"not valid JSON ({e.msg if isinstance(e, json.JSONDecodeError) else e})") from None
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     if "step" not in obj:
         raise ValueError("no step")
-    step = _as_int(obj["step"], "step")
-    segment = _as_int(obj.get("segment", 1), "segment")
-    if step < 0 or segment < 1:
-        raise ValueError(f"step must be >= 0 and segment >= 1 (got step {step}, segment {segment})")
-    wall = obj.get("wall_time")
-    wall = float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) and math.isfinite(wall) else None
+    step = _as_int(obj["step"], "step", 0)
+    segment = _as_int(obj.get("segment", 1), "segment", 1)
+    wall = _number(obj.get("wall_time"))
+    wall = wall if wall is not None and math.isfinite(wall) else None
     out = []
     for key, value in obj.items():
-        if key in RESERVED or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # strings, lists, flags: not a metric series
-        value = float(value)
+        if key in RESERVED:
+            continue
+        value = _number(value)
+        if value is None:
+            continue  # strings, lists, flags, numbers no float holds: not a metric series
         out.append((key[:200], step, segment, value if not math.isnan(value) else None, wall))
     return out
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from nanochat import bounds
 from nanochat import checkpoint_manager as cm
 from registry import tokenizer_checks, writer
 from registry.entities import ScanProblemRecord, ScanReport, utc
@@ -137,8 +138,10 @@ def list_run_dir(d: Path, entries: list[os.DirEntry] | None = None) -> tuple[lis
     return file_stats(names, flat), fingerprint
 
 
-def group_slots(files: Iterable[tuple[str, FileStat]]) -> tuple[dict[tuple, Slot], FileStat | None]:
-    """The checkpoints among a run folder's files by slot key, and the metrics.jsonl stat."""
+def group_slots(files: Iterable[tuple[str, FileStat]], on_bad_name: Callable[[str], None] | None = None
+                ) -> tuple[dict[tuple, Slot], FileStat | None]:
+    """The checkpoints among a run folder's files by slot key, and the metrics.jsonl stat. A checkpoint
+    name whose step or rank is out of range is no checkpoint: it goes to `on_bad_name`."""
     slots: dict[tuple, Slot] = {}
     metrics = None
     for name, st in files:
@@ -148,6 +151,10 @@ def group_slots(files: Iterable[tuple[str, FileStat]]) -> tuple[dict[tuple, Slot
                 metrics = st
             continue
         k, step, rank = kind
+        if k == "out_of_range":
+            if on_bad_name:
+                on_bad_name(name)
+            continue
         layout = "single_file" if k == "single_file" else "upstream"
         slot = slots.get((layout, step))
         if slot is None:
@@ -301,7 +308,9 @@ def _plan_runs(run_dirs: dict, known: dict[str, writer.StoredRun], counts: _Coun
             if not stored.missing and stored.signature == fingerprint:
                 plan.unchanged, plan.stored_count = True, stored.checkpoints
                 continue
-        plan.slots, plan.metrics_stat = group_slots(plan.files)
+        plan.slots, plan.metrics_stat = group_slots(plan.files, lambda name, d=d: counts.problem(
+            str(d / name), "bad_file_name", f"{d.name}/{name}: its step or rank is out of range (steps up to "
+            f"{bounds.MAX_STEP}, ranks below {bounds.MAX_WORLD_SIZE}); not indexed"))
     return plans
 
 

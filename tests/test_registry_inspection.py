@@ -146,15 +146,10 @@ def test_single_file_inspection(tmp_path):
 def test_file_names_classified_like_checkpoint_manager():
     names = ["model_000300.pt", "model_1.pt", "meta_000300.json", "optim_000300.pt", "optim_000300_rank3.pt",
              "trainstate_000010_rank0.pt", "checkpoint.pt", "metrics.jsonl", "model_000300.pt.tmp", ".model_000300.pt.tmp-7",
-             "model_x.pt", "meta_000300.json.bak", "optim_000300_rank.pt", "trainstate_000010.pt", "tokenizer.json"]
+             "model_x.pt", "meta_000300.json.bak", "optim_000300_rank.pt", "trainstate_000010.pt", "tokenizer.json",
+             f"model_{2 ** 31}.pt", f"model_{2 ** 31 - 1}.pt", "model_99999999999999999999.pt", "optim_000300_rank65536.pt"]
     for name in names:
-        ref = None
-        for kind, rx in (("model", cm.MODEL_RE), ("meta", cm.META_RE), ("optimizer", cm.OPTIM_RE),
-                         ("train_state", cm.TRAIN_STATE_RE)):
-            if m := rx.match(name):
-                groups = [int(g) if g is not None else None for g in m.groups()]
-                rank = (groups[1] or 0) if kind == "optimizer" else groups[1] if kind == "train_state" else None
-                ref = (kind, groups[0], rank)
-        if name == cm.SINGLE_FILE:
-            ref = ("single_file", None, None)
+        ref = cm.classify_name(name)
         assert file_kind(name) == ref, name
+    assert file_kind(f"model_{2 ** 31 - 1}.pt") == ("model", 2 ** 31 - 1, None)
+    assert file_kind(f"model_{2 ** 31}.pt") == file_kind("optim_000300_rank65536.pt") == ("out_of_range", None, None)

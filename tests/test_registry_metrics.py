@@ -181,7 +181,9 @@ def test_parse_metrics_line_contract():
                                                  "tag": "x", "ok": True, "vec": [1, 2]}))
     assert sorted(pts) == [("lrm", 7, 2, 0.5, 12.5), ("train_loss", 7, 2, 1.0, 12.5)]
     assert metrics.parse_metrics_line('{"step": 3, "val_bpb": 2.0}') == [("val_bpb", 3, 1, 2.0, None)]
-    for bad, why in (('{"step": -1}', "step must be >= 0"), ('{"step": 1, "segment": 0}', "segment >= 1"),
+    for bad, why in (('{"step": -1}', r"step -1 is out of range \(0 to"), ('{"step": 1, "segment": 0}', r"segment 0 .*\(1 to"),
+                     (f'{{"step": {2 ** 70}}}', "out of range"), ('{"step": 1e400}', "integer, got inf"),
+                     (f'{{"step": 1, "segment": {2 ** 70}}}', "out of range"), ("[" * 100 + "]" * 100, "nested deeper"),
                      ('{"step": 1.5}', "integer"), ('{"step": true}', "integer"), ("{", "not valid JSON")):
         with pytest.raises(ValueError, match=why):
             metrics.parse_metrics_line(bad)
