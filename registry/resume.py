@@ -20,7 +20,6 @@ not run the training either; `format_plan` renders the report as text for both C
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -28,8 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nanochat import bounds, torchfile
 from nanochat import checkpoint_manager as cm
-from nanochat import torchfile
 from nanochat.checkpoint_manager import CheckpointFiles, Problem
 from nanochat.schedule import Schedule, resolve_from_meta, schedule_from_user_config
 from nanochat.train_config import UPSTREAM_SCRIPTS, Command, is_classic_user_config, launch_env, resume_command
@@ -160,10 +159,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
         with open(run_dir / "metrics.jsonl", encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                    row = bounds.loads(line)
+                except ValueError:  # not JSON, or nested too deep
                     continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and 0 <= row["step"] <= bounds.MAX_STEP:
                     rows.append(row)
     except OSError:
         pass

@@ -163,16 +163,18 @@ def _check_new_run_dir(ckpt_dir: Path) -> None:
 def next_segment(ckpt_dir: Path, meta: dict) -> int:
     """One more than any segment this run has logged, so segments grow per launch even when a resume
     goes back to an older checkpoint (readers take each step's newest segment)."""
+    from nanochat import bounds
+
     seen = [int(meta.get("resume_segment") or 1)]
     path = ckpt_dir / "metrics.jsonl"
     if path.exists():
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    seg = json.loads(line).get("segment")
-                except (json.JSONDecodeError, AttributeError):
-                    continue  # a torn last line
-                if isinstance(seg, int):
+                    seg = bounds.loads(line).get("segment")
+                except (ValueError, AttributeError):
+                    continue  # a torn last line, or one nested too deep to be ours
+                if isinstance(seg, int) and 0 < seg < bounds.MAX_STEP:
                     seen.append(seg)
     return max(seen) + 1
 
