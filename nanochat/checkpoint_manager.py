@@ -252,6 +252,50 @@ def find_last_complete(directory: str | os.PathLike, resumable: bool = False) ->
     raise IncompleteCheckpointError(f"no {what} checkpoint in {directory} ({len(found)} incomplete steps)")
 
 
+@dataclass(frozen=True)
+class Usable:
+    """The checkpoint to use, and the newer steps passed over with the first problem of each."""
+    checkpoint: CheckpointFiles
+    skipped: tuple[tuple[CheckpointFiles, Problem], ...] = ()
+
+    def notes(self) -> list[str]:
+        """One line per skipped step, worded as the resume planner words them."""
+        return [f"skipped newer step {c.step if c.step is not None else c.model.name}: {p.code}: {p.message}"
+                for c, p in self.skipped]
+
+
+def find_last_usable(directory: str | os.PathLike, resumable: bool = False) -> Usable:
+    """The newest step that passes the one quick check (no problem that blocks loading; with `resumable`,
+    no problem at all), and the newer ones it passed over. Unlike `find_last_complete`, a finished save
+    whose contents are wrong (an unsafe pickle, a state dict its config does not explain, a meta out of
+    bounds) is skipped too: what a trainer resumes from, or a tool loads, when no step is named; the
+    caller says which steps were skipped and why (`Usable.notes`)."""
+    found = list_checkpoints(directory)
+    if not found:
+        raise CheckpointNotFoundError(f"no checkpoints in {directory}")
+    skipped = []
+    for ckpt in reversed(found):
+        blocking = [p for p in quick_problems(ckpt) if resumable or p.blocks == "load"]
+        if not blocking:
+            return Usable(ckpt, tuple(skipped))
+        skipped.append((ckpt, blocking[0]))
+    what = "resumable" if resumable else "usable"
+    first = skipped[0][1]
+    raise IncompleteCheckpointError(f"no {what} checkpoint in {directory}: all {len(found)} fail the quick check "
+                                    f"(newest: {first.code}: {first.message})", first.code)
+
+
+def resolve_usable(path: str | os.PathLike, step: int | None = None) -> Usable:
+    """`resolve_checkpoint`, except that a run directory (or a base dir holding one run) without a step
+    means its newest step that passes the quick check (`find_last_usable`)."""
+    p = Path(path).expanduser()
+    if step is None and p.is_dir():
+        runs = [p] if list_checkpoints(p) else find_run_dirs(p)
+        if len(runs) == 1:
+            return find_last_usable(runs[0])
+    return Usable(resolve_checkpoint(p, step))
+
+
 def read_meta(ckpt: CheckpointFiles) -> dict:
     """The checkpoint's metadata dict, read from JSON (or from the single file's pickle, stubbed)."""
     if ckpt.layout == "single_file":
@@ -465,7 +509,7 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     removed = []
     for name in os.listdir(d) if d.is_dir() else []:
         m = TEMP_RE.match(name)
-        if not m or m["host"] != host or _pid_alive(int(m["pid"])):
+        if not m or m["host"] != host or pid_alive(int(m["pid"])):
             continue
         try:
             (d / name).unlink()
@@ -475,7 +519,8 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this id exists (a save's or a scan's owner)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -295,7 +295,7 @@ class ScanProblemRecord:
 class ScanReport:
     scan_id: int
     root: str
-    status: str  # "ok" | "failed" | "running"
+    status: str  # "ok" | "failed" | "running" | "interrupted" (Ctrl-C, or found dead by a later scan)
     started_at: datetime
     finished_at: datetime | None
     duration_s: float | None

@@ -288,8 +288,10 @@ def sync_metrics_file(db: Database, run_id: int, path: str, on_problem: ProblemS
                 problems.append((path, "metrics_rewritten", f"{os.path.basename(path)} was replaced or shortened; "
                                  "reading it again from the start (points already stored are kept)"))
                 src.offset, src.lines, src.bad_lines = 0, 0, 0
-            src.size, src.mtime_ns, src.inode, src.missing, src.updated_at = st.st_size, st.st_mtime_ns, st.st_ino, False, time.time()
+            src.inode, src.missing, src.updated_at = st.st_ino, False, time.time()
+            caught_up = (st.st_size, st.st_mtime_ns)  # the size and mtime a scan compares with, once all is read
             if st.st_size == src.offset:
+                src.size, src.mtime_ns = caught_up
                 return 0, 0, False, problems
             with open(path, "rb") as f:
                 f.seek(src.offset)
@@ -301,6 +303,7 @@ def sync_metrics_file(db: Database, run_id: int, path: str, on_problem: ProblemS
                     data += more
             end = data.rfind(b"\n")
             if end < 0:
+                src.size, src.mtime_ns = caught_up
                 return 0, 0, False, problems  # only a torn (partial) last line: wait for the trainer
             lines = data[:end].split(b"\n")
             points: list[Point] = []
@@ -320,10 +323,13 @@ def sync_metrics_file(db: Database, run_id: int, path: str, on_problem: ProblemS
             good = sum(1 for line in lines if line.strip()) - bad
             if bad > 5:
                 problems.append((path, "bad_metrics_line", f"{os.path.basename(path)}: {bad - 5} more malformed lines"))
-            src.offset += end + 1
+            src.offset += end + 1  # in the transaction that stores the points of these lines, never ahead of them
             src.lines += good
             src.bad_lines += bad
-            return good, bad, src.offset < st.st_size and len(data) >= chunk_bytes, problems
+            more = src.offset < st.st_size and len(data) >= chunk_bytes
+            if not more:  # until then a scan that dies leaves the old size, and the next one reads on
+                src.size, src.mtime_ns = caught_up
+            return good, bad, more, problems
 
         good, bad, more, problems = db.write(chunk)
         for p in problems:

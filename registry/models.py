@@ -68,7 +68,8 @@ class Scan(Base):
     root_path: Mapped[str] = mapped_column(String(PATH_LEN))
     started_at: Mapped[float]
     finished_at: Mapped[float | None]
-    status: Mapped[str] = mapped_column(String(16))  # running | ok | failed
+    status: Mapped[str] = mapped_column(String(16))  # running | ok | failed | interrupted
+    # while running: who runs it ("running as pid N on HOST", see scanner._owner); then the failure, if any
     error: Mapped[str | None] = mapped_column(Text)
     runs_found: Mapped[int] = mapped_column(default=0)
     runs_new: Mapped[int] = mapped_column(default=0)

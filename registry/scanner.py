@@ -35,6 +35,8 @@ every PROGRESS_EVERY_S seconds and once at the end. The report returned is the s
 from __future__ import annotations
 
 import os
+import re
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -235,6 +237,25 @@ class _Counts:
         self.problems.append((path, code, message))
 
 
+# While a scan runs, its row's error column names its process, so that a later scan can tell one that was
+# killed (kill -9, a crash, a lost node) from one still running, and mark it interrupted. A scan on another
+# host cannot be told apart: it stays "running".
+_OWNER_RE = re.compile(r"^running as pid (\d+) on (.+)$")
+
+
+def _owner() -> str:
+    return f"running as pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _dead_owner(owner: str) -> str | None:
+    """Why the scan `owner` describes is no longer running, or None when it may be."""
+    m = _OWNER_RE.match(owner)
+    if m is None or m[2] != socket.gethostname() or cm.pid_alive(int(m[1])):
+        return None
+    return (f"interrupted: its process (pid {m[1]} on {m[2]}) ended without finishing (killed?); what it wrote is kept, "
+            "a later scan completes it")
+
+
 def _resolve_root(path) -> Path:
     p = Path(os.fspath(path)).expanduser()
     if not p.exists():
@@ -259,14 +280,17 @@ def scan_path(store, path, progress: Progress | None = None) -> ScanReport:
         raise NoCheckpointsError(f"no checkpoints under {root} (looked for model_NNNNNN.pt, meta_NNNNNN.json, "
                                  f"checkpoint.pt or {METRICS_FILE}, up to {MAX_DEPTH} folders deep)")
     started = time.time()
-    root_id, scan_id = db.write(lambda s: writer.start_scan(s, db, str(root), started))
+    root_id, scan_id = db.write(lambda s: writer.start_scan(s, db, str(root), started, _owner(), _dead_owner))
     written: list[tuple[str, str, str]] = []  # problems written with the batches, in order
     try:
         plans = _scan(db, root_id, scan_id, run_dirs, known, counts, progress, written)
     except BaseException as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        if status == "interrupted":
+            msg = "interrupted (Ctrl-C); what it wrote is kept, a later scan completes it"
         try:
-            db.write(lambda s: writer.finish_scan(s, db, scan_id, counts, "failed", msg, [], written, time.time()))
+            db.write(lambda s: writer.finish_scan(s, db, scan_id, counts, status, msg, [], written, time.time()))
         except RegistryError:
             pass  # the database itself is failing: the original error is the one to report
         raise

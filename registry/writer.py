@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -183,9 +183,12 @@ class _Statements:
         self.root_upsert = (f"INSERT INTO {Root.__tablename__} (path, first_scanned_at, last_scanned_at) "
                             f"VALUES ({m('path')}, {m('now')}, {m('now')}) "
                             "ON CONFLICT (path) DO UPDATE SET last_scanned_at = excluded.last_scanned_at RETURNING id")
-        self.scan_insert = (f"INSERT INTO {Scan.__tablename__} (root_path, started_at, status, "
+        self.scan_insert = (f"INSERT INTO {Scan.__tablename__} (root_path, started_at, status, error, "
                             f"{', '.join(_SCAN_COUNTERS)}, problem_count) VALUES ({m('root_path')}, {m('started_at')}, "
-                            f"'running', {', '.join('0' for _ in _SCAN_COUNTERS)}, 0) RETURNING id")
+                            f"'running', {m('owner')}, {', '.join('0' for _ in _SCAN_COUNTERS)}, 0) RETURNING id")
+        self.scans_running = f"SELECT id, error FROM {Scan.__tablename__} WHERE status = 'running'"
+        self.scan_interrupted = (f"UPDATE {Scan.__tablename__} SET status = 'interrupted', error = {m('error')} "
+                                 f"WHERE id = {m('id')} AND status = 'running'")
         self.root_last_scan = f"UPDATE {Root.__tablename__} SET last_scan_id = {m('scan_id')} WHERE id = {m('root_id')}"
         self.scan_finish = (f"UPDATE {Scan.__tablename__} SET {assign(_SCAN_COUNTERS)}, status = {m('status')}, "
                             f"error = {m('error')}, finished_at = {m('finished_at')}, problem_count = {m('problem_count')} "
@@ -305,11 +308,16 @@ def load_checkpoints(session, db, run_ids) -> dict[int, StoredCheckpoints]:
 # ---------------------------------------------------------------------- scan rows
 
 
-def start_scan(session, db, root: str, now: float) -> tuple[int, int]:
-    """Record a running scan of `root`; return (root id, scan id)."""
+def start_scan(session, db, root: str, now: float, owner: str, dead: Callable[[str], str | None]) -> tuple[int, int]:
+    """Record a running scan of `root` by `owner` (kept in its error column while it runs); return (root
+    id, scan id). Scans still marked running whose owner `dead` says is gone (it returns why) are marked
+    interrupted first."""
     sql = _Sql(session, db)
+    gone = [{"id": sid, "error": why} for sid, who in sql(sql.s.scans_running) if who and (why := dead(who))]
+    if gone:
+        sql(sql.s.scan_interrupted, gone)
     root_id = sql(sql.s.root_upsert, {"path": root, "now": now}).scalar_one()
-    scan_id = sql(sql.s.scan_insert, {"root_path": root, "started_at": now}).scalar_one()
+    scan_id = sql(sql.s.scan_insert, {"root_path": root, "started_at": now, "owner": owner}).scalar_one()
     sql(sql.s.root_last_scan, {"scan_id": scan_id, "root_id": root_id})
     return root_id, scan_id
 

@@ -197,14 +197,13 @@ def _find_resume_point(ckpt_dir: Path, args, world_size: int, master: bool) -> t
         if problems:
             raise TrainError(f"cannot resume from {ckpt.label}: {problems[0].message}")
     else:
-        try:
-            ckpt = cm.find_last_complete(ckpt_dir, resumable=True)
+        try:  # the newest step that passes the one quick check, as the resume planner picks it
+            usable = cm.find_last_usable(ckpt_dir, resumable=True)
         except cm.CheckpointError as e:
             raise TrainError(f"nothing to resume: {e}") from None
-        for newer in (c for c in found if master and c.step is not None and c.step > ckpt.step):
-            problems = cm.quick_problems(newer)
-            reason = problems[0].message if problems else "not resumable"
-            print(f"note: skipping step {newer.step} ({reason})", file=sys.stderr, flush=True)
+        ckpt = usable.checkpoint
+        for note in usable.notes() if master else ():
+            print(f"note: {note}", file=sys.stderr, flush=True)
     try:
         meta = cm.read_meta(ckpt)
     except cm.CheckpointError as e:

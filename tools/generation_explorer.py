@@ -75,8 +75,9 @@ def top_k_value(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="generation_explorer", description="Explore how sampling settings change a checkpoint's output.")
-    ap.add_argument("--checkpoint", required=True, help="run directory (latest complete step) or one model_NNNNNN.pt / checkpoint.pt")
-    ap.add_argument("--step", type=int, help="use this step of the run directory instead of the latest complete one")
+    ap.add_argument("--checkpoint", required=True, help="run directory (its newest step passing the quick check; skipped ones are named) "
+                    "or one model_NNNNNN.pt / checkpoint.pt")
+    ap.add_argument("--step", type=int, help="use this step of the run directory instead of the newest usable one")
     ap.add_argument("--prompt", help="the prompt text (wrapped as a chat turn for SFT/RL checkpoints)")
     ap.add_argument("--temperature", type=float, default=0.9, help="sampling temperature; 0 = greedy (default 0.9)")
     ap.add_argument("--top-k", type=top_k_value, default=None, help="keep the K most likely tokens; 'none' = off (default)")
@@ -423,7 +424,7 @@ def main(argv=None) -> int:
         print("generation_explorer: error: give --prompt, or --interactive (see --help)", file=sys.stderr)
         return 2
     try:
-        from nanochat.checkpoint_manager import CheckpointError, load_model
+        from nanochat.checkpoint_manager import CheckpointError, load_model, resolve_usable
         from nanochat.engine import Engine, SamplingError
         from nanochat.tokenizer import TokenizerError
     except ImportError as e:  # a broken install, not bad input
@@ -432,7 +433,10 @@ def main(argv=None) -> int:
     try:
         check_numbers(args)
         device = device_for(args.device)
-        loaded = load_model(args.checkpoint, step=args.step, device=device)
+        usable = resolve_usable(args.checkpoint, step=args.step)  # a run: its newest step that passes the quick check
+        for note in usable.notes():
+            print(f"note: {note}", file=sys.stderr)
+        loaded = load_model(usable.checkpoint, device=device)
         explorer = Explorer(loaded, Engine(loaded.model, loaded.tokenizer), args)
         if args.interactive:
             return explorer.interactive()
