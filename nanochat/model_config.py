@@ -48,6 +48,11 @@ class GPTConfig:
     qk_scale: float = QK_SCALE_CURRENT  # q and k multiplied by this after QK-norm (classic: 1.0)
 
     def __post_init__(self):
+        sizes = {k: getattr(self, k) for k in UPSTREAM_CONFIG_KEYS[:-1]}
+        if wrong := [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool)]:
+            raise ArchitectureError(f"{wrong[0]} must be an integer, got {sizes[wrong[0]]!r:.40}")
+        if not isinstance(self.window_pattern, str):
+            raise ArchitectureError(f"window_pattern must be a string of S and L, got {self.window_pattern!r:.40}")
         if min(self.n_head, self.n_embd) < 1:
             raise ArchitectureError(f"n_head and n_embd must be positive (got {self.n_head}, {self.n_embd})")
         if self.n_embd % self.n_head != 0:
