@@ -69,7 +69,7 @@ def header(title: str, question: str) -> None:
 
 def show_error(e: BaseException, what_next: str | None = None) -> None:
     """One named error as st.error: its one-line message, then what to do next."""
-    message = str(e).strip() or type(e).__name__
+    message = (str(e).strip() or type(e).__name__).splitlines()[0]  # one line, whatever a layer below wrote
     hint = what_next or CHECKPOINT_HINTS.get(getattr(e, "code", None) or "", "")
     if not hint and isinstance(e, CheckpointError):
         hint = "Pick another checkpoint, or rescan its folder on the Runs page if its files changed after the last scan."
@@ -108,7 +108,8 @@ def scan_control(url: str, key: str = "scan", label: str = "Folder to scan") -> 
 
         try:
             report = data.scan_or_import(url, path, progress)
-        except RegistryError as e:
+        except (RegistryError, CheckpointError) as e:  # the named errors of a scan: one line each (a bad file
+            # inside the tree is not one of them: the report lists it as a problem of its checkpoint)
             bar.empty()
             show_error(e, "Give a folder that holds nanochat checkpoints (model_NNNNNN.pt + meta_NNNNNN.json) "
                           "or a base dir above them.")
