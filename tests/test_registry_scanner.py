@@ -312,7 +312,7 @@ def test_rewritten_upstream_meta_changes_its_val_bpb_history(store, upstream_cop
 
 
 def test_interrupted_scan_keeps_whole_batches_only(store, tmp_path, monkeypatch):
-    """Ctrl-C in the middle: the batches written are whole, the scan is marked failed, the next scan finishes."""
+    """Ctrl-C in the middle: the batches written are whole, the scan is marked interrupted, the next scan finishes."""
     run = tmp_path / "base_checkpoints" / "d1"
     for step in range(10, 80, 10):
         make_checkpoint(run, step)
@@ -330,7 +330,7 @@ def test_interrupted_scan_keeps_whole_batches_only(store, tmp_path, monkeypatch)
         store.scan(tmp_path)
     monkeypatch.setattr(scanner, "inspect_checkpoint", real)
     [failed] = store.scans()
-    assert (failed.status, failed.error) == ("failed", "KeyboardInterrupt")
+    assert failed.status == "interrupted" and failed.error.startswith("interrupted (Ctrl-C)")
     assert [c.step for c in store.checkpoints("d1")] == [10, 20, 30, 40]  # two whole batches, nothing of the third
     assert all(len(store.checkpoint_detail(c.id).files) == 3 for c in store.checkpoints("d1"))
     report = store.scan(tmp_path)
@@ -385,7 +385,8 @@ def test_a_failed_batch_leaves_the_plans_as_they_were(store, tmp_path):
     plans = scanner._plan_runs(scanner.walk_runs(tmp_path / "base", c.problem), {}, c)
     views = {path: p.for_writer() for path, p in plans.items()}
     items = [(views[path], scanner.inspect_checkpoint(slot, p.path)) for path, p in plans.items() for slot in p.changed()]
-    root_id, scan_id = store.db.write(lambda s: writer.start_scan(s, store.db, str(tmp_path / "base"), 1.0))
+    root_id, scan_id = store.db.write(lambda s: writer.start_scan(s, store.db, str(tmp_path / "base"), 1.0,
+                                                                           "a test", lambda owner: None))
 
     def fails_after_writing(s):
         writer.write_batch(s, store.db, list(views.values()), items, root_id, scan_id, 2.0)
