@@ -4,8 +4,9 @@ problems, and what it says about its run (configs, target steps, model size). Me
 torch, never tensor data, never the pickle's code.
 
 The problems are `nanochat.quick_check`'s, the one quick check (the same the integrity check's quick
-level and checkpoint discovery run); this module only hands it the meta JSON it parsed and keeps what
-the check read on the way (the state dict's shapes, the world size), so nothing is read twice.
+level and checkpoint discovery run); this module keeps what the check read on the way (the meta, read
+and bounded by `checkpoint_manager.read_meta`; the state dict's shapes; the world size), so nothing is
+read twice. The run-level columns it derives are bounded too (`nanochat.bounds`), as they go to SQL.
 
 This module writes nothing (scanner.py does) and does not walk folders.
 """
