@@ -326,14 +326,19 @@ def verify_runs(url: str, run_ids: list[int], deep: bool, progress: Progress | N
 # ---------------------------------------------------------------------- models and sampling
 
 
-def model_stamp(directory: str, step: int | None) -> tuple:
-    """(size, mtime_ns) of the model file: part of the model cache key, so a rewritten file reloads."""
-    name = f"model_{step:06d}.pt" if step is not None else "checkpoint.pt"
+def file_stamp(path: str | os.PathLike) -> tuple:
+    """(size, mtime_ns) of a file, () when absent: part of a cache key, so a rewritten file is read again.
+    Every stamp in this module (models, tokenizers, shards, metas, conversation files) is built from it."""
     try:
-        st_ = os.stat(Path(directory) / name)
+        st_ = os.stat(path)
     except OSError:
         return ()
     return (st_.st_size, st_.st_mtime_ns)
+
+
+def model_stamp(directory: str, step: int | None) -> tuple:
+    """The model file's stamp (`file_stamp`): part of the model cache key, so a rewritten file reloads."""
+    return file_stamp(Path(directory) / (f"model_{step:06d}.pt" if step is not None else "checkpoint.pt"))
 
 
 @st.cache_resource(max_entries=3, ttl=3600, show_spinner=False)
@@ -425,17 +430,9 @@ def problem_codes() -> pd.DataFrame:
 # registry (`registry/datasets.py`), which stores their results: reopening a folder costs a stat per shard.
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        st_ = path.stat()
-        return st_.st_size, st_.st_mtime_ns
-    except OSError:
-        return 0, 0
-
-
 def tokenizer_stamp(directory: str) -> tuple:
     d = Path(directory)
-    return tuple(_stamp(d / name) for name in ("tokenizer.json", "tokenizer.pkl", "token_bytes.pt"))
+    return tuple(file_stamp(d / name) for name in ("tokenizer.json", "tokenizer.pkl", "token_bytes.pt"))
 
 
 def _base_dirs(url: str) -> list[Path]:
@@ -576,7 +573,7 @@ def shard_stamps(data_dir: str) -> tuple:
     from nanochat import shards
 
     _, files = shards.resolve_data_dir(data_dir)
-    return tuple((f.name, *_stamp(f)) for f in files)
+    return tuple((f.name, *file_stamp(f)) for f in files)
 
 
 @st.cache_data(ttl=3600, max_entries=32, show_spinner=False)
@@ -691,7 +688,7 @@ def step_batch(run_dir: str, step: int, stamp: tuple):
 def run_stamp(run_dir: str) -> tuple:
     """Names, sizes and mtimes of a run's meta files: a new checkpoint changes the replay cache key."""
     d = Path(run_dir)
-    return tuple(sorted((p.name, *_stamp(p)) for p in d.glob("meta_*.json"))) if d.is_dir() else ()
+    return tuple(sorted((p.name, *file_stamp(p)) for p in d.glob("meta_*.json"))) if d.is_dir() else ()
 
 
 def step_segments(batch) -> pd.DataFrame:
@@ -717,15 +714,6 @@ def approximate_position(run_dir: str) -> str | None:
 
 
 # ---------------------------------------------------------------------- conversations (the builder page)
-
-
-def file_stamp(path: str) -> tuple:
-    """(size, mtime_ns) of a file, () when absent: part of a cache key, so a rewritten file is re-read."""
-    try:
-        st_ = os.stat(path)
-    except OSError:
-        return ()
-    return (st_.st_size, st_.st_mtime_ns)
 
 
 def tokenizer_dir_for(run_path: str) -> str | None:

@@ -1,9 +1,9 @@
 """
 Rendering pieces every page shares: the page header, opening the registry (or explaining why it cannot
 be opened), the empty-registry state with its scan control, the scan control itself, the run picker,
-named errors turned into `st.error` with what to do next, the sampling controls (Generate and Chat)
-and the per-token view of one generation with its branch control (Chat; drawn with traces.py and
-charts.py, the Generate page's pieces).
+named errors turned into `st.error` with what to do next, the sampling and token display controls, and
+the per-token view of one generation with its branch control (Generate and Chat; drawn with traces.py
+and charts.py).
 
 It calls `data.py` and Streamlit only; no SQL, no torch, no caching of its own.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import streamlit as st
 
 from nanochat.checkpoint_manager import CheckpointError
-from nanochat.sampling import SamplingSettings
+from nanochat.sampling import SamplingSettings, StepTrace
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, traces
 
@@ -180,6 +180,36 @@ def run_picker(runs: list, key: str = "run", label: str = "Run", container=None,
                            help="Runs are listed by last activity, newest first.")
 
 
+@dataclass(frozen=True)
+class PickedCheckpoint:
+    """The checkpoint a model page loads: its run, step, folder and file stamp (the model cache key)."""
+
+    run_id: int
+    step: int
+    directory: str
+    stamp: tuple
+    phase: str
+    label: str  # "run @ step N", for spinners and captions
+
+
+def checkpoint_picker(runs: list, choices, run_box, step_box, first=None) -> PickedCheckpoint:
+    """The run and step pickers of the pages that load one model (Generate, Chat, Attention), kept in the
+    URL as ?run=&step=: runs with a loadable checkpoint (`choices`, from `load_model_choices`), in activity
+    order or sorted stably by `first(run)`, and that run's complete checkpoints, newest first."""
+    loadable = [r for r in runs if r.id in set(choices["run_id"])]
+    if first is not None:
+        loadable = sorted(loadable, key=first)
+    run_id = run_picker(loadable, container=run_box)
+    steps = [int(s) for s in choices[choices["run_id"] == run_id].sort_values("step", ascending=False)["step"]]
+    step = step_box.selectbox("Step", steps, format_func=lambda s: f"step {s:,}", key="step", bind="query-params",
+                              help="Complete checkpoints of this run, newest first")
+    row = choices[(choices["run_id"] == run_id) & (choices["step"] == step)].iloc[0]
+    directory = str(row["directory"])
+    return PickedCheckpoint(run_id, step, directory, data.model_stamp(directory, step),
+                            next(r.phase for r in runs if r.id == run_id),
+                            f"{frames.run_names(runs)[run_id]} @ step {step:,}")
+
+
 def clickable_text(html_text: str, key: str) -> int | None:
     """Render escaped HTML whose [data-step] spans are clickable; the step clicked on this rerun, else None."""
     result = _CLICKABLE_TEXT(data=html_text, key=key, on_step_change=lambda: None)
@@ -225,6 +255,27 @@ def sampling_controls(max_tokens: int = 48, seed_help: str = "Same seed, same se
     return SamplingChoice(settings, int(n), int(alternatives))
 
 
+@dataclass(frozen=True)
+class TokenDisplay:
+    """How generated tokens are drawn: shaded by likelihood or surprise, probabilities printed in the grid or not."""
+
+    shading: str = "likely"  # a key of traces.SHADINGS
+    probabilities: bool = False
+
+
+def display_controls() -> TokenDisplay:
+    """The token display widgets of the Generate and Chat pages, in the sidebar and kept in the URL."""
+    with st.sidebar:
+        st.markdown("**Display**")
+        shading = st.segmented_control("Shade tokens by", list(traces.SHADINGS), default="likely", key="shade",
+                                       bind="query-params", format_func={"likely": "likelihood", "surprise": "surprise"}.get,
+                                       help="likelihood: darker = more probable under the model; surprise: darker = less "
+                                            "probable (−log₂ p), so the unexpected tokens stand out") or "likely"
+        probabilities = st.toggle("Probabilities in the grid", key="show_p", bind="query-params",
+                                  help="Print each cell's model probability under its token")
+    return TokenDisplay(shading, bool(probabilities))
+
+
 # ---------------------------------------------------------------------- one generation, token by token
 
 
@@ -237,48 +288,40 @@ class BranchRequest:
     token: str
 
 
-def token_details(gen: traces.Generation, key: str, alternatives: int, window: int = 20) -> BranchRequest | None:
-    """One generation token by token, as the Generate page shows it: the alternatives grid (a click picks
-    a step, and an alternative's cell preselects it), entropy per step, the picked step's distribution
-    and the control to branch from one of its alternatives. Widget keys start with `key`. Returns the
-    branch asked for on this run, else None. Steps the tool loop forced cannot be branched from."""
+def step_key(key: str) -> str:
+    """The session key of the step a token view inspects (a page sets it to select a step, e.g. on a text click)."""
+    return f"{key}_step"
+
+
+def token_details(gen: traces.Generation, key: str, alternatives: int, display: TokenDisplay = TokenDisplay(),
+                  window: int = 20, titled: bool = False) -> BranchRequest | None:
+    """One generation token by token (the Generate and Chat pages): the alternatives grid (a click picks a
+    step, and an alternative's cell preselects it; a fragment, so moving its window redraws it alone), entropy
+    per step, the picked step's distribution and the control to branch from one of its alternatives.
+    Widget keys start with `key`; the inspected step is `step_key(key)`. `titled` adds section headings.
+    Returns the branch asked for on this run, else None. Steps the tool loop forced cannot be branched from."""
     n = len(gen.steps)
     if not n:
         st.caption("No token was generated.")
         return None
-    step_key = f"{key}_step"
-    first = 0
-    if n > window:
-        first = st.slider("First step shown", 1, n - window + 1, 1, key=f"{key}_from") - 1
-    picked = (st.session_state.get(f"{key}_grid") or {}).get("selection", {}).get("cell") or []
-    if picked and picked != st.session_state.get(f"{key}_last_pick"):
-        st.session_state[f"{key}_last_pick"] = picked
-        clicked, row = int(picked[0]["step"]), str(picked[0].get("row", "sampled"))
-        st.session_state[step_key] = clicked
-        if row.startswith("#") and 1 <= clicked <= n:
-            s = gen.steps[clicked - 1]
-            others = [a.token_id for a in s.alternatives if a.token_id != s.token_id]
-            rank = int(row[1:])
-            if rank <= len(s.alternatives) and s.alternatives[rank - 1].token_id in others:
-                st.session_state[f"{key}_alt_{clicked}"] = others.index(s.alternatives[rank - 1].token_id)
-    st.session_state[step_key] = min(max(1, int(st.session_state.get(step_key, 1))), n)
-    st.altair_chart(charts.generation_chart(traces.alternatives_frame(gen, alternatives, first, first + window),
-                                            selected_step=st.session_state[step_key]),
-                    on_select="rerun", key=f"{key}_grid", selection_mode="cell", width="stretch")
-    st.caption("Columns are generated steps; the top row is the token sampled, the rows below the most likely tokens "
-               "(darker blue = more probable under the model, grey = removed by top-k/top-p, red outline = the one "
-               "sampled). Click a cell to inspect that step.")
-    st.altair_chart(charts.entropy_chart(traces.steps_frame(gen).iloc[first:first + window]), width="stretch")
+    inspected = step_key(key)
+    if titled:
+        st.subheader("Per-step alternatives")
+    _alternatives_grid(gen, key, alternatives, display, window)
+    if titled:
+        st.subheader("Inspect a step and branch")
+    inspect = st.columns([1, 4])[0].number_input("Step", 1, n, key=inspected)
+    s = gen.steps[inspect - 1]
+    how = ", the tool's output" if s.tool_output else (", forced by a branch" if s.forced else "")
     left, right = st.columns([3, 2])
     with left:
-        inspect = st.number_input("Step", 1, n, key=step_key)
-        s = gen.steps[inspect - 1]
-        how = " (the tool's output)" if s.tool_output else (" (forced by a branch)" if s.forced else "")
-        st.markdown(f"Step {inspect}: **`{traces.visible(gen.token_text(s.token_id))}`**{how}, model p = {s.model_prob:.3f} "
-                    f"(sampling p = {s.sampled_prob:.3f}, rank {s.rank}); entropy {s.entropy:.3f} nats.")
+        st.markdown(f"Step {inspect}: sampled **`{traces.visible(gen.token_text(s.token_id))}`** with model p = "
+                    f"{s.model_prob:.3f} (sampling p = {s.sampled_prob:.3f}, rank {s.rank}{how}); entropy {s.entropy:.3f} nats.")
         st.altair_chart(charts.distribution_chart(traces.distribution_frame(gen, inspect - 1)), width="stretch")
+        st.caption(f"The top {len(s.alternatives)} tokens by model probability: blue as the model sees them, orange as "
+                   "sampling saw them after temperature and filters; faded bars were filtered out.")
     with right:
-        others = [a for a in s.alternatives if a.token_id != s.token_id][:10]
+        others = _branch_options(s)
         if s.tool_output:
             st.caption("The calculator wrote this token (the tool's output is forced, never sampled): branch from a "
                        "step the model chose.")
@@ -289,7 +332,52 @@ def token_details(gen: traces.Generation, key: str, alternatives: int, window: i
         pick = st.radio("Continue instead with", list(range(len(others))), key=f"{key}_alt_{inspect}",
                         format_func=lambda i: f"`{traces.visible(gen.token_text(others[i].token_id))}`  "
                                               f"p={others[i].model_prob:.3f}" + ("" if others[i].kept else " (filtered out)"))
-        if st.button("Branch from here", key=f"{key}_branch", type="primary", icon=":material/call_split:"):
+        branch = st.button("Branch from here", key=f"{key}_branch", type="primary", icon=":material/call_split:")
+        st.caption("The branch keeps this generation's tokens up to the step, emits the chosen token there, and "
+                   "continues with the same settings and seed.")
+        if branch:
             alt = others[pick]
             return BranchRequest(inspect - 1, alt.token_id, gen.token_text(alt.token_id))
     return None
+
+
+def _branch_options(s: StepTrace) -> list:
+    """The alternatives a step can branch to (the radio's options, in order): the traced ones but the sampled token."""
+    return [a for a in s.alternatives if a.token_id != s.token_id][:10]
+
+
+@st.fragment
+def _alternatives_grid(gen: traces.Generation, key: str, alternatives: int, display: TokenDisplay, window: int) -> None:
+    """The grid and the entropy chart over a window of steps. Moving the window redraws this fragment alone;
+    a clicked cell reruns the page (the inspected step is drawn outside it)."""
+    n, inspected = len(gen.steps), step_key(key)
+    first = 0
+    if n > window:
+        wanted, shown_from = int(st.session_state.get(inspected, 1)), int(st.session_state.get(f"{key}_from", 1))
+        if not shown_from <= wanted < shown_from + window:  # a step selected outside the window (a text click): move it
+            st.session_state[f"{key}_from"] = min(max(1, wanted - window // 2), n - window + 1)
+        first = st.slider("First step shown", 1, n - window + 1, 1, key=f"{key}_from") - 1
+    picked = (st.session_state.get(f"{key}_grid") or {}).get("selection", {}).get("cell") or []
+    if picked and picked != st.session_state.get(f"{key}_last_pick"):
+        # a clicked cell selects its step below, and an alternative's cell preselects it for branching
+        st.session_state[f"{key}_last_pick"] = picked
+        clicked, row = int(picked[0]["step"]), str(picked[0].get("row", "sampled"))
+        st.session_state[inspected] = clicked
+        if row.startswith("#") and 1 <= clicked <= n:
+            s = gen.steps[clicked - 1]
+            ids, rank = [a.token_id for a in _branch_options(s)], int(row[1:])
+            if rank <= len(s.alternatives) and s.alternatives[rank - 1].token_id in ids:
+                st.session_state[f"{key}_alt_{clicked}"] = ids.index(s.alternatives[rank - 1].token_id)
+        st.rerun(scope="app")  # once per click: the pick is remembered
+    st.session_state[inspected] = min(max(1, int(st.session_state.get(inspected, 1))), n)
+    st.altair_chart(charts.generation_chart(traces.alternatives_frame(gen, alternatives, first, first + window),
+                                            selected_step=st.session_state[inspected], shading=display.shading,
+                                            probabilities=display.probabilities),
+                    on_select="rerun", key=f"{key}_grid", selection_mode="cell", width="stretch")
+    shade_note = "darker blue = more probable under the model" if display.shading == "likely" else "darker red = more surprising"
+    st.caption("Columns are generated steps; the top row is the token sampled, the rows below the most likely tokens "
+               f"({shade_note}, grey = removed by top-k/top-p, red outline = the one sampled). Click a cell to inspect "
+               "that step below" + ("" if display.probabilities else "; turn on “Probabilities in the grid” in the "
+                                                                   "sidebar to print them") + ".")
+    st.markdown("**Entropy per step** (how spread the model's distribution is, in nats)")
+    st.altair_chart(charts.entropy_chart(traces.steps_frame(gen).iloc[first:first + window]), width="stretch")

@@ -402,8 +402,8 @@ def test_generate_page_generates_and_branches(registry, monkeypatch):
     grid = next(data[0] for spec, data in charts(at) if "row" in data[0])
     assert set(grid["step"]) == set(range(1, 13)) and (grid[grid["row"] == "sampled"]["is_sampled"]).all()
     # branch at step 3 with the first alternative
-    at.number_input(key="inspect").set_value(3).run()
-    alt_radio = at.radio(key="branch_alt_3")
+    at.number_input(key="gen_step").set_value(3).run()
+    alt_radio = at.radio(key="gen_alt_3")
     chosen = alt_radio.options[1]
     alt_radio.set_value(1)
     at.button[[b.label for b in at.button].index("Branch from here")].click().run()

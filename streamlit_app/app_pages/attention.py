@@ -21,13 +21,10 @@ runs = ui.load_runs(url)
 choices = ui.load_model_choices(url)
 
 # ---------------------------------------------------------------------- checkpoint and prompt
-loadable = [r for r in runs if r.id in set(choices["run_id"])]
 names = frames.run_names(runs)
 c_run, c_step, c_more = st.columns([3, 2, 1.4], vertical_alignment="bottom")
-run_id = ui.run_picker(loadable, container=c_run)
-steps = [int(s) for s in choices[choices["run_id"] == run_id].sort_values("step", ascending=False)["step"]]
-step = c_step.selectbox("Step", steps, format_func=lambda s: f"step {s:,}", key="step", bind="query-params",
-                        help="Complete checkpoints of this run, newest first")
+picked = ui.checkpoint_picker(runs, choices, c_run, c_step)
+run_id, step, directory, stamp = picked.run_id, picked.step, picked.directory, picked.stamp
 more = c_more.number_input("Continue greedily", 0, 256, 0, key="gen", bind="query-params",
                            help="Append this many greedily generated tokens to the prompt, to see attention over a "
                                 "generation (0 = the prompt alone)")
@@ -36,11 +33,9 @@ prompt = st.text_area("Prompt", DEFAULT_PROMPT, height=70, key="prompt", bind="q
 if not prompt.strip():
     st.info("Type a prompt to look inside the model.", icon=":material/edit:")
     st.stop()
-row = choices[(choices["run_id"] == run_id) & (choices["step"] == step)].iloc[0]
-directory, stamp = str(row["directory"]), data.model_stamp(str(row["directory"]), step)
 
 try:
-    with st.spinner(f"Loading {names[run_id]} @ step {step:,} and capturing every head's attention…"):
+    with st.spinner(f"Loading {picked.label} and capturing every head's attention…"):
         att = data.attention(directory, step, stamp, prompt, int(more))
 except (RegistryError, CheckpointError, TokenizerError, SamplingError) as e:
     ui.show_error(e, "Shorten the prompt (or the continuation)." if "context" in str(e) else None)

@@ -34,19 +34,14 @@ runs = ui.load_runs(url)
 choices = ui.load_model_choices(url)
 
 # ---------------------------------------------------------------------- who to talk to, and how
-loadable = [r for r in runs if r.id in set(choices["run_id"])]
-loadable = sorted(loadable, key=lambda r: r.phase not in CHAT_PHASES)  # stable: chat runs first, each newest first
 names = frames.run_names(runs)
 c_run, c_step = st.columns([3, 2], vertical_alignment="bottom")
-run_id = ui.run_picker(loadable, container=c_run)
-steps = [int(s) for s in choices[choices["run_id"] == run_id].sort_values("step", ascending=False)["step"]]
-step = c_step.selectbox("Step", steps, format_func=lambda s: f"step {s:,}", key="step", bind="query-params",
-                        help="Complete checkpoints of this run, newest first")
-row = choices[(choices["run_id"] == run_id) & (choices["step"] == step)].iloc[0]
-phase = next(r.phase for r in runs if r.id == run_id)
+# chat runs first, each newest first
+picked = ui.checkpoint_picker(runs, choices, c_run, c_step, first=lambda r: r.phase not in CHAT_PHASES)
+run_id, step, phase, directory, stamp = picked.run_id, picked.step, picked.phase, picked.directory, picked.stamp
 choice = ui.sampling_controls(max_tokens=64, seed_help="Regenerating a reply adds 1 to the seed per earlier version.")
-directory, stamp = str(row["directory"]), data.model_stamp(str(row["directory"]), step)
-model_label = f"{names[run_id]} @ step {step:,}"
+display = ui.display_controls()
+model_label = picked.label
 if phase not in CHAT_PHASES:
     st.info(f"**{names[run_id]} is a base model**: it never saw the chat template, so it continues the conversation's "
             "text rather than answering it. Chat with an SFT run (`python -m scripts.chat_sft`) for real replies.",
@@ -158,7 +153,7 @@ for i, turn in enumerate(turns[:stop_at]):
             v = versions[turn["current"]]
             gen = v["reply"].generation
             since = v["branch"]["step"] if v["branch"] else None
-            st.markdown(traces.shaded_html(gen, since=since), unsafe_allow_html=True)
+            st.markdown(traces.shaded_html(gen, since=since, shading=display.shading), unsafe_allow_html=True)
             tools = v["reply"].tool_calls
             st.caption(f"{v['label']} · {v['model']} · {traces.settings_label(gen.settings)} · {len(gen.token_ids)} tokens"
                        f"{', stopped by the model' if gen.finish_reason == 'stop' else ', reached max tokens'}"
@@ -167,7 +162,7 @@ for i, turn in enumerate(turns[:stop_at]):
             # keyed by the conversation's length too: the newest reply opens, older ones close when a turn is added
             if st.toggle("Tokens, alternatives and branching", value=i == len(turns) - 1,
                          key=f"chat_view_{v['id']}_{len(turns)}"):
-                branch = ui.token_details(gen, key=f"chat_{v['id']}", alternatives=choice.alternatives)
+                branch = ui.token_details(gen, f"chat_{v['id']}", choice.alternatives, display)
                 if branch is not None:
                     prefix = tuple((j, t.token_id) for j, t in enumerate(gen.steps[:branch.step]))
                     ask_reply(i, v["settings"], v["max_tokens"], prefix + ((branch.step, branch.token_id),),
