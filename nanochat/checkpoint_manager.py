@@ -24,11 +24,11 @@ import io
 import json
 import os
 import re
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat import bounds, torchfile
+from nanochat.atomic_file import atomic_write_bytes, fsync_dir, remove_stale_temp_files
 
 PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl",
               "lrfind": "lrfind"}  # learning-rate range tests (scripts/lr_find.py): metrics only, no checkpoints
@@ -484,66 +484,6 @@ def load_model(path: str | os.PathLike | CheckpointFiles, step: int | None = Non
 # ---------------------------------------------------------------------- saving (torch)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[^.]+)\.(?P<pid>\d+)$")
-
-
-def _temp_name(path: Path) -> Path:
-    # Host and pid in the name: a save killed mid-write leaves a file that can be told apart from a live
-    # one, also when ranks on several hosts share the directory.
-    host = socket.gethostname().split(".")[0].replace("-", "_") or "host"
-    return path.with_name(f".{path.name}.tmp-{host}.{os.getpid()}")
-
-
-def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of saves on this host whose process is gone (killed mid-write)."""
-    d = Path(directory)
-    host = _temp_name(d / "x").name.split(".tmp-")[1].split(".")[0]
-    removed = []
-    for name in os.listdir(d) if d.is_dir() else []:
-        m = TEMP_RE.match(name)
-        if not m or m["host"] != host or pid_alive(int(m["pid"])):
-            continue
-        try:
-            (d / name).unlink()
-            removed.append(d / name)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host with this id exists (a save's or a scan's owner)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save through a temporary file in the same directory: a crash leaves the old file or none."""
     import torch
@@ -560,7 +500,7 @@ def invalidate_step(directory: str | os.PathLike, step: int) -> None:
     meta = Path(directory) / f"meta_{step:06d}.json"
     if meta.exists():
         meta.unlink()
-        _fsync_dir(meta.parent)
+        fsync_dir(meta.parent)
 
 
 def save_model(directory: str | os.PathLike, step: int, state_dict: dict) -> Path:

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nanochat.atomic_file import atomic_write_bytes
 from nanochat.conversation import UPSTREAM_MAX_TOKENS, ChatTemplate, Conversation, ConversationError, Rendered
 
 SHAPES = ("list", "messages")  # CustomJSON array, or {"messages": [...]}
@@ -142,15 +143,9 @@ def append_conversation(path: str | os.PathLike, conversation: Conversation) -> 
 
 
 def _atomic_write(p: Path, body: bytes) -> None:
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        atomic_write_bytes(p, body)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ConversationFileError(f"cannot write {p}: {e.strerror}") from None
 
 

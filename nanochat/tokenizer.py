@@ -24,6 +24,8 @@ from pathlib import Path
 
 import tiktoken
 
+from nanochat.atomic_file import atomic_write_bytes
+
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with this
     "<|user_start|>", "<|user_end|>",
@@ -110,7 +112,7 @@ class Tokenizer:
             "mergeable_ranks": [[base64.b64encode(b).decode("ascii"), r] for b, r in ordered],
             "special_tokens": self.enc._special_tokens,
         }
-        _atomic_write(d / OUR_FILE, json.dumps(doc).encode("utf-8"))
+        atomic_write_bytes(d / OUR_FILE, json.dumps(doc).encode("utf-8"))
         self.save_upstream_pickle(d)
         self.save_token_bytes(d)
         self.directory = d
@@ -182,7 +184,7 @@ class Tokenizer:
         data = pickle.dumps(self.enc, protocol=4)
         _unpickle_encoding(data, UPSTREAM_FILE)  # tiktoken pickles a registered name as a bare string: refuse
         path = Path(directory) / UPSTREAM_FILE
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
         return path
 
     def save_token_bytes(self, directory: str | os.PathLike) -> None:
@@ -190,7 +192,7 @@ class Tokenizer:
 
         buf = io.BytesIO()
         torch.save(torch.tensor(self.computed_token_bytes(), dtype=torch.int32), buf)
-        _atomic_write(Path(directory) / TOKEN_BYTES_FILE, buf.getvalue())
+        atomic_write_bytes(Path(directory) / TOKEN_BYTES_FILE, buf.getvalue())
 
     # ------------------------------------------------------------------ encoding
 
@@ -248,15 +250,6 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- persistence
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_our_format(path: Path) -> tiktoken.Encoding:

@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 from nanochat import bounds
 from nanochat import checkpoint_manager as cm
+from nanochat.atomic_file import pid_alive
 from registry import tokenizer_checks, writer
 from registry.entities import ScanProblemRecord, ScanReport, utc
 from registry.errors import NoCheckpointsError, RegistryError, ScanPathError
@@ -250,7 +251,7 @@ def _owner() -> str:
 def _dead_owner(owner: str) -> str | None:
     """Why the scan `owner` describes is no longer running, or None when it may be."""
     m = _OWNER_RE.match(owner)
-    if m is None or m[2] != socket.gethostname() or cm.pid_alive(int(m[1])):
+    if m is None or m[2] != socket.gethostname() or pid_alive(int(m[1])):
         return None
     return (f"interrupted: its process (pid {m[1]} on {m[2]}) ended without finishing (killed?); what it wrote is kept, "
             "a later scan completes it")

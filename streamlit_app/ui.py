@@ -136,13 +136,21 @@ def scan_control(url: str, key: str = "scan", label: str = "Folder to scan") -> 
             st.caption(f"… and {len(report.problems) - 5} more problems (see `python -m registry checkpoints RUN`).")
 
 
+def empty_state(url: str, message: str, key: str, caption: str | None = None) -> None:
+    """What a page shows when the registry holds nothing for it: `message` (how to get some), the scan
+    control (widget keys from `key`) and an optional caption; stops the page."""
+    st.info(message, icon=":material/inbox:")
+    scan_control(url, key=key)
+    if caption:
+        st.caption(caption)
+    st.stop()
+
+
 def empty_registry(url: str) -> None:
     """What a page shows when the registry has no run: how to fill it, with the scan control."""
-    st.info("**No runs in this registry yet.** Scan a folder that holds nanochat checkpoints: a base dir "
-            "(`~/.cache/nanochat` or `$NANOCHAT_BASE_DIR`) or any run folder.", icon=":material/inbox:")
-    scan_control(url, key="empty_scan")
-    st.caption(f"Registry: `{url}`. From a shell: `python -m registry scan DIR --db {url}`.")
-    st.stop()
+    empty_state(url, "**No runs in this registry yet.** Scan a folder that holds nanochat checkpoints: a base dir "
+                     "(`~/.cache/nanochat` or `$NANOCHAT_BASE_DIR`) or any run folder.", "empty_scan",
+                f"Registry: `{url}`. From a shell: `python -m registry scan DIR --db {url}`.")
 
 
 def load_runs(url: str) -> list:

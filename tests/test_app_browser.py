@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.appserver import serve
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking", "--disable-component-update",
         "--disable-sync"]
@@ -45,12 +41,6 @@ CHART = '[data-testid="stVegaLiteChart"] :is(canvas, svg.marks)'
 pytestmark = pytest.mark.browser
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def app_url(demo_base, tmp_path):
     """The app served on 127.0.0.1 over a private copy of the demo registry; stopped afterwards."""
@@ -64,36 +54,12 @@ def app_url(demo_base, tmp_path):
     reg.mkdir()
     for f in demo_base.glob("registry.sqlite*"):
         shutil.copy(f, reg / f.name)
-    port = free_port()
     env = {**os.environ, "NANOCHAT_REGISTRY_URL": str(reg / "registry.sqlite")}
     env.pop("NANOCHAT_BASE_DIR", None)
-    log = open(tmp_path / "streamlit.log", "w")
     # from another directory and with no address or usage-statistics flags: the app's own config must keep it
     # local (loopback, nothing sent off the machine; the test fails on any outside request)
-    env = {k: v for k, v in env.items() if not k.startswith("STREAMLIT_")}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"),
-                             "--server.port", str(port)],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError("streamlit did not start:\n" + (tmp_path / "streamlit.log").read_text()[-3000:])
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with serve(tmp_path, env) as served:
+        yield served.url
 
 
 def settle(page, charts: int) -> None:

@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from streamlit_app.app import exposure_problem
-
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "streamlit_app" / "app.py"
+from tests.appserver import APP, serve
 
 
 def options(**set_) -> callable:
@@ -54,34 +48,11 @@ def listening(port: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from Linux /proc/net/tcp")
 def test_started_from_another_directory_it_listens_on_loopback_only(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
-    env["NANOCHAT_BASE_DIR"] = str(tmp_path)  # an empty base dir: the app starts, nothing to build
-    log = tmp_path / "streamlit.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port)],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
-            time.sleep(0.3)
-        assert listening(port) == ["127.0.0.1"]
-        text = log.read_text()
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}  # an empty base dir: the app starts, nothing to build
+    with serve(tmp_path, env) as served:
+        assert listening(served.port) == ["127.0.0.1"]
+        text = served.log.read_text()
         assert "Network URL" not in text and "External URL" not in text, text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_the_shipped_config_is_local_only_and_has_no_deploy_button():

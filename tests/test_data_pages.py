@@ -5,20 +5,8 @@ and bad input gives a message, never a traceback."""
 from __future__ import annotations
 
 import pytest
-import streamlit as st
 
-from tests.test_app_pages import assert_clean, charts, copy_registry, metric, open_app
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches(monkeypatch):
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    for name in ("NANOCHAT_REGISTRY_URL", "NANOCHAT_BASE_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
+from tests.test_app_pages import assert_clean, charts, copy_registry, fresh_caches, metric, open_app  # noqa: F401 (fresh_caches: the same autouse fixture)
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def test_app_pages_touch_neither_sql_nor_torch():
 @pytest.mark.parametrize("modules", [
     ["nanochat", "nanochat.checkpoint_manager", "nanochat.tokenizer", "nanochat.torchfile", "nanochat.common",
      "nanochat.model_config", "nanochat.schedule", "nanochat.sampling", "nanochat.quick_check",
-     "nanochat.train_config"],
+     "nanochat.train_config", "nanochat.atomic_file"],
     ["registry", "registry.cli", "registry.store", "registry.scanner", "registry.history", "registry.logimport",
      "registry.inspection", "registry.integrity"],
 ])

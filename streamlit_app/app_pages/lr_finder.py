@@ -16,11 +16,9 @@ url = ui.registry_url()
 runs = ui.load_runs(url)
 finds = data.lr_finds(url)
 if not finds:
-    st.info("**No learning-rate find in this registry.** Run one with base_train's model and batch flags, then scan "
-            "the base dir:\n\n`python -m scripts.lr_find --depth 4 --aspect-ratio 32 --head-dim 32 --max-seq-len 256 "
-            "--device-batch-size 16 --total-batch-size 4096 --steps 100`", icon=":material/inbox:")
-    ui.scan_control(url, key="lr_scan")
-    st.stop()
+    ui.empty_state(url, "**No learning-rate find in this registry.** Run one with base_train's model and batch flags, then scan "
+                   "the base dir:\n\n`python -m scripts.lr_find --depth 4 --aspect-ratio 32 --head-dim 32 --max-seq-len 256 "
+                   "--device-batch-size 16 --total-batch-size 4096 --steps 100`", "lr_scan")
 names = frames.run_names(runs)
 picked = st.multiselect("Finds", [r.id for r in finds], default=[finds[0].id], format_func=lambda i: names[i], key="finds",
                         bind="query-params", help="Overlay several finds (e.g. each group alone, or two seeds)")

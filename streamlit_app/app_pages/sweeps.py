@@ -13,11 +13,9 @@ url = ui.registry_url()
 runs = ui.load_runs(url)
 found = data.sweeps(url)
 if not found:
-    st.info("**No sweep in this registry.** A sweep is two or more runs with a val_bpb whose flags differ in one setting "
-            "(or a few that move together, like all four learning rates), besides the seed. Train a small grid, e.g. "
-            "`python -m bench.lr_find --base-dir DIR` (5 multipliers × 2 seeds), and scan it.", icon=":material/inbox:")
-    ui.scan_control(url, key="sweep_scan")
-    st.stop()
+    ui.empty_state(url, "**No sweep in this registry.** A sweep is two or more runs with a val_bpb whose flags differ in one setting "
+                   "(or a few that move together, like all four learning rates), besides the seed. Train a small grid, e.g. "
+                   "`python -m bench.lr_find --base-dir DIR` (5 multipliers × 2 seeds), and scan it.", "sweep_scan")
 
 c_sweep, c_metric, c_log = st.columns([4, 2, 1.2], vertical_alignment="bottom")
 labels = {i: f"{s.label} · {len(s.run_ids)} runs" for i, s in enumerate(found)}
