@@ -218,6 +218,16 @@ def checkpoint_picker(runs: list, choices, run_box, step_box, first=None) -> Pic
                             f"{frames.run_names(runs)[run_id]} @ step {step:,}")
 
 
+def typed_folder(label: str, key: str, placeholder: str, when_empty: str) -> str:
+    """A text box for a folder the registry does not know (the pickers' "other" choice); until one is typed
+    the page stops with `when_empty`. The folder with ~ expanded."""
+    typed = st.text_input(label, key=key, placeholder=placeholder).strip()
+    if not typed:
+        st.info(when_empty, icon=":material/info:")
+        st.stop()
+    return str(Path(typed).expanduser())
+
+
 def clickable_text(html_text: str, key: str) -> int | None:
     """Render escaped HTML whose [data-step] spans are clickable; the step clicked on this rerun, else None."""
     result = _CLICKABLE_TEXT(data=html_text, key=key, on_step_change=lambda: None)

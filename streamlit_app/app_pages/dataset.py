@@ -33,12 +33,9 @@ picked = c_dir.selectbox("Data folder", folders + [OTHER], key="data", bind="que
                               "a text column, a conversation file or a folder of them.")
 data_dir = picked
 if picked == OTHER or not folders:
-    data_dir = st.text_input("Folder of parquet shards", key="data_dir", placeholder="~/.cache/nanochat").strip()
-    if not data_dir:
-        st.info("No data folder known to this registry yet. Type a base dir (with base_data_climbmix/ or base_data/) or "
-                "any folder of *.parquet shards.", icon=":material/info:")
-        st.stop()
-    data_dir = str(Path(data_dir).expanduser())
+    data_dir = ui.typed_folder("Folder of parquet shards", "data_dir", "~/.cache/nanochat",
+                               "No data folder known to this registry yet. Type a base dir (with base_data_climbmix/ or "
+                               "base_data/) or any folder of *.parquet shards.")
 tok_pick = c_tok.selectbox("Tokenizer", toks + [NO_TOKENIZER], key="dtok", bind="query-params",
                            help="Token counts are sampled (a few row groups per shard) until you ask for exact ones.")
 tokenizer_dir = None if tok_pick == NO_TOKENIZER else tok_pick

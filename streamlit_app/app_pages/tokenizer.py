@@ -50,12 +50,9 @@ source = c_src.segmented_control("Text", [TYPED, SHARD_DOC], default=TYPED, key=
                                       "data folders (encoded as training encodes it).") or TYPED
 directory = picked
 if picked == OTHER or not choices:
-    directory = st.text_input("Tokenizer folder", key="tok_dir", placeholder="~/.cache/nanochat/tokenizer").strip()
-    if not directory:
-        st.info("No tokenizer known to this registry yet. Type a folder that holds tokenizer.json or tokenizer.pkl "
-                "(a nanochat base dir's `tokenizer/`), or scan a base dir on the Runs page.", icon=":material/info:")
-        st.stop()
-    directory = str(Path(directory).expanduser())
+    directory = ui.typed_folder("Tokenizer folder", "tok_dir", "~/.cache/nanochat/tokenizer",
+                                "No tokenizer known to this registry yet. Type a folder that holds tokenizer.json or "
+                                "tokenizer.pkl (a nanochat base dir's `tokenizer/`), or scan a base dir on the Runs page.")
 stamp = data.tokenizer_stamp(directory)
 try:
     info = data.tokenizer_info(directory, stamp)
