@@ -24,11 +24,11 @@ from sqlalchemy.orm import Session
 
 from registry.entities import MetricKeyInfo, MetricPoint
 from registry.metrics import LEVELS, ROLLUP_MIN
-from registry.models import Checkpoint, MetricRollup, MetricSegment, MetricSeries, Run
+from registry.models import INT_MAX, INT_MIN, Checkpoint, MetricRollup, MetricSegment, MetricSeries, Run
 from registry.models import MetricPoint as PointRow
 
 VAL = "val_bpb"
-STEP_MIN, STEP_MAX = -(2 ** 31), 2 ** 31 - 1  # the bounds of an open step range (steps are 32-bit columns)
+STEP_MIN, STEP_MAX = INT_MIN, INT_MAX  # the bounds of an open step range (steps are 32-bit columns)
 
 
 def _raw(session: Session, sid: int, segment: int, lo: int, hi: int, limit: int | None = None) -> list[MetricPoint]:

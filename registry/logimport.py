@@ -46,7 +46,7 @@ import sqlalchemy as sa
 from registry.entities import ImportReport, LogsImport
 from registry.errors import LogImportError, RunNotFoundError
 from registry.metrics import Point, ingest_points, metric_source
-from registry.models import Checkpoint, EvalResult, Run
+from registry.models import INT_MAX, Checkpoint, EvalResult, Run
 
 FIELD_MAP = {"loss": "train_loss_ema", "lrm": "lrm", "dt": "dt_ms", "tok/sec": "tok_per_sec",
              "grad norm": "grad_norm", "mfu": "mfu", "bf16_mfu": "mfu"}
@@ -127,19 +127,26 @@ def clean(line: str) -> str:
     return RANK_PREFIX_RE.sub("", ANSI_RE.sub("", line)).rstrip("\n")
 
 
+def _step(text: str) -> int:
+    step = int(text)
+    if step > INT_MAX:  # steps are 32-bit columns: a longer number is a malformed line, not an SQL error
+        raise ValueError(f"step {text} is out of range (at most {INT_MAX})")
+    return step
+
+
 def parse_log_line(line: str, segment: int = 1) -> tuple[str, list[Point], list[str]]:
     """The metric series of one line: ("train" | "eval" | "rl" | "other", points, ignored field names);
     ValueError when it looks like a step line but is malformed. Evaluation lines need context: LogParser."""
     line = clean(line)
     if m := TRAIN_RE.search(line):
-        return ("train", *_fields(m.group(4), int(m.group(1)), segment))
+        return ("train", *_fields(m.group(4), _step(m.group(1)), segment))
     if m := SFT_RE.search(line):
-        updates = int(m.group(1))
+        updates = _step(m.group(1))
         return ("train", *_fields(m.group(3), max(0, updates - 1), segment))
     if m := EVAL_RE.search(line):
-        return "eval", [("val_bpb", int(m.group(1)), segment, _value(m.group(2)), None)], []
+        return "eval", [("val_bpb", _step(m.group(1)), segment, _value(m.group(2)), None)], []
     if m := RL_STEP_RE.search(line):
-        step = int(m.group(1))
+        step = _step(m.group(1))
         return "rl", [("reward", step, segment, _value(m.group(3)), None),
                       ("sequence_length", step, segment, _value(m.group(4)), None)], []
     if RL_PASS_RE.search(line) or CORE_STEP_RE.search(line) or CHATCORE_STEP_RE.search(line) \
@@ -332,8 +339,8 @@ def import_log(store, path, run=None, segment: int = 1) -> ImportReport:
         raise LogImportError(f"{p} does not exist")
     if not p.is_file():
         raise LogImportError(f"{p} is not a file")
-    if not isinstance(segment, int) or segment < 1:
-        raise LogImportError(f"segment must be a positive integer, not {segment!r}")
+    if not isinstance(segment, int) or not 1 <= segment <= INT_MAX:
+        raise LogImportError(f"segment must be an integer from 1 to {INT_MAX}, not {segment!r}")
     target = store.resolve_run(run) if run is not None else None
     if CSV_RE.match(p.name):
         return _import_csv(store, p, target)

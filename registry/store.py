@@ -49,6 +49,7 @@ from registry.entities import (
 )
 from registry.errors import AmbiguousRunError, CheckpointNotIndexedError, RegistryError, RunNotFoundError
 from registry.models import (
+    INT_MAX,
     Checkpoint,
     CheckpointFile,
     EvalResult,
@@ -254,7 +255,7 @@ class RegistryStore:
         ref = str(ref).strip()
         with self.db.session() as s:
             rows = []
-            if ref.isdigit():
+            if ref.isdigit() and int(ref) <= INT_MAX:  # a longer number is no id (and would overflow SQL)
                 rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.id == int(ref))).all()
             p = Path(ref).expanduser()
             if not rows and (os.sep in ref or ref.startswith(".")) and (p.exists() or p.is_absolute()):
