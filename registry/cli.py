@@ -44,7 +44,7 @@ class Command:
     description: str
     args: list[tuple[tuple, dict]]
     run: Callable[[argparse.Namespace, Context], Output]
-    opens_store: str = "existing"  # "existing" (must exist), "create", or "none"
+    opens_store: str = "existing"  # "read" (must exist; opened read-only), "existing" (must exist), "create", or "none"
 
 
 COMMANDS: dict[str, Command] = {}
@@ -64,14 +64,14 @@ def command(name: str, help: str, args: list | None = None, description: str | N
 class Context:
     """Lazily opened store for the command being run."""
 
-    def __init__(self, args: argparse.Namespace, create: bool):
-        self.args, self.create, self._store = args, create, None
+    def __init__(self, args: argparse.Namespace, opens_store: str):
+        self.args, self.opens_store, self._store = args, opens_store, None
 
     def store(self):
         if self._store is None:
             from registry.store import open_store
 
-            self._store = open_store(self.args.db, create=self.create)
+            self._store = open_store(self.args.db, create=self.opens_store == "create", read_only=self.opens_store == "read")
         return self._store
 
     def close(self):
@@ -208,7 +208,7 @@ def _where(items: list[str]) -> dict[str, str]:
     return out
 
 
-@command("runs", "list runs: status, progress, best and last val_bpb", args=[
+@command("runs", "list runs: status, progress, best and last val_bpb", opens_store="read", args=[
     arg("--where", action="append", metavar="KEY=VALUE",
         help="only runs whose field or config value matches, e.g. depth=20, phase=sft, status=training, "
              "user_config.device_batch_size=8 (repeatable: all must match)"),
@@ -227,7 +227,7 @@ def cmd_runs(args, ctx) -> Output:
                               "no runs (scan a folder: python -m registry scan PATH)"))
 
 
-@command("checkpoints", "list a run's checkpoints with completeness and problems", args=[
+@command("checkpoints", "list a run's checkpoints with completeness and problems", opens_store="read", args=[
     arg("run", metavar="RUN", help="id, tag, phase/tag or folder path"),
     arg("--present", action="store_true", help="hide checkpoints whose files are gone"),
 ])
@@ -243,7 +243,7 @@ def cmd_checkpoints(args, ctx) -> Output:
     return Output(ckpts, table(["id", "step", "segment", "val_bpb", "state", "layout", "size", "modified", "problems"], rows))
 
 
-@command("show", "one checkpoint in detail: meta, files, hashes, integrity history", args=[
+@command("show", "one checkpoint in detail: meta, files, hashes, integrity history", opens_store="read", args=[
     arg("checkpoint", metavar="CHECKPOINT", help="RUN@STEP (STEP may be `latest` or `best`) or a checkpoint file path"),
 ])
 def cmd_show(args, ctx) -> Output:
@@ -265,7 +265,7 @@ def cmd_show(args, ctx) -> Output:
     return Output(d, "\n".join(text))
 
 
-@command("history", "metric history of a run, downsampled on the server", args=[
+@command("history", "metric history of a run, downsampled on the server", opens_store="read", args=[
     arg("run", metavar="RUN", help="id, tag, phase/tag or folder path"),
     arg("--key", action="append", metavar="K", help="metric to show, e.g. val_bpb or train_loss (repeatable; default: all)"),
     arg("--max-points", type=int, default=100, metavar="N",
@@ -295,7 +295,7 @@ def cmd_history(args, ctx) -> Output:
                   + ("\n\n" + "\n".join(notes) if notes else ""))
 
 
-@command("best", "the best complete checkpoint of a run by a metric", args=[
+@command("best", "the best complete checkpoint of a run by a metric", opens_store="read", args=[
     arg("run", metavar="RUN", help="id, tag, phase/tag or folder path"),
     arg("--metric", default="val_bpb", help="metric to rank by (default val_bpb): a metric series, or an evaluation "
         "TASK:METRIC such as CORE:core, ChatCORE:chatcore or ARC-Easy:accuracy (history RUN --evals lists them)"),
@@ -309,7 +309,7 @@ def cmd_best(args, ctx) -> Output:
                      f"({CHECKPOINT_STATES[c.state]}) in {c.directory}")
 
 
-@command("diff", "compare the configs of two runs or two checkpoints", args=[
+@command("diff", "compare the configs of two runs or two checkpoints", opens_store="read", args=[
     arg("a", metavar="A", help="RUN, or RUN@STEP for a checkpoint's whole meta"),
     arg("b", metavar="B", help="RUN, or RUN@STEP"),
     arg("--all", action="store_true", help="also list keys whose values are equal"),
@@ -326,11 +326,11 @@ def cmd_diff(args, ctx) -> Output:
     return Output(shown, table(["key", d.a, d.b, "status"], rows, f"no differences between {d.a} and {d.b}"))
 
 
-@command("summary", "counts: runs by status, checkpoints, metric points, last scan")
+@command("summary", "counts: runs by status, checkpoints, metric points, last scan", opens_store="read")
 def cmd_summary(args, ctx) -> Output:
     """What the registry holds."""
     s = ctx.store().summary()
-    text = [f"registry {s.url} (schema {s.schema_version})",
+    text = [f"registry {s.url} (schema {s.schema_version}{f', read-only: {s.read_only}' if s.read_only else ''})",
             f"  roots scanned: {s.roots}",
             f"  runs: {s.runs} ({', '.join(f'{k} {v}' for k, v in sorted(s.runs_by_status.items())) or 'none'})",
             f"  checkpoints: {s.checkpoints} on disk ({s.complete_checkpoints} complete, {s.incomplete_checkpoints} incomplete), "
@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cmd = COMMANDS[args.command]
-    ctx = Context(args, create=cmd.opens_store == "create")
+    ctx = Context(args, cmd.opens_store)
     try:
         out = cmd.run(args, ctx)
         if args.json:

@@ -12,6 +12,12 @@ the busy timeout does not apply). PostgreSQL needs none of that; there the scann
 to one run with a row lock on the run (`lock_run`), and deadlocks or serialization failures are
 retried by `write`.
 
+Read-only (SQLite): a registry whose file or folder we cannot write, or one opened with `read_only=True`
+(the CLI's read commands), is opened with SQLite's `mode=ro`, and with `immutable=1` when its folder is not
+writable and no WAL file holds commits (`mode=ro` must create the -shm file, which a read-only folder
+forbids; with a non-empty -wal, immutable would hide its commits, so `mode=ro` reads it through the
+existing -shm). Reads work; a write raises `RegistryReadOnlyError` naming the reason, before any SQL.
+
 Which registry opens is decided once, by `locate` (the CLI's --db and the app's --db / --base-dir / demo
 default go through it). The schema version lives in the `registry_info` table. An empty database is created (when allowed);
 an older one is refused with the exact `python -m registry migrate` command; a newer one or a database
@@ -26,6 +32,7 @@ import os
 import random
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +51,7 @@ from registry.errors import (
     RegistryDatabaseError,
     RegistryError,
     RegistryNotFoundError,
+    RegistryReadOnlyError,
     SchemaTooNewError,
     SchemaTooOldError,
 )
@@ -135,6 +143,23 @@ def _sqlite_location(path: Path, source: str, scan_default: Path, missing: str |
     return RegistryLocation(str(path), source, str(scan_default.expanduser()), problem)
 
 
+def _not_writable(path: Path) -> str | None:
+    """Why this process cannot write the SQLite file (None: it can): the file, or its folder (SQLite creates
+    its -wal, -shm or -journal file beside the database)."""
+    if not os.access(path, os.W_OK):
+        return f"{path.name} is not writable"
+    if not os.access(path.parent, os.W_OK):
+        return f"its folder {path.parent} is not writable"
+    return None
+
+
+def _read_only_uri(path: Path, immutable: bool) -> str:
+    """A SQLite URI that opens `path` without ever writing: immutable when asked and no WAL file holds commits."""
+    wal = path.with_name(path.name + "-wal")
+    immutable = immutable and not (wal.exists() and wal.stat().st_size > 0)
+    return f"file:{urllib.parse.quote(str(path))}?{'immutable=1' if immutable else 'mode=ro'}"
+
+
 def default_url() -> str:
     """The registry to open when none is given: `locate()` (a CLI without --db)."""
     return locate().url
@@ -154,20 +179,24 @@ def to_url(url_or_path: str | os.PathLike | None) -> URL:
 class Database:
     """An engine plus the session scope, schema check and migrations. One per process and URL."""
 
-    def __init__(self, url_or_path: str | os.PathLike | None = None, create: bool = True):
+    def __init__(self, url_or_path: str | os.PathLike | None = None, create: bool = True, read_only: bool = False):
+        """read_only=True: never write (SQLite: opened `mode=ro`). A SQLite registry we cannot write is opened
+        read-only whatever is asked; `self.read_only` then says why (None: we could write it)."""
         self.url = to_url(url_or_path)
+        self.read_only: str | None = None
+        self.reads_only = read_only
         self.dialect = self.url.get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):
             raise RegistryError(f"unsupported database {self.url.drivername!r}: use a SQLite path or a postgresql+psycopg:// URL")
         self.display_url = self.url.render_as_string(hide_password=True)
         self.path: Path | None = None
         if self.dialect == "sqlite":
-            self.engine = self._sqlite_engine(create)
+            self.engine = self._sqlite_engine(create, read_only)
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
         self._write_engine = self.engine.execution_options(registry_begin="IMMEDIATE")
 
-    def _sqlite_engine(self, create: bool) -> sa.Engine:
+    def _sqlite_engine(self, create: bool, read_only: bool) -> sa.Engine:
         database = self.url.database or ""
         if database in ("", ":memory:"):
             engine = sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
@@ -180,7 +209,14 @@ class Database:
                     raise RegistryNotFoundError(f"no registry at {self.path} (scan a folder first: "
                                                 f"python -m registry --db {self.path} scan PATH)")
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            engine = sa.create_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+            why = _not_writable(self.path) if self.path.exists() else None
+            if why or read_only:
+                self.read_only, self.reads_only = why, True
+                uri = _read_only_uri(self.path, immutable=why is not None and not os.access(self.path.parent, os.W_OK))
+                connect = lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+                engine = sa.create_engine(self.url, creator=connect)
+            else:
+                engine = sa.create_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection, _record):
@@ -205,6 +241,8 @@ class Database:
     @contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
         """One transaction: commits on success, rolls back on any exception, maps driver errors."""
+        if write:
+            self._check_writable()
         try:
             with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s, s.begin():
                 yield s
@@ -213,6 +251,7 @@ class Database:
 
     def write(self, fn: Callable[[Session], object], attempts: int = 8):
         """Run fn(session) in a write transaction, retrying PostgreSQL deadlocks and serialization failures."""
+        self._check_writable()
         for attempt in range(attempts):
             try:
                 with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
@@ -223,6 +262,11 @@ class Database:
                     continue
                 raise self.translate(e) from None
         raise AssertionError("unreachable")
+
+    def _check_writable(self) -> None:
+        if self.reads_only:
+            raise RegistryReadOnlyError(f"the registry {self.path} is read-only ({self.read_only or 'opened for reading'}): reading works; "
+                                        "scanning, checks and imports need a registry you can write (--db another file)")
 
     def lock_run(self, session: Session, run_id: int) -> None:
         """Serialise writers of one run. SQLite's BEGIN IMMEDIATE already excludes every other writer."""
@@ -335,7 +379,7 @@ class Database:
 
     def _ensure_wal(self) -> None:
         """Switch a SQLite registry to WAL (persistent in the file). Never called on foreign files."""
-        if self.dialect != "sqlite" or self.path is None:
+        if self.dialect != "sqlite" or self.path is None or self.reads_only:
             return
         for attempt in range(50):
             raw = self.engine.raw_connection()

@@ -366,6 +366,7 @@ class EvalRecord:
 class RegistrySummary:
     url: str
     schema_version: int
+    read_only: str | None  # why the registry was opened read-only (its file or folder is not writable); None: writable
     roots: int
     runs: int
     runs_by_status: dict

@@ -34,6 +34,10 @@ class RegistryDatabaseError(RegistryError):
     """The database refused an operation (connection refused, disk full, permission...)."""
 
 
+class RegistryReadOnlyError(RegistryDatabaseError):
+    """A write (scan, check, import) asked of a registry opened read-only (a file or folder we cannot write)."""
+
+
 class RegistryBusyError(RegistryDatabaseError):
     """SQLite stayed locked by another writer for longer than the busy timeout."""
 

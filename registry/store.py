@@ -70,10 +70,11 @@ RUN_FIELDS = ("id", "phase", "tag", "label", "status", "depth", "n_params", "gen
               "total_batch_size", "path", "missing")
 
 
-def open_store(url_or_path: str | os.PathLike | None = None, create: bool = True) -> RegistryStore:
+def open_store(url_or_path: str | os.PathLike | None = None, create: bool = True, read_only: bool = False) -> RegistryStore:
     """Connect to the registry (None: $NANOCHAT_REGISTRY_URL, else <base dir>/registry.sqlite; a plain
-    path is a SQLite file). Creates an empty registry when allowed; raises for other schemas."""
-    db = Database(url_or_path, create=create)
+    path is a SQLite file). Creates an empty registry when allowed; raises for other schemas.
+    read_only=True never writes (a registry we cannot write is opened read-only anyway: `read_only`)."""
+    db = Database(url_or_path, create=create and not read_only, read_only=read_only)
     try:
         db.ensure_schema(create=create)
     except BaseException:
@@ -133,6 +134,11 @@ class RegistryStore:
     @property
     def url(self) -> str:
         return self.db.display_url
+
+    @property
+    def read_only(self) -> str | None:
+        """Why this store cannot write (its file or folder is not writable); None: it could."""
+        return self.db.read_only
 
     def close(self) -> None:
         self.db.close()
@@ -516,7 +522,7 @@ class RegistryStore:
                 integrity_results=count(sa.select(sa.func.count(IntegrityResult.id))),
             )
             last = s.execute(sa.select(Scan.id).order_by(Scan.id.desc()).limit(1)).scalar()
-        return RegistrySummary(url=self.url, schema_version=self.db.schema_version() or 0, runs=len(runs),
+        return RegistrySummary(url=self.url, schema_version=self.db.schema_version() or 0, read_only=self.read_only, runs=len(runs),
                                runs_by_status=by_status, incomplete_checkpoints=out["checkpoints"] - out["complete_checkpoints"],
                                last_scan=self.scan_report(last) if last else None, **out)
 

@@ -163,8 +163,11 @@ def metric_keys(url: str, run_ids: tuple[int, ...]) -> list[str]:
 
 
 def refresh_runs(url: str, paths: list[str]) -> None:
-    """Re-scan the given run folders (incremental: unchanged files cost a stat) for live curves."""
+    """Re-scan the given run folders (incremental: unchanged files cost a stat) for live curves. A read-only
+    registry cannot take new points: it shows what it holds."""
     s = store(url)
+    if s.read_only:
+        return
     for p in paths:
         if Path(p).is_dir():
             s.scan(p)

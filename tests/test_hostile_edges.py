@@ -6,7 +6,12 @@ exit code, nothing stored changed. (The scanner's own hostile trees and the fuzz
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +82,91 @@ def test_log_lines_with_huge_steps_are_malformed_not_fatal(indexed, capsys, tmp_
     code, out, err = call(capsys, "--db", copy, "import-log", log, "--run", "base/d1")
     assert code == 0, err
     assert "2 malformed" in out and "out of range" in out
+
+
+# ---------------------------------------------------------------------- 14: a registry in a read-only folder
+
+
+def as_reader(argv: list[str], folder: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a command for which `folder` is read-only. Its permissions say so (chmod by read_only_copy), but
+    root writes anything: under root the command runs in its own mount namespace with `folder` bind-mounted
+    read-only (what a read-only share looks like to root), or the test skips."""
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+            pytest.skip("root ignores file permissions and `unshare -m` is not available to mount a folder read-only")
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(folder), *argv]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def cli_calls(calls: list[list[str]], db: Path, folder: Path) -> list[tuple[int, str, str]]:
+    """`python -m registry --db db ARGV` for each ARGV, in one process for which `folder` is read-only
+    (one interpreter start, not one per command): [(exit code, stdout, stderr)]."""
+    script = ("import contextlib, io, json, sys\n"
+              "from registry import cli\n"
+              "out = []\n"
+              "for argv in json.loads(sys.argv[2]):\n"
+              "    o, e = io.StringIO(), io.StringIO()\n"
+              "    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):\n"
+              "        code = cli.main(['--db', sys.argv[1], *argv])\n"
+              "    out.append((code, o.getvalue(), e.getvalue()))\n"
+              "print(json.dumps(out))\n")
+    p = as_reader([sys.executable, "-c", script, str(db), json.dumps(calls)], folder)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return [tuple(r) for r in json.loads(p.stdout)]
+
+
+def read_only_copy(db: Path, folder: Path, wal_edit: str | None = None) -> Path:
+    """`db` copied into `folder`, both then read-only. wal_edit: a committed change left in the -wal file
+    (the copy is taken while a connection that never checkpoints holds it open)."""
+    target = folder / "registry.sqlite"
+    target.write_bytes(db.read_bytes())
+    if wal_edit:
+        con = sqlite3.connect(target)
+        con.execute("PRAGMA wal_autocheckpoint = 0")
+        con.execute(wal_edit)
+        con.commit()
+        held = {p.name: p.read_bytes() for p in folder.glob("registry.sqlite*")}
+        con.close()
+        for name, data in held.items():
+            (folder / name).write_bytes(data)
+        assert (folder / "registry.sqlite-wal").stat().st_size > 0
+    for p in folder.iterdir():
+        p.chmod(0o444)
+    folder.chmod(0o555)
+    return target
+
+
+@pytest.mark.parametrize("wal", [False, True], ids=["clean", "commits-in-wal"])
+def test_read_commands_work_on_a_registry_in_a_read_only_folder(indexed, tmp_path, wal):
+    _, db = indexed
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    ro = read_only_copy(db, folder, "UPDATE runs SET tag = 'walonly' WHERE phase = 'sft'" if wal else None)
+    base, _ = indexed
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    calls = [["summary"], ["runs"], ["checkpoints", "base/d1"], ["history", "base/d1"], ["show", "base/d1@20"],
+             ["best", "base/d1"], ["diff", "base/d1", "base/d1@10"], ["--json", "runs"], ["scan", str(base)]]
+    results = cli_calls(calls, ro, folder)
+    for argv, (code, _, err) in zip(calls[:-1], results):
+        assert code == 0 and err == "", (argv, err)
+    assert "read-only: registry.sqlite is not writable" in results[0][1].splitlines()[0]
+    assert ("sft/walonly" in results[-2][1]) == wal  # a commit still in the WAL file is read, not hidden by immutable=1
+    code, _, err = results[-1]
+    assert code == 1 and err.count("\n") == 1 and "is read-only" in err and "reading works" in err, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_the_app_browses_a_read_only_registry(indexed, tmp_path):
+    _, db = indexed
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    ro = read_only_copy(db, folder)
+    script = ("from streamlit.testing.v1 import AppTest\n"
+              "at = AppTest.from_file('streamlit_app/app.py', default_timeout=60)\n"
+              "at.run()\n"
+              "print('exceptions', len(at.exception), 'errors', [e.value for e in at.error])\n"
+              "print('captions', [c.value for c in at.caption])\n")
+    p = as_reader([sys.executable, "-c", script], folder, env={"NANOCHAT_REGISTRY_URL": str(ro)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "exceptions 0 errors []" in p.stdout, p.stdout
+    assert "Read-only registry (registry.sqlite is not writable)" in p.stdout

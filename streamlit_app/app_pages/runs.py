@@ -43,6 +43,8 @@ last = summary.last_scan
 t4.metric("Last scan", frames.age(last.finished_at) if last else "never",
           f"{summary.metric_points:,} metric points indexed", delta_color="off", delta_arrow="off", border=True)
 
+if summary.read_only:
+    st.caption(f"Read-only registry ({summary.read_only}): browsing works; scans and checks need a registry you can write.")
 with st.expander("Scan a folder for new runs and checkpoints, or import a log", icon=":material/folder_open:", expanded=ui.scan_pending()):
     ui.scan_control(url)
 
