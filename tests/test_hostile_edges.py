@@ -170,3 +170,27 @@ def test_the_app_browses_a_read_only_registry(indexed, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "exceptions 0 errors []" in p.stdout, p.stdout
     assert "Read-only registry (registry.sqlite is not writable)" in p.stdout
+
+
+# ---------------------------------------------------------------------- 12: devices the explorer cannot use
+
+
+@pytest.fixture(scope="module")
+def explorer_run(tmp_path_factory) -> Path:
+    """A base run (step 12 of a tiny random GPT) with its tokenizer beside it."""
+    from nanochat.gpt import GPTConfig
+    from tests.modelkit import random_model, tiny_tokenizer, write_checkpoint
+
+    config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, window_pattern="L")
+    run_dir = tmp_path_factory.mktemp("explorer") / "base_checkpoints" / "tiny"
+    return write_checkpoint(run_dir, random_model(config, seed=1), step=12, tokenizer=tiny_tokenizer(300))
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cpu:3", "xla", "cuda:99", "vulkan"])
+def test_explorer_says_a_device_is_unavailable_not_that_the_file_is_corrupt(explorer_run, device, capsys):
+    from tools import generation_explorer
+
+    code = generation_explorer.main(["--checkpoint", str(explorer_run), "--prompt", "To be", "--device", device])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: --device {device}") and err.count("\n") == 1, err
+    assert "cannot be read" not in err and "corrupt" not in err

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--interactive", "-i", action="store_true", help="interactive session (type 'help' there)")
     ap.add_argument("--num-samples", type=int, default=3, help="samples per setting in a comparison (default 3)")
     ap.add_argument("--json", action="store_true", help="print the result and its full trace as one JSON object")
-    ap.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda when available")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu (default), or cuda / cuda:N when available")
     return ap
 
 
@@ -403,14 +403,25 @@ def check_numbers(args) -> None:
 
 
 def device_for(name: str):
+    """The torch device --device names, if this tool can generate on it here: cpu, or an existing CUDA device.
+    Anything else (meta holds no data; mps, xla, ... without their backend; cpu:3) is refused before a
+    checkpoint is read, so its failure is not mistaken for a corrupt file."""
     import torch
 
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    usable = "cpu" + (f" or cuda (cuda:0..cuda:{cuda - 1})" if cuda else "")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UsageError(f"--device {name}: there is one CPU device; use --device cpu")
+    if device.type == "cuda" and not cuda:
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= cuda:
+        raise UsageError(f"--device {name}: this machine has {cuda} CUDA device(s) (use {usable})")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: {device.type} is not available to the explorer here (use {usable})")
     return device
 
 
