@@ -39,6 +39,8 @@ OUR_FORMAT = "nanochat-workbench-tokenizer"
 OUR_FILE = "tokenizer.json"
 UPSTREAM_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
+MAX_VOCAB_SIZE = 2 ** 20  # far above any nanochat model (32,768..65,536); rustbpe's merge count is 32-bit
 
 
 def encode_threads(n_texts: int | None = None) -> int:
@@ -57,6 +59,12 @@ class TokenizerError(ValueError):
 
 class UnsafePickleError(TokenizerError):
     """A tokenizer pickle that references something other than tiktoken's Encoding."""
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """A vocabulary size a BPE can be trained to: TokenizerError (one line) otherwise."""
+    if not isinstance(vocab_size, int) or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise TokenizerError(f"vocab_size must be from {MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE:,}, got {vocab_size}")
 
 
 class Tokenizer:
@@ -78,9 +86,8 @@ class Tokenizer:
         """Train a BPE of `vocab_size` tokens in all (the special tokens included)."""
         import rustbpe
 
+        check_vocab_size(vocab_size)
         merges = vocab_size - len(SPECIAL_TOKENS)
-        if merges < 256:
-            raise TokenizerError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(texts), merges, pattern=SPLIT_PATTERN)
         ranks = {bytes(b): r for b, r in trainer.get_mergeable_ranks()}

@@ -417,7 +417,14 @@ def build_demo(base_dir: str | os.PathLike = DEFAULT_DEMO_DIR, profile: str = "f
     p = PROFILES[profile]
     t0 = time.time()
     base = Path(base_dir).resolve()
-    base.mkdir(parents=True, exist_ok=True)
+    if base.exists() and not base.is_dir():
+        raise DemoError(f"{base} is a file, not a folder: give --base-dir a folder (it is created if missing)")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DemoError(f"cannot create {base}: {e.strerror}") from None
+    if not os.access(base, os.W_OK):
+        raise DemoError(f"{base} is not writable: give --base-dir a folder you can write")
     manifest = base / MANIFEST
     if manifest.exists():
         built = json.loads(manifest.read_text(encoding="utf-8")).get("profile")
@@ -492,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         result = build_demo(args.base_dir, args.profile, progress)
     except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the disk refused a write midway (full, read-only, permissions): one line, not a traceback
+        print(f"error: cannot build the demo in {args.base_dir}: {e.strerror or e}"
+              + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
         return 1
     finally:
         for bar in bars.values():  # the killed run's bar stops short of its total

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nanochat.common import get_base_dir
 from nanochat.dataloader import DataError, find_data_dir, iter_texts, list_parquet_files, split_files
-from nanochat.tokenizer import OUR_FILE, UPSTREAM_FILE, Tokenizer, TokenizerError
+from nanochat.tokenizer import OUR_FILE, UPSTREAM_FILE, Tokenizer, TokenizerError, check_vocab_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,14 @@ def train_tokenizer(base_dir: Path, vocab_size: int, max_chars: int, doc_cap: in
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # the flags first: no data is read for a run that cannot succeed
+        check_vocab_size(args.vocab_size)
+        for flag, value in (("--max-chars", args.max_chars), ("--doc-cap", args.doc_cap)):
+            if value < 1:
+                raise TokenizerError(f"{flag} must be at least 1, got {value}")
+    except TokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     base_dir = get_base_dir()
     out = base_dir / "tokenizer"
     if args.export_pickle:

@@ -194,3 +194,40 @@ def test_explorer_says_a_device_is_unavailable_not_that_the_file_is_corrupt(expl
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"error: --device {device}") and err.count("\n") == 1, err
     assert "cannot be read" not in err and "corrupt" not in err
+
+
+# ---------------------------------------------------------------------- 13: the demo's and tok_train's flags
+
+
+def test_demo_refuses_a_file_or_an_unwritable_base_dir_in_one_line(tmp_path, capsys):
+    from scripts import demo
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder\n")
+    for base in (a_file, a_file / "below"):
+        assert demo.main(["--base-dir", str(base), "--profile", "test"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and str(a_file) in err, err
+    assert a_file.read_text() == "not a folder\n"
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for base in (folder, folder / "demo"):
+        p = as_reader([sys.executable, "-m", "scripts.demo", "--base-dir", str(base), "--profile", "test"], folder)
+        assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vocab-size", "99999999999"], "vocab_size must be from 265 to 1,048,576, got 99999999999"),
+    (["--vocab-size", "-5"], "vocab_size must be from 265"),
+    (["--doc-cap", "0"], "--doc-cap must be at least 1"),
+    (["--max-chars", "-1"], "--max-chars must be at least 1"),
+])
+def test_tok_train_refuses_impossible_flags_before_reading_data(argv, message, tmp_path, monkeypatch, capsys):
+    from scripts import tok_train
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))  # no data there: the flags must fail first
+    assert tok_train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
