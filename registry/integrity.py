@@ -313,11 +313,16 @@ def scan_file(path: Path, role: str, progress: Callable[[int], None] | None = No
                                 f"{bad_crc[0].name}{what}{more}", blocks, path.name))
     nonfinite = [m for m in members if m.nonfinite and m not in bad_crc]
     if nonfinite:
-        names = sorted({n for m in nonfinite for n in _tensor_names(stubs, m.name)}) or [nonfinite[0].name]
+        per_tensor = {n: m.nonfinite for m in nonfinite for n in _tensor_names(stubs, m.name) or [m.name]}
+        worst = sorted(per_tensor, key=lambda n: (-per_tensor[n], n))
         count = sum(m.nonfinite for m in nonfinite)
-        more = f" (+{len(names) - 1} more)" if len(names) > 1 else ""
+        if len(worst) == 1:
+            where = worst[0]
+        else:  # the total, then the tensors that hold most of it with their own counts
+            more = f" (+{len(worst) - 3} more)" if len(worst) > 3 else ""
+            where = f"{len(worst)} tensors: " + ", ".join(f"{n} ({per_tensor[n]})" for n in worst[:3]) + more
         code = "nonfinite_weights" if role == "model" else "nonfinite_optimizer_state"
-        problems.append(Problem(code, f"{path.name}: {count} NaN/Inf value(s) in {names[0]}{more}", blocks, path.name))
+        problems.append(Problem(code, f"{path.name}: {count} NaN/Inf value(s) in {where}", blocks, path.name))
     return sha.hexdigest(), pos, problems
 
 

@@ -231,3 +231,28 @@ def test_tok_train_refuses_impossible_flags_before_reading_data(argv, message, t
     assert tok_train.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------- 10: refusal and problem messages
+
+
+def test_nonfinite_message_says_the_total_and_each_tensors_own_count(explorer_run):
+    import torch
+
+    from nanochat import checkpoint_manager as cm
+    from registry import integrity
+
+    path = explorer_run / "model_000012.pt"
+    state = torch.load(path, weights_only=True)
+    state["backout_lambda"].fill_(float("nan"))  # one element
+    state["transformer.wte.weight"][:10].fill_(float("inf"))  # 10 x 16
+    state["lm_head.weight"][:3].fill_(float("nan"))  # 3 x 16
+    state["smear_lambda"].fill_(float("nan"))
+    broken = explorer_run.parent / "nan" / "model_000012.pt"
+    broken.parent.mkdir()
+    shutil.copy(explorer_run / "meta_000012.json", broken.parent)
+    torch.save(state, broken)
+    [message] = [p.message for p in integrity.deep_check(cm.list_checkpoints(broken.parent)[0]).problems
+                 if p.code == "nonfinite_weights"]
+    assert message == ("model_000012.pt: 210 NaN/Inf value(s) in 4 tensors: transformer.wte.weight (160), "
+                       "lm_head.weight (48), backout_lambda (1) (+1 more)")
