@@ -340,7 +340,7 @@ def import_log(store, path, run=None, segment: int = 1) -> ImportReport:
     if not p.is_file():
         raise LogImportError(f"{p} is not a file")
     if not isinstance(segment, int) or not 1 <= segment <= INT_MAX:
-        raise LogImportError(f"segment must be an integer from 1 to {INT_MAX}, not {segment!r}")
+        raise LogImportError(f"segment must be a positive integer up to {INT_MAX}, not {segment!r}")
     target = store.resolve_run(run) if run is not None else None
     if CSV_RE.match(p.name):
         return _import_csv(store, p, target)

@@ -61,8 +61,8 @@ def test_huge_integers_in_references_are_refused_and_change_nothing(indexed, cap
         (("show", f"{HUGE}@latest"), f"no run '{HUGE}'"),
         (("history", HUGE), f"no run '{HUGE}'"),
         (("resume", HUGE), f"no run '{HUGE}'"),
-        (("import-log", log, "--run", "base/d1", "--segment", HUGE), "segment must be an integer from 1 to 2147483647"),
-        (("import-log", log, "--run", "base/d1", "--segment", "0"), "segment must be an integer from 1"),
+        (("import-log", log, "--run", "base/d1", "--segment", HUGE), "segment must be a positive integer up to 2147483647"),
+        (("import-log", log, "--run", "base/d1", "--segment", "0"), "segment must be a positive integer"),
     ]
     for argv, message in cases:
         code, out, err = call(capsys, "--db", db, *argv)
