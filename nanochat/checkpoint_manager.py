@@ -29,6 +29,7 @@ from pathlib import Path
 
 from nanochat import bounds, torchfile
 from nanochat.atomic_file import atomic_write_bytes, fsync_dir, remove_stale_temp_files
+from nanochat.common import NotARegularFileError, check_regular, open_regular_file
 
 PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl",
               "lrfind": "lrfind"}  # learning-rate range tests (scripts/lr_find.py): metrics only, no checkpoints
@@ -309,7 +310,8 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
     try:
         if ckpt.meta.stat().st_size > bounds.MAX_META_BYTES:
             raise CheckpointError(f"{ckpt.meta.name} is larger than {bounds.MAX_META_BYTES >> 20} MB: not a meta", "bad_meta_json")
-        meta = bounds.loads(ckpt.meta.read_text(encoding="utf-8"))
+        with open_regular_file(ckpt.meta) as f:
+            meta = bounds.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise CheckpointError(f"cannot read {ckpt.meta.name}: {e.strerror}", "unreadable") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too deep, an integer of too many digits
@@ -400,12 +402,15 @@ def torch_load(path: Path, device="cpu"):
     import torch
 
     try:
+        check_regular(path)  # torch.load would wait forever on a FIFO named like a checkpoint file
         return torch.load(path, map_location=device, weights_only=True, mmap=str(device) == "cpu")
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(f"{path.name} was refused by the weights-only loader "
                                     f"(it references code, not just tensors): {str(e).splitlines()[0][:200]}") from None
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path} does not exist", "missing_file") from None
+    except NotARegularFileError as e:
+        raise CheckpointError(f"{path.name}: {e.strerror}", "unreadable") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CheckpointError(f"{path.name} cannot be read (truncated or corrupt?): {first}", "truncated") from None

@@ -1,16 +1,59 @@
 """
-Small shared facts of the nanochat world that need no torch: where the base directory is.
+Small shared facts of the nanochat world that need no torch: where the base directory is, and how a
+file that must be a regular file is opened for reading.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 DEFAULT_BASE_DIR = Path("~/.cache/nanochat")
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
 def get_base_dir() -> Path:
     """$NANOCHAT_BASE_DIR, else ~/.cache/nanochat (upstream's default). Not created here."""
     env = os.environ.get("NANOCHAT_BASE_DIR")
     return Path(env).expanduser() if env else DEFAULT_BASE_DIR.expanduser()
+
+
+class NotARegularFileError(OSError):
+    """A path that names a FIFO, device, socket or directory where a file was expected (an OSError, so
+    every reader's `except OSError` already reports it in one line: `strerror` says what it is)."""
+
+
+def _refuse(mode: int, path) -> None:
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), f"type {stat.S_IFMT(mode):o}")
+        raise NotARegularFileError(errno.EINVAL, f"not a regular file ({kind})", os.fspath(path))
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of `path`, which must be a regular file. Opening a FIFO for reading blocks
+    until a writer appears (forever, for a FIFO named meta_000012.json), and a device can stream without
+    end: the open is non-blocking, the descriptor's own type is checked (no race with a rename), and only
+    then is it made blocking again. Every reader of checkpoint files, metas and metrics opens through here."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        _refuse(os.fstat(fd).st_mode, path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular_file(path: str | os.PathLike, mode: str = "rb", **kwargs):
+    """`open(path, mode)` for reading ("rb" or "r", with open's keyword arguments) through `open_regular`."""
+    assert mode in ("r", "rb", "rt"), f"open_regular_file only reads, not {mode!r}"
+    return os.fdopen(open_regular(path), mode, **kwargs)
+
+
+def check_regular(path: str | os.PathLike) -> None:
+    """NotARegularFileError unless `path` is a regular file: for readers that must be given a path (torch.load
+    with mmap), called right before them."""
+    _refuse(os.stat(path).st_mode, path)

@@ -34,6 +34,7 @@ from pathlib import Path
 from nanochat import checkpoint_manager as cm
 from nanochat import torchfile
 from nanochat.checkpoint_manager import CheckpointError, CheckpointFiles, Problem
+from nanochat.common import open_regular_file
 from nanochat.quick_check import dedupe, quick_problems, shape_problems, unsafe_problem
 
 CHUNK_BYTES = 8 << 20  # the streaming buffer: the deep check's memory does not grow with the file
@@ -44,7 +45,7 @@ PROBLEM_CODES: dict[str, str] = {
     "missing_model": "a step has a meta or optimizer file but no model_NNNNNN.pt",
     "missing_file": "a file of the checkpoint does not exist (any more)",
     "empty_file": "a file is zero bytes long",
-    "unreadable": "the operating system refused to read a file (permissions, I/O error)",
+    "unreadable": "the operating system refused to read a file (permissions, I/O error), or it is not a regular file (a FIFO, a device)",
     "truncated": "a .pt file has no zip central directory (cut short while writing, or copied partially)",
     "not_torch_file": "a zip file that is not a torch.save archive",
     "corrupt_zip": "a zip member's local header is damaged or its data lies outside the file",
@@ -282,7 +283,7 @@ def scan_file(path: Path, role: str, progress: Callable[[int], None] | None = No
     buf = bytearray(CHUNK_BYTES)
     view = memoryview(buf)
     pos, first = 0, 0
-    with open(path, "rb", buffering=0) as f:
+    with open_regular_file(path, "rb", buffering=0) as f:  # a FIFO or device is refused, never waited on
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while n := f.readinto(buf):

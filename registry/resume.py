@@ -30,6 +30,7 @@ from pathlib import Path
 from nanochat import bounds, torchfile
 from nanochat import checkpoint_manager as cm
 from nanochat.checkpoint_manager import CheckpointFiles, Problem
+from nanochat.common import open_regular_file
 from nanochat.schedule import Schedule, resolve_from_meta, schedule_from_user_config
 from nanochat.train_config import UPSTREAM_SCRIPTS, Command, is_classic_user_config, launch_env, resume_command
 from registry import integrity
@@ -156,7 +157,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """Rows of the run's metrics.jsonl (a torn or garbled line is skipped; a missing file is empty)."""
     rows = []
     try:
-        with open(run_dir / "metrics.jsonl", encoding="utf-8", errors="replace") as f:
+        with open_regular_file(run_dir / "metrics.jsonl", "r", encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     row = bounds.loads(line)

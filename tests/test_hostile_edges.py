@@ -98,21 +98,35 @@ def as_reader(argv: list[str], folder: Path, env: dict | None = None, timeout: f
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def cli_calls(calls: list[list[str]], db: Path, folder: Path) -> list[tuple[int, str, str]]:
-    """`python -m registry --db db ARGV` for each ARGV, in one process for which `folder` is read-only
-    (one interpreter start, not one per command): [(exit code, stdout, stderr)]."""
-    script = ("import contextlib, io, json, sys\n"
-              "from registry import cli\n"
+def main_calls(calls: list[list[str]], folder: Path | None = None, module: str = "registry.cli",
+               timeout: float = 240) -> list[tuple[int, str, str]]:
+    """`module.main(ARGV)` for each ARGV in one subprocess (one interpreter start, not one per call; a call
+    that blocks fails the test at `timeout` instead of hanging it), for which `folder`, if given, is
+    read-only: [(exit code, stdout, stderr)]. A call is [module, *argv] when module is None."""
+    script = ("import contextlib, importlib, io, json, sys\n"
               "out = []\n"
-              "for argv in json.loads(sys.argv[2]):\n"
+              "for call in json.loads(sys.argv[2]):\n"
+              "    module, argv = (sys.argv[1], call) if sys.argv[1] else (call[0], call[1:])\n"
               "    o, e = io.StringIO(), io.StringIO()\n"
               "    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):\n"
-              "        code = cli.main(['--db', sys.argv[1], *argv])\n"
+              "        try:\n"
+              "            code = importlib.import_module(module).main(argv)\n"
+              "        except SystemExit as x:\n"
+              "            code = x.code\n"
               "    out.append((code, o.getvalue(), e.getvalue()))\n"
               "print(json.dumps(out))\n")
-    p = as_reader([sys.executable, "-c", script, str(db), json.dumps(calls)], folder)
+    argv = [sys.executable, "-c", script, module or "", json.dumps(calls)]
+    if folder is None:
+        p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    else:
+        p = as_reader(argv, folder, timeout=timeout)
     assert p.returncode == 0, p.stderr[-2000:]
     return [tuple(r) for r in json.loads(p.stdout)]
+
+
+def cli_calls(calls: list[list[str]], db: Path, folder: Path) -> list[tuple[int, str, str]]:
+    """`python -m registry --db db ARGV` for each ARGV, in one process for which `folder` is read-only."""
+    return main_calls([["--db", str(db), *argv] for argv in calls], folder)
 
 
 def read_only_copy(db: Path, folder: Path, wal_edit: str | None = None) -> Path:
@@ -181,7 +195,7 @@ def explorer_run(tmp_path_factory) -> Path:
     from nanochat.gpt import GPTConfig
     from tests.modelkit import random_model, tiny_tokenizer, write_checkpoint
 
-    config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, window_pattern="L")
+    config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
     run_dir = tmp_path_factory.mktemp("explorer") / "base_checkpoints" / "tiny"
     return write_checkpoint(run_dir, random_model(config, seed=1), step=12, tokenizer=tiny_tokenizer(300))
 
@@ -245,8 +259,8 @@ def test_nonfinite_message_says_the_total_and_each_tensors_own_count(explorer_ru
     path = explorer_run / "model_000012.pt"
     state = torch.load(path, weights_only=True)
     state["backout_lambda"].fill_(float("nan"))  # one element
-    state["transformer.wte.weight"][:10].fill_(float("inf"))  # 10 x 16
-    state["lm_head.weight"][:3].fill_(float("nan"))  # 3 x 16
+    state["transformer.wte.weight"][:10].fill_(float("inf"))  # 10 x 32
+    state["lm_head.weight"][:3].fill_(float("nan"))  # 3 x 32
     state["smear_lambda"].fill_(float("nan"))
     broken = explorer_run.parent / "nan" / "model_000012.pt"
     broken.parent.mkdir()
@@ -254,5 +268,48 @@ def test_nonfinite_message_says_the_total_and_each_tensors_own_count(explorer_ru
     torch.save(state, broken)
     [message] = [p.message for p in integrity.deep_check(cm.list_checkpoints(broken.parent)[0]).problems
                  if p.code == "nonfinite_weights"]
-    assert message == ("model_000012.pt: 210 NaN/Inf value(s) in 4 tensors: transformer.wte.weight (160), "
-                       "lm_head.weight (48), backout_lambda (1) (+1 more)")
+    assert message == ("model_000012.pt: 418 NaN/Inf value(s) in 4 tensors: transformer.wte.weight (320), "
+                       "lm_head.weight (96), backout_lambda (1) (+1 more)")
+
+
+# ---------------------------------------------------------------------- 5: special files named like checkpoint files
+
+
+@pytest.fixture(scope="module")
+def fifo_run(tmp_path_factory) -> Path:
+    """<base>/base_checkpoints/tiny with steps 8 and 12 of a tiny GPT (tokenizer beside them), where
+    meta_000012.json and metrics.jsonl are FIFOs: opening either for reading waits for a writer forever."""
+    from nanochat.gpt import GPTConfig
+    from tests.modelkit import random_model, tiny_tokenizer, write_checkpoint
+
+    config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
+    run_dir = tmp_path_factory.mktemp("fifo") / "base_checkpoints" / "tiny"
+    for step in (8, 12):
+        write_checkpoint(run_dir, random_model(config, seed=step), step=step, tokenizer=tiny_tokenizer(300))
+    for name in ("meta_000012.json", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+        os.mkfifo(run_dir / name)
+    return run_dir
+
+
+def test_a_fifo_named_like_a_meta_is_reported_never_waited_on(fifo_run, tmp_path):
+    db = str(tmp_path / "r.sqlite")
+    d = str(fifo_run)
+    calls = [["registry.cli", "--db", db, "verify", d, "--no-progress"],
+             ["registry.cli", "--db", db, "verify", d, "--no-progress", "--deep"],
+             ["registry.cli", "--db", db, "resume", d],
+             ["tools.training_resume_helper", d],
+             ["tools.training_resume_helper", d, "--verify"],
+             ["tools.generation_explorer", "--checkpoint", d, "--prompt", "To be", "--max-tokens", "2"],
+             ["tools.generation_explorer", "--checkpoint", d, "--step", "12", "--prompt", "To be"]]
+    (quick, deep, resume, helper, helper_verify, explore, explore_12) = main_calls(calls, module=None)
+    for code, out, err in (quick, deep):
+        assert code == 3 and err == "", err
+        assert "unreadable: cannot read meta_000012.json: not a regular file (a FIFO)" in out
+        assert "1 passed, 1 with problems" in out
+    for code, out, err in (resume, helper, helper_verify):
+        assert code == 0 and "--resume-from-step=8" in out, (out, err)
+    code, out, err = explore
+    assert code == 0 and "(step 8," in out, err
+    code, out, err = explore_12
+    assert code == 1 and err.count("\n") == 1 and "not a regular file (a FIFO)" in err, err
