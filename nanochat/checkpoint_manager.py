@@ -29,7 +29,7 @@ from pathlib import Path
 
 from nanochat import bounds, torchfile
 from nanochat.atomic_file import atomic_write_bytes, fsync_dir, remove_stale_temp_files
-from nanochat.common import NotARegularFileError, check_regular, open_regular_file
+from nanochat.common import NotARegularFileError, check_regular, read_regular
 
 PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl",
               "lrfind": "lrfind"}  # learning-rate range tests (scripts/lr_find.py): metrics only, no checkpoints
@@ -310,8 +310,7 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
     try:
         if ckpt.meta.stat().st_size > bounds.MAX_META_BYTES:
             raise CheckpointError(f"{ckpt.meta.name} is larger than {bounds.MAX_META_BYTES >> 20} MB: not a meta", "bad_meta_json")
-        with open_regular_file(ckpt.meta) as f:
-            meta = bounds.loads(f.read().decode("utf-8"))
+        meta = bounds.loads(read_regular(ckpt.meta).decode("utf-8"))
     except OSError as e:
         raise CheckpointError(f"cannot read {ckpt.meta.name}: {e.strerror}", "unreadable") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too deep, an integer of too many digits

@@ -32,25 +32,40 @@ def _refuse(mode: int, path) -> None:
         raise NotARegularFileError(errno.EINVAL, f"not a regular file ({kind})", os.fspath(path))
 
 
-def open_regular(path: str | os.PathLike) -> int:
-    """A read-only descriptor of `path`, which must be a regular file. Opening a FIFO for reading blocks
-    until a writer appears (forever, for a FIFO named meta_000012.json), and a device can stream without
-    end: the open is non-blocking, the descriptor's own type is checked (no race with a rename), and only
-    then is it made blocking again. Every reader of checkpoint files, metas and metrics opens through here."""
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of `path`, which must be a regular file, and its stat (callers need its size:
+    one fstat serves both). Opening a FIFO for reading blocks until a writer appears (forever, for a FIFO
+    named meta_000012.json), and a device can stream without end: the open is non-blocking and the
+    descriptor's own type is checked (no race with a rename). O_NONBLOCK is left set: it changes nothing for
+    a regular file, and clearing it would cost two more system calls on the scanner's path. Every reader of
+    checkpoint files, metas and metrics opens through here."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     try:
-        _refuse(os.fstat(fd).st_mode, path)
-        os.set_blocking(fd, True)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            _refuse(st.st_mode, path)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
+
+
+def read_regular(path: str | os.PathLike) -> bytes:
+    """The whole content of a regular file (a meta, a small JSON): `open_regular`, then plain reads."""
+    fd, st = open_regular(path)
+    try:
+        chunks, size = [], st.st_size
+        while chunk := os.read(fd, max(size + 1, 1 << 16)):  # one read for a file that did not grow
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def open_regular_file(path: str | os.PathLike, mode: str = "rb", **kwargs):
     """`open(path, mode)` for reading ("rb" or "r", with open's keyword arguments) through `open_regular`."""
     assert mode in ("r", "rb", "rt"), f"open_regular_file only reads, not {mode!r}"
-    return os.fdopen(open_regular(path), mode, **kwargs)
+    return os.fdopen(open_regular(path)[0], mode, **kwargs)
 
 
 def check_regular(path: str | os.PathLike) -> None:

@@ -32,6 +32,8 @@ import struct
 import zlib
 from typing import NamedTuple
 
+from nanochat.common import open_regular
+
 # Storage classes by dtype, as torch.save names them (torch.FloatStorage -> float32).
 STORAGE_DTYPES = {
     "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
@@ -95,13 +97,13 @@ class Archive:
     def __init__(self, path: str | os.PathLike):
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd, st = open_regular(path)  # a FIFO or device named like a checkpoint is refused, not waited on
         except FileNotFoundError:
             raise TorchFileError("missing_file", f"{self.name} does not exist") from None
         except OSError as e:
             raise TorchFileError("unreadable", f"{self.name}: {e.strerror}") from None
         try:
-            self._open()
+            self._open(st.st_size)
         except BaseException:
             os.close(self.fd)
             raise
@@ -135,9 +137,9 @@ class Archive:
         except OSError as e:
             raise TorchFileError("unreadable", f"{self.name}: {e.strerror}") from None
 
-    def _open(self) -> None:
+    def _open(self, size: int) -> None:
         try:
-            self.size = size = os.fstat(self.fd).st_size
+            self.size = size
             if size == 0:
                 raise TorchFileError("empty_file", f"{self.name} is empty")
             start = max(0, size - TAIL)

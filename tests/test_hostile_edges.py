@@ -277,16 +277,17 @@ def test_nonfinite_message_says_the_total_and_each_tensors_own_count(explorer_ru
 
 @pytest.fixture(scope="module")
 def fifo_run(tmp_path_factory) -> Path:
-    """<base>/base_checkpoints/tiny with steps 8 and 12 of a tiny GPT (tokenizer beside them), where
-    meta_000012.json and metrics.jsonl are FIFOs: opening either for reading waits for a writer forever."""
+    """<base>/base_checkpoints/tiny with steps 8, 12 and 16 of a tiny GPT (tokenizer beside them), where
+    meta_000012.json, model_000016.pt and metrics.jsonl are FIFOs: opening one for reading waits for a
+    writer forever."""
     from nanochat.gpt import GPTConfig
     from tests.modelkit import random_model, tiny_tokenizer, write_checkpoint
 
     config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
     run_dir = tmp_path_factory.mktemp("fifo") / "base_checkpoints" / "tiny"
-    for step in (8, 12):
+    for step in (8, 12, 16):
         write_checkpoint(run_dir, random_model(config, seed=step), step=step, tokenizer=tiny_tokenizer(300))
-    for name in ("meta_000012.json", "metrics.jsonl"):
+    for name in ("meta_000012.json", "model_000016.pt", "metrics.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
         os.mkfifo(run_dir / name)
     return run_dir
@@ -306,7 +307,8 @@ def test_a_fifo_named_like_a_meta_is_reported_never_waited_on(fifo_run, tmp_path
     for code, out, err in (quick, deep):
         assert code == 3 and err == "", err
         assert "unreadable: cannot read meta_000012.json: not a regular file (a FIFO)" in out
-        assert "1 passed, 1 with problems" in out
+        assert "unreadable: model_000016.pt: not a regular file (a FIFO)" in out
+        assert "1 passed, 2 with problems" in out
     for code, out, err in (resume, helper, helper_verify):
         assert code == 0 and "--resume-from-step=8" in out, (out, err)
     code, out, err = explore
