@@ -29,7 +29,7 @@ from pathlib import Path
 
 from nanochat import bounds, torchfile
 from nanochat.atomic_file import atomic_write_bytes, fsync_dir, remove_stale_temp_files
-from nanochat.common import NotARegularFileError, check_regular, read_regular
+from nanochat.common import read_regular
 
 PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl",
               "lrfind": "lrfind"}  # learning-rate range tests (scripts/lr_find.py): metrics only, no checkpoints
@@ -303,7 +303,7 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
         try:
             tree = torchfile.read_structure(ckpt.model, shapes_only=True)
         except torchfile.TorchFileError as e:
-            raise CheckpointError(f"{ckpt.model.name}: {e}", e.code) from None
+            raise CheckpointError(about(ckpt.model.name, e), e.code) from None
         return single_file_meta(tree, ckpt.model.name)
     if ckpt.meta is None:
         raise CheckpointError(f"step {ckpt.step} has no meta_{ckpt.step:06d}.json", "missing_meta")
@@ -400,19 +400,50 @@ def torch_load(path: Path, device="cpu"):
 
     import torch
 
+    try:  # our reader first: a FIFO is refused instead of waited on, and a file that is no torch.save archive
+        torchfile.check_archive(path)  # gets our message, not torch's advice to save it again differently
+    except torchfile.TorchFileError as e:
+        if e.code == "missing_file":
+            raise CheckpointNotFoundError(f"{path} does not exist", "missing_file") from None
+        raise CheckpointError(about(path.name, e), e.code) from None
     try:
-        check_regular(path)  # torch.load would wait forever on a FIFO named like a checkpoint file
         return torch.load(path, map_location=device, weights_only=True, mmap=str(device) == "cpu")
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(f"{path.name} was refused by the weights-only loader "
-                                    f"(it references code, not just tensors): {str(e).splitlines()[0][:200]}") from None
+        raise refusal(path, str(e)) from None
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path} does not exist", "missing_file") from None
-    except NotARegularFileError as e:
-        raise CheckpointError(f"{path.name}: {e.strerror}", "unreadable") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path.name} cannot be read (truncated or corrupt?): {first}", "truncated") from None
+        raise CheckpointError(f"{path.name} cannot be read (truncated or corrupt?): {_first_sentence(e)}", "truncated") from None
+
+
+def refusal(path: Path, torch_message: str) -> CheckpointError:
+    """What torch's weights-only loader refused, said in our words, in one line: the globals outside the
+    allow-list (our static scan names them), a malformed pickle, or else the one line of torch's message
+    that says what it met. Never torch's advice to retry with weights_only=False: that runs the file."""
+    from nanochat import quick_check  # it builds on this module
+
+    try:
+        unsafe = torchfile.unsafe_globals(path)
+    except torchfile.TorchFileError as e:
+        return CheckpointError(f"{about(path.name, e)}; the file is refused", e.code)
+    if unsafe:
+        return UnsafeCheckpointError(f"{quick_check.unsafe_problem(path.name, unsafe, 'load').message}; the file is refused")
+    said = next((line.strip().removeprefix("WeightsUnpickler error:").strip() for line in torch_message.splitlines()
+                 if "nsupported" in line), "") or "a construct it does not allow"
+    return CheckpointError(f"{path.name} is refused by the weights-only loader ({_first_sentence(said)}); nothing in it "
+                           "was run", "load_failed")
+
+
+def about(name: str, error: BaseException) -> str:
+    """An error's one-line message led by the file's name, once (many messages already start with it)."""
+    text = str(error)
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def _first_sentence(error: BaseException | str) -> str:
+    """The first sentence of the first line of a library's message (torch appends paragraphs of advice)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text.split(". ", 1)[0].rstrip(".")[:200]
 
 
 def load_state_dict(ckpt: CheckpointFiles, device="cpu") -> dict:

@@ -67,8 +67,3 @@ def open_regular_file(path: str | os.PathLike, mode: str = "rb", **kwargs):
     assert mode in ("r", "rb", "rt"), f"open_regular_file only reads, not {mode!r}"
     return os.fdopen(open_regular(path)[0], mode, **kwargs)
 
-
-def check_regular(path: str | os.PathLike) -> None:
-    """NotARegularFileError unless `path` is a regular file: for readers that must be given a path (torch.load
-    with mmap), called right before them."""
-    _refuse(os.stat(path).st_mode, path)

@@ -32,6 +32,7 @@ from nanochat.checkpoint_manager import (
     CheckpointError,
     CheckpointFiles,
     Problem,
+    about,
     check_meta,
     expected_world_size,
     read_meta,
@@ -97,7 +98,7 @@ def quick_check(ckpt: CheckpointFiles, meta: dict | None = None) -> QuickCheck:
             meta = check_meta(meta, ckpt.meta.name if ckpt.meta else model_name)
         elif ckpt.layout == "single_file":
             if model_error is not None:
-                raise CheckpointError(f"{model_name}: {model_error}", model_error.code)
+                raise CheckpointError(about(model_name, model_error), model_error.code)
             meta = single_file_meta(tree, model_name)
         else:
             meta = read_meta(ckpt)
@@ -175,7 +176,7 @@ def _pickle_problem(name: str, error: torchfile.TorchFileError, data: bytes | No
                                   "load")
         except torchfile.TorchFileError:
             pass  # the static scan could not parse what the unpickler refused: the unpickler's word stands
-    return Problem(error.code, f"{name}: {error}", "load", name)
+    return Problem(error.code, about(name, error), "load", name)
 
 
 def unsafe_problem(name: str, unsafe: list[str], blocks: str) -> Problem:

@@ -349,7 +349,7 @@ def _pickle_problems(path: Path, role: str) -> list[Problem]:
     try:
         unsafe = unsafe_pickle_globals(path)
     except torchfile.TorchFileError as e:
-        return [Problem(e.code, f"{path.name}: {e}", blocks, path.name)]
+        return [Problem(e.code, cm.about(path.name, e), blocks, path.name)]
     return [unsafe_problem(path.name, unsafe, blocks)] if unsafe else []
 
 
@@ -366,7 +366,7 @@ def _load_problems(ckpt: CheckpointFiles, meta: dict | None, path: Path, role: s
         obj = cm.torch_load(path)
     except CheckpointError as e:
         code = e.code if e.code in PROBLEM_CODES else "load_failed"
-        return [Problem(code, f"{path.name}: {e}", blocks, path.name)]
+        return [Problem(code, cm.about(path.name, e), blocks, path.name)]
     ok = isinstance(obj, (dict, list)) and bool(obj)
     if not ok:
         kind = "optimizer shard" if role == "optimizer" else "training state"

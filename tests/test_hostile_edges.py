@@ -315,3 +315,93 @@ def test_a_fifo_named_like_a_meta_is_reported_never_waited_on(fifo_run, tmp_path
     assert code == 0 and "(step 8," in out, err
     code, out, err = explore_12
     assert code == 1 and err.count("\n") == 1 and "not a regular file (a FIFO)" in err, err
+
+
+@pytest.fixture(scope="module")
+def hostile_files(explorer_run, tmp_path_factory) -> dict[str, Path]:
+    """A model, an optimizer shard and a training state whose pickles call os.system when unpickled, a model
+    whose pickle is garbage inside an intact zip, and a file that is not a zip at all."""
+    import io
+    import zipfile
+
+    import torch
+
+    from tests.modelkit import touch_payload
+
+    d = tmp_path_factory.mktemp("hostile")
+    marker = d / "PWNED"
+    state = torch.load(explorer_run / "model_000012.pt", weights_only=True)
+    files = {"model": d / "model_000012.pt", "optim": d / "optim_000012_rank0.pt", "trainstate": d / "trainstate_000012_rank0.pt"}
+    torch.save({**state, "evil": touch_payload(marker)}, files["model"])
+    torch.save({"state": {0: touch_payload(marker)}, "param_groups": []}, files["optim"])
+    torch.save({"torch_rng": touch_payload(marker)}, files["trainstate"])
+    buf = io.BytesIO()
+    with zipfile.ZipFile(explorer_run / "model_000012.pt") as zin, zipfile.ZipFile(buf, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, b"\x80\x02garbage" if info.filename.endswith("data.pkl") else zin.read(info))
+    files["malformed"] = d / "malformed" / "model_000012.pt"
+    files["malformed"].parent.mkdir()
+    files["malformed"].write_bytes(buf.getvalue())
+    shutil.copy(explorer_run / "meta_000012.json", files["malformed"].parent)
+    files["not_zip"] = d / "not_zip.pt"
+    files["not_zip"].write_bytes(b"not a zip archive at all" * 100)
+    files["marker"] = marker
+    return files
+
+
+ADVICE = ("weights_only", "Re-running", "will likely succeed", "miniz", "trusted source")
+
+
+@pytest.mark.parametrize("name, code, says", [
+    ("model", "unsafe_pickle", "model_000012.pt references code, not just tensors: posix.system (not executed); the file is refused"),
+    ("optim", "unsafe_pickle", "optim_000012_rank0.pt references code, not just tensors: posix.system (not executed); the file is refused"),
+    ("trainstate", "unsafe_pickle", "trainstate_000012_rank0.pt references code, not just tensors: posix.system"),
+    ("malformed", "bad_pickle", "model_000012.pt: pickle is malformed"),
+    ("not_zip", "truncated", "not_zip.pt has no zip central directory"),
+])
+def test_torch_load_refusals_say_what_is_wrong_in_our_words(hostile_files, name, code, says):
+    """Every torch.load of the project goes through checkpoint_manager.torch_load (the explorer, the app,
+    base_train's resume, the deep check): its refusal is one line, names what is wrong, and never passes on
+    torch's advice to retry with weights_only=False (or cuts it mid-sentence)."""
+    from nanochat import checkpoint_manager as cm
+
+    with pytest.raises(cm.CheckpointError) as e:
+        cm.torch_load(hostile_files[name])
+    message = str(e.value)
+    assert e.value.code == code and says in message and "\n" not in message, message
+    assert not any(a in message for a in ADVICE), message
+    assert message.count(hostile_files[name].name) == 1, message  # the file named once
+    assert not hostile_files["marker"].exists()
+
+
+def test_explorer_and_app_refuse_a_malicious_model_in_one_line(hostile_files, explorer_run, tmp_path, capsys):
+    from streamlit_app import data
+    from tools import generation_explorer
+
+    capsys.readouterr()  # streamlit's warnings at import
+    run = tmp_path / "base_checkpoints" / "tiny"
+    shutil.copytree(explorer_run, run)
+    shutil.copytree(explorer_run.parent.parent / "tokenizer", tmp_path / "tokenizer")
+    shutil.copy(hostile_files["model"], run / "model_000012.pt")
+    assert generation_explorer.main(["--checkpoint", str(run), "--prompt", "To be"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "posix.system" in err and "refused" in err, err
+    assert not any(a in err for a in ADVICE), err
+    from nanochat.checkpoint_manager import CheckpointError
+
+    with pytest.raises(CheckpointError) as e:
+        data.model(str(run), 12, ("malicious",))
+    assert "posix.system" in str(e.value) and not any(a in str(e.value) for a in ADVICE)
+    assert not hostile_files["marker"].exists()
+
+
+def test_problem_messages_name_their_file_once(hostile_files):
+    """`bad_pickle: model_000012.pt: model_000012.pt: pickle is malformed` said the name twice."""
+    from nanochat import checkpoint_manager as cm
+    from registry import integrity
+
+    for ckpt in cm.list_checkpoints(hostile_files["malformed"].parent):
+        for result in (integrity.quick_check(ckpt), integrity.deep_check(ckpt)):
+            assert result.problems
+            for p in result.problems:
+                assert p.message.count("model_000012.pt") <= 1, p.message
