@@ -405,3 +405,18 @@ def test_problem_messages_name_their_file_once(hostile_files):
             assert result.problems
             for p in result.problems:
                 assert p.message.count("model_000012.pt") <= 1, p.message
+
+
+def test_a_malicious_token_bytes_is_refused_in_one_line(tmp_path):
+    """base_train --resume reads token_bytes.pt through the tokenizer: torch-free, nothing executed."""
+    import torch
+
+    from nanochat.tokenizer import Tokenizer, TokenizerError
+    from tests.modelkit import tiny_tokenizer, touch_payload
+
+    tiny_tokenizer(300).save(tmp_path)
+    torch.save(touch_payload(tmp_path / "PWNED"), tmp_path / "token_bytes.pt")
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_directory(tmp_path).token_bytes()
+    assert "token_bytes.pt" in str(e.value) and "posix.system" in str(e.value) and "\n" not in str(e.value)
+    assert not any(a in str(e.value) for a in ADVICE) and not (tmp_path / "PWNED").exists()
