@@ -67,6 +67,16 @@ def resolve_device_type(requested: str | None) -> str:
     return requested
 
 
+def device_memory_bytes(device_type: str) -> int | None:
+    """Memory of this process's device: the CUDA device's total, or the machine's physical RAM (None: unknown)."""
+    try:
+        if device_type == "cuda":
+            return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA), or run alone."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:

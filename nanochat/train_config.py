@@ -36,6 +36,7 @@ from nanochat.model_config import (
     current_config,
     flops_per_token,
     param_counts,
+    training_memory_bytes,
 )
 
 B_REF = 2 ** 19  # upstream's reference batch in tokens (tuned at d12), for the batch-size and LR rules
@@ -53,10 +54,65 @@ class Flag:
     choices: tuple | None = None
     inherit: bool = True  # a resume takes the checkpoint's value unless the flag is given again
     repeat: bool = True  # the resume command repeats it
+    # What a value may be (numbers are always finite): at least `low` (above it when `low_open`), at most
+    # `high`, or exactly `off`, the value that disables the flag; `name`: one folder name, never a path.
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    off: float | None = None
+    name: bool = False
 
     @property
     def option_strings(self) -> tuple[str, ...]:
         return ("--" + self.dest.replace("_", "-"), *self.aliases)
+
+    def problem(self, value) -> str | None:
+        """Why `value` is not one this flag takes ("must be ..., got ..."), or None. Checked on the command
+        line and on the values a resume inherits from a checkpoint: a NaN learning rate, zero steps or a
+        tag that climbs out of base_checkpoints/ never reach training."""
+        if value is None or self.type is bool or (self.off is not None and value == self.off):
+            return None
+        if self.type in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"must be a number, got {value!r}"
+            if not math.isfinite(value):
+                return f"must be a finite number, got {value}"
+            too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+            if too_low or (self.high is not None and value > self.high):
+                return f"must be {self._allowed()}, got {value}"
+        if self.name and (not isinstance(value, str) or value in ("", ".", "..") or value != Path(value).name
+                          or any(c in value for c in "\\/\0")):
+            return f"must be a name (one folder under base_checkpoints/), not a path: {value!r}"
+        return None
+
+    def _allowed(self) -> str:
+        show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+        if self.low is not None and self.high is not None:
+            rule = f"from {show(self.low)} to {show(self.high)}"
+        elif self.low is not None:
+            rule = f"{'above' if self.low_open else 'at least'} {show(self.low)}"
+        else:
+            rule = f"at most {show(self.high)}"
+        return f"{show(self.off)} or {rule}" if self.off is not None else rule
+
+    def argparse_type(self):
+        """argparse's `type`: the value, or one line saying why it is refused (a ValueError from int() or
+        float() still reads "invalid int value: 'x'": argparse names the type by the function's name)."""
+        def parse(text: str):
+            value = self.type(text)
+            if (why := self.problem(value)) is not None:
+                raise argparse.ArgumentTypeError(why)
+            return value
+
+        parse.__name__ = self.type.__name__
+        return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag (its own repeats the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 @dataclass(frozen=True)
@@ -80,15 +136,21 @@ class Trainer:
 
     def build_parser(self, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         """The script's argparse; with `suppress_defaults`, flags not given are absent from the result."""
-        p = argparse.ArgumentParser(prog=f"python -m {self.script}", description=self.description)
+        p = OneLineParser(prog=f"python -m {self.script}", description=self.description)
         for f in self.flags:
             default = argparse.SUPPRESS if suppress_defaults else f.default
             if f.type is bool:
                 p.add_argument(*f.option_strings, dest=f.dest, action="store_true", default=default, help=f.help)
             else:
-                p.add_argument(*f.option_strings, dest=f.dest, type=f.type, default=default, help=f.help,
+                p.add_argument(*f.option_strings, dest=f.dest, type=f.argparse_type(), default=default, help=f.help,
                                choices=list(f.choices) if f.choices else None)
         return p
+
+    def problems(self, values: Mapping) -> list[str]:
+        """One line per value its flag does not take ("--warmup-steps must be at least 0, got -5"): for
+        values that did not come through the parser, such as those a resume inherits from a checkpoint."""
+        return [f"{f.option_strings[0]} {why}" for k, v in values.items()
+                if (f := self.flag(k)) is not None and (why := f.problem(v)) is not None]
 
     def parse_args(self, argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
         """(every flag's value, the dests given on the command line); a leading `--` (torchrun's) is dropped."""
@@ -112,34 +174,35 @@ RUN_FLAGS = (
     # --device-type is upstream's name: commands use it, so the planner's work for upstream's script too
     Flag("device_type", str, "auto", "auto (CUDA if present, else CPU), cpu or cuda", aliases=("--device",),
          choices=("auto", "", "cpu", "cuda"), inherit=False),
-    Flag("seed", int, 42, "seed for the initial weights and every RNG"),
+    Flag("seed", int, 42, "seed for the initial weights and every RNG", low=0),
     Flag("compile", str, "auto", "torch.compile the model: auto = on for CUDA; on CPU only where compiling pays "
          "back within the run's planned steps (nanochat.train_config.compile_decision; a resume keeps the "
          "checkpoint's choice)", choices=("auto", "on", "off")),
 )
 MODEL_FLAGS = (
-    Flag("depth", int, 20, "number of transformer layers"),
-    Flag("aspect_ratio", int, 64, "model_dim = depth * aspect_ratio (rounded up to head_dim)"),
-    Flag("head_dim", int, 128, "attention head dimension"),
-    Flag("max_seq_len", int, 2048, "context length in tokens"),
+    Flag("depth", int, 20, "number of transformer layers", low=1),
+    Flag("aspect_ratio", int, 64, "model_dim = depth * aspect_ratio (rounded up to head_dim)", low=1),
+    Flag("head_dim", int, 128, "attention head dimension", low=1),
+    Flag("max_seq_len", int, 2048, "context length in tokens", low=1),
     Flag("window_pattern", str, "SSSL", "sliding-window pattern tiled over layers (L = full, S = quarter)"),
 )
 HORIZON_FLAGS = (  # the first that applies sets the number of steps
-    Flag("num_iterations", int, -1, "optimizer steps (-1 = derive from the rules below)"),
-    Flag("target_flops", float, -1.0, "derive steps from a FLOPs budget (-1 = disable)"),
-    Flag("target_param_data_ratio", float, 12, "derive steps from tokens:params (-1 = disable)"),
+    Flag("num_iterations", int, -1, "optimizer steps (-1 = derive from the rules below)", low=1, off=-1),
+    Flag("target_flops", float, -1.0, "derive steps from a FLOPs budget (-1 = disable)", low=0, low_open=True, off=-1),
+    Flag("target_param_data_ratio", float, 12, "derive steps from tokens:params (-1 = disable)", low=0, low_open=True,
+         off=-1),
 )
 OPTIM_FLAGS = (
-    Flag("device_batch_size", int, 32, "sequences per forward pass per process"),
-    Flag("total_batch_size", int, -1, "tokens per optimizer step (-1 = upstream's rule)"),
-    Flag("embedding_lr", float, 0.3, "AdamW LR of the embeddings"),
-    Flag("unembedding_lr", float, 0.008, "AdamW LR of lm_head"),
-    Flag("weight_decay", float, 0.28, "Muon's cautious weight decay (scaled, cosine to 0)"),
-    Flag("matrix_lr", float, 0.02, "Muon LR of the transformer matrices"),
-    Flag("scalar_lr", float, 0.5, "AdamW LR of the per-layer scalars"),
-    Flag("warmup_steps", int, 40, "steps of linear LR warmup"),
-    Flag("warmdown_ratio", float, 0.65, "fraction of the run spent in the linear LR warmdown"),
-    Flag("final_lr_frac", float, 0.05, "LR at the end as a fraction of the peak"),
+    Flag("device_batch_size", int, 32, "sequences per forward pass per process", low=1),
+    Flag("total_batch_size", int, -1, "tokens per optimizer step (-1 = upstream's rule)", low=1, off=-1),
+    Flag("embedding_lr", float, 0.3, "AdamW LR of the embeddings", low=0),
+    Flag("unembedding_lr", float, 0.008, "AdamW LR of lm_head", low=0),
+    Flag("weight_decay", float, 0.28, "Muon's cautious weight decay (scaled, cosine to 0)", low=0),
+    Flag("matrix_lr", float, 0.02, "Muon LR of the transformer matrices", low=0),
+    Flag("scalar_lr", float, 0.5, "AdamW LR of the per-layer scalars", low=0),
+    Flag("warmup_steps", int, 40, "steps of linear LR warmup", low=0),
+    Flag("warmdown_ratio", float, 0.65, "fraction of the run spent in the linear LR warmdown", low=0, high=1),
+    Flag("final_lr_frac", float, 0.05, "LR at the end as a fraction of the peak", low=0, high=1),
 )
 RESUME_FLAGS = (
     Flag("resume_from_step", int, -1, "resume from this step's checkpoint (-1 = disable)", inherit=False, repeat=False),
@@ -149,11 +212,11 @@ RESUME_FLAGS = (
 RESUME_DESTS = {f.dest for f in RESUME_FLAGS}
 OUTPUT_FLAGS = (
     Flag("eval_every", int, 250, "evaluate val bpb every N steps (-1 = disable)"),
-    Flag("eval_tokens", int, 80 * 524288, "tokens per val bpb evaluation"),
+    Flag("eval_tokens", int, 80 * 524288, "tokens per val bpb evaluation", low=1),
     Flag("save_every", int, -1, "checkpoint every N steps (-1 = only at the end)"),
     Flag("keep_last", int, -1, "keep only the N newest checkpoints, plus the best-val_bpb one and the resume point "
          "(-1 = keep all)"),
-    Flag("model_tag", str, None, "checkpoint directory name (default d<depth>)"),
+    Flag("model_tag", str, None, "checkpoint directory name (default d<depth>): a name, not a path", name=True),
 )
 
 BASE_TRAIN = Trainer("scripts.base_train", "Pretrain a nanochat base model.",
@@ -281,6 +344,22 @@ def run_shape(user_config: Mapping, *, vocab_size: int, world_size: int = 1) -> 
                         "--target-param-data-ratio")
     grad_accum = tbs // per_step if tbs and per_step > 0 and tbs % per_step == 0 else None
     return RunShape(config, classic, tbs, steps if steps and steps > 0 else None, per_step, grad_accum, tuple(problems))
+
+
+def memory_problem(shape: RunShape, memory_bytes: int | None, device: str) -> str | None:
+    """Why a run cannot fit its device, or None: refused only when the weights, gradients and optimizer
+    state alone (float32, a floor under any real run's memory) exceed the device's memory, so a model
+    that fits is never refused, and --depth 100000 gets a figure instead of an allocator traceback."""
+    need = training_memory_bytes(shape.config, 1)
+    floor = need["weights"] + need["gradients"] + need["optimizer"]
+    if not memory_bytes or floor <= memory_bytes:
+        return None
+    return (f"this model ({shape.params['total']:,} parameters) needs at least {_gib(floor)} for its weights, "
+            f"gradients and optimizer state alone, more than {device} ({_gib(memory_bytes)}): lower --depth")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB"
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from nanochat.train_config import (
     RunShape,
     compile_decision,
     launch_env,
+    memory_problem,
     resume_command,
     run_shape,
     scaled_learning_rates,
@@ -126,10 +127,15 @@ def plan_run(args, explicit: set[str], world_size: int, base_dir: Path, vocab_si
         for k, v in BASE_TRAIN.inherited(meta.get("user_config") or {}, explicit).items():
             setattr(args, k, v)
     user_config = dict(vars(args))
+    if problems := BASE_TRAIN.problems(user_config):  # the flags' own rules, for values a checkpoint gave too
+        raise TrainError(problems[0] + (f" (from {resume.label}'s user_config)" if resume is not None else ""))
     try:
         shape = run_shape(user_config, vocab_size=vocab_size, world_size=world_size)
     except (ArchitectureError, ZeroDivisionError) as e:
         raise TrainError(f"invalid model flags: {e}") from None
+    if why := memory_problem(shape, distributed.device_memory_bytes(device_type),
+                             "the CUDA device's memory" if device_type == "cuda" else "the machine's RAM"):
+        raise TrainError(why)
     if meta is not None:
         _check_same_model(resume, meta, shape.config)
     if shape.problems:
