@@ -420,3 +420,60 @@ def test_a_malicious_token_bytes_is_refused_in_one_line(tmp_path):
         Tokenizer.from_directory(tmp_path).token_bytes()
     assert "token_bytes.pt" in str(e.value) and "posix.system" in str(e.value) and "\n" not in str(e.value)
     assert not any(a in str(e.value) for a in ADVICE) and not (tmp_path / "PWNED").exists()
+
+
+# ---------------------------------------------------------------------- 8: base_train's flags (nanochat/train_config.py)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--matrix-lr", "nan"], "argument --matrix-lr: must be a finite number, got nan"),
+    (["--embedding-lr", "inf"], "argument --embedding-lr: must be a finite number, got inf"),
+    (["--scalar-lr", "-0.1"], "argument --scalar-lr: must be at least 0, got -0.1"),
+    (["--num-iterations", "0"], "argument --num-iterations: must be -1 or at least 1, got 0"),
+    (["--target-flops", "0"], "argument --target-flops: must be -1 or above 0, got 0.0"),
+    (["--warmup-steps", "-5"], "argument --warmup-steps: must be at least 0, got -5"),
+    (["--warmdown-ratio", "2"], "argument --warmdown-ratio: must be from 0 to 1, got 2.0"),
+    (["--model-tag", "../../escaped"], "argument --model-tag: must be a name (one folder under base_checkpoints/), not a path"),
+    (["--model-tag", "/tmp/elsewhere"], "argument --model-tag: must be a name"),
+    (["--device", "tpu"], "argument --device-type/--device: invalid choice: 'tpu'"),
+    (["--compile", "maybe"], "argument --compile: invalid choice: 'maybe'"),
+    (["--no-such-flag", "3"], "unrecognized arguments: --no-such-flag 3"),
+])
+def test_base_train_refuses_nonsense_flags_in_one_line(argv, says, tmp_path, monkeypatch, capsys):
+    from scripts import base_train
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        base_train.main(["--depth", "1", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+def test_every_trainer_checks_the_flag_table_also_for_values_a_checkpoint_gives():
+    from nanochat.train_config import BASE_TRAIN
+
+    saved = {"matrix_lr": float("nan"), "warmup_steps": -3, "model_tag": "../up", "depth": 4, "num_iterations": -1}
+    assert BASE_TRAIN.problems(saved) == ["--matrix-lr must be a finite number, got nan",
+                                          "--warmup-steps must be at least 0, got -3",
+                                          "--model-tag must be a name (one folder under base_checkpoints/), not a path: '../up'"]
+    assert BASE_TRAIN.problems(BASE_TRAIN.defaults()) == []
+
+
+@pytest.fixture(scope="module")
+def training_base(tmp_path_factory) -> Path:
+    from tests.modelkit import write_training_base
+
+    return write_training_base(tmp_path_factory.mktemp("train_base"), limit_chars=200_000, vocab_size=300)
+
+
+def test_base_train_estimates_memory_before_building_a_huge_model(training_base, monkeypatch, capsys):
+    from scripts import base_train
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(training_base))
+    code = base_train.main(["--depth", "100000", "--device", "cpu", "--num-iterations", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "needs at least" in err and "GiB for its weights, gradients and optimizer state alone, more than the " \
+        "machine's RAM" in err and "lower --depth" in err
+    assert not (training_base / "base_checkpoints").exists()
