@@ -385,7 +385,7 @@ def test_explorer_and_app_refuse_a_malicious_model_in_one_line(hostile_files, ex
     shutil.copy(hostile_files["model"], run / "model_000012.pt")
     assert generation_explorer.main(["--checkpoint", str(run), "--prompt", "To be"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "posix.system" in err and "refused" in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "posix.system" in err, err
     assert not any(a in err for a in ADVICE), err
     from nanochat.checkpoint_manager import CheckpointError
 
