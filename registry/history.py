@@ -22,13 +22,14 @@ import math
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from nanochat.bounds import MAX_STEP
 from registry.entities import MetricKeyInfo, MetricPoint
 from registry.metrics import LEVELS, ROLLUP_MIN
-from registry.models import INT_MAX, INT_MIN, Checkpoint, MetricRollup, MetricSegment, MetricSeries, Run
+from registry.models import Checkpoint, MetricRollup, MetricSegment, MetricSeries, Run
 from registry.models import MetricPoint as PointRow
 
 VAL = "val_bpb"
-STEP_MIN, STEP_MAX = INT_MIN, INT_MAX  # the bounds of an open step range (steps are 32-bit columns)
+STEP_MIN, STEP_MAX = -(MAX_STEP + 1), MAX_STEP  # the bounds of an open step range (steps are 32-bit columns)
 
 
 def _raw(session: Session, sid: int, segment: int, lo: int, hi: int, limit: int | None = None) -> list[MetricPoint]:

@@ -43,10 +43,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from nanochat.bounds import MAX_STEP
 from registry.entities import ImportReport, LogsImport
 from registry.errors import LogImportError, RunNotFoundError
 from registry.metrics import Point, ingest_points, metric_source
-from registry.models import INT_MAX, Checkpoint, EvalResult, Run
+from registry.models import Checkpoint, EvalResult, Run
 
 FIELD_MAP = {"loss": "train_loss_ema", "lrm": "lrm", "dt": "dt_ms", "tok/sec": "tok_per_sec",
              "grad norm": "grad_norm", "mfu": "mfu", "bf16_mfu": "mfu"}
@@ -129,8 +130,8 @@ def clean(line: str) -> str:
 
 def _step(text: str) -> int:
     step = int(text)
-    if step > INT_MAX:  # steps are 32-bit columns: a longer number is a malformed line, not an SQL error
-        raise ValueError(f"step {text} is out of range (at most {INT_MAX})")
+    if step > MAX_STEP:  # steps are 32-bit columns: a longer number is a malformed line, not an SQL error
+        raise ValueError(f"step {text} is out of range (at most {MAX_STEP})")
     return step
 
 
@@ -339,8 +340,8 @@ def import_log(store, path, run=None, segment: int = 1) -> ImportReport:
         raise LogImportError(f"{p} does not exist")
     if not p.is_file():
         raise LogImportError(f"{p} is not a file")
-    if not isinstance(segment, int) or not 1 <= segment <= INT_MAX:
-        raise LogImportError(f"segment must be a positive integer up to {INT_MAX}, not {segment!r}")
+    if not isinstance(segment, int) or not 1 <= segment <= MAX_STEP:
+        raise LogImportError(f"segment must be a positive integer up to {MAX_STEP}, not {segment!r}")
     target = store.resolve_run(run) if run is not None else None
     if CSV_RE.match(p.name):
         return _import_csv(store, p, target)

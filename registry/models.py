@@ -38,9 +38,6 @@ from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Inte
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 PATH_LEN = 4096
-# Plain `int` columns (steps, segments, ids) are 32-bit INTEGER on PostgreSQL: a number read from a
-# reference, a flag or a file is checked against these bounds before it reaches SQL.
-INT_MIN, INT_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 class Base(DeclarativeBase):

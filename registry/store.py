@@ -27,6 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from nanochat.bounds import MAX_STEP
 from registry import history, tokenizer_checks
 from registry.db import Database
 from registry.entities import (
@@ -49,7 +50,6 @@ from registry.entities import (
 )
 from registry.errors import AmbiguousRunError, CheckpointNotIndexedError, RegistryError, RunNotFoundError
 from registry.models import (
-    INT_MAX,
     Checkpoint,
     CheckpointFile,
     EvalResult,
@@ -261,7 +261,7 @@ class RegistryStore:
         ref = str(ref).strip()
         with self.db.session() as s:
             rows = []
-            if ref.isdigit() and int(ref) <= INT_MAX:  # a longer number is no id (and would overflow SQL)
+            if ref.isdigit() and int(ref) <= MAX_STEP:  # ids are 32-bit columns too: a longer number is no id
                 rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.id == int(ref))).all()
             p = Path(ref).expanduser()
             if not rows and (os.sep in ref or ref.startswith(".")) and (p.exists() or p.is_absolute()):
