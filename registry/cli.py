@@ -35,6 +35,7 @@ class Output:
     text: str  # what the table mode prints
     warnings: list[str] = field(default_factory=list)
     exit_code: int = 0
+    streamed: bool = False  # the command printed its output as it went (scan --watch)
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Context:
         if self._store is None:
             from registry.store import open_store
 
-            self._store = open_store(self.args.db, create=self.opens_store == "create", read_only=self.opens_store == "read")
+            self._store = open_store(self.args.db, create=self.opens_store == "create", read_only=self.opens_store == "read",
+                                     origin=self.args.origin)
         return self._store
 
     def close(self):
@@ -122,17 +124,34 @@ def fmt_time(t: datetime | None) -> str:
 # ---------------------------------------------------------------------- commands
 
 
+def _scan_text(report) -> list[str]:
+    return [f"scanned {report.root}{f' (origin {report.origin})' if report.origin else ''} in {report.duration_s or 0:.2f}s",
+            f"  runs: {report.runs_found} found, {report.runs_new} new, {report.runs_missing} gone",
+            f"  checkpoints: {report.checkpoints_seen} found, {report.checkpoints_new} new, {report.checkpoints_changed} changed, "
+            f"{report.checkpoints_unchanged} unchanged, {report.checkpoints_missing} gone",
+            f"  metrics lines: {report.metric_lines} ingested, {report.metric_bad_lines} malformed"]
+
+
 @command("scan", "index the runs under a folder (a nanochat base dir, a run dir, any folder)", opens_store="create", args=[
     arg("path", metavar="PATH", help="folder to scan; runs are found up to 6 levels deep"),
     arg("--no-progress", action="store_true", help="do not show the progress bar (stderr)"),
+    arg("--watch", action="store_true", help="keep indexing PATH (new checkpoints, metrics lines) until Ctrl-C or "
+        "SIGTERM; a pass over an unchanged tree costs a stat per file and writes nothing"),
+    arg("--interval", type=float, default=10.0, metavar="SECONDS", help="with --watch: seconds between passes (default 10)"),
 ])
 def cmd_scan(args, ctx) -> Output:
     """Walk PATH, index every run's checkpoints (metadata only, never torch.load) and ingest metrics.jsonl.
-    Re-scans are incremental: unchanged files cost one stat. Vanished files are marked missing."""
+    Re-scans are incremental: unchanged files cost one stat. Vanished files are marked missing, for runs
+    of this origin only (--origin, default the host name): other machines' runs at the same paths are
+    left alone. --watch keeps going until stopped and prints each pass that found changes."""
     from tqdm import tqdm
 
     from registry.scanner import scan_path
 
+    if args.watch:
+        return _watch(args, ctx)
+    if args.interval != 10.0:
+        raise RegistryError("--interval goes with --watch")
     with tqdm(total=0, unit="ckpt", file=sys.stderr, disable=True if args.no_progress else None, leave=False) as bar:
         def progress(done, total, message):
             bar.total, bar.n = total, done
@@ -140,17 +159,51 @@ def cmd_scan(args, ctx) -> Output:
             bar.refresh()
 
         report = scan_path(ctx.store(), args.path, progress)
-    text = [f"scanned {report.root} in {report.duration_s or 0:.2f}s",
-            f"  runs: {report.runs_found} found, {report.runs_new} new, {report.runs_missing} gone",
-            f"  checkpoints: {report.checkpoints_seen} found, {report.checkpoints_new} new, {report.checkpoints_changed} changed, "
-            f"{report.checkpoints_unchanged} unchanged, {report.checkpoints_missing} gone",
-            f"  metrics lines: {report.metric_lines} ingested, {report.metric_bad_lines} malformed"]
+    text = _scan_text(report)
     if report.problems:
         text.append(f"  problems ({len(report.problems)}):")
         text += [f"    {p.code}: {p.message}" for p in report.problems[:50]]
         if len(report.problems) > 50:
             text.append(f"    ... {len(report.problems) - 50} more (use --json)")
     return Output(report, "\n".join(text))
+
+
+def _watch(args, ctx) -> Output:
+    """scan --watch: one pass now, then every --interval seconds; the first SIGINT/SIGTERM stops after the
+    pass in progress (exit 0), a second Ctrl-C interrupts it (exit 130; finished batches are kept)."""
+    import signal
+    import threading
+
+    from registry.scanner import watch
+
+    if not args.interval > 0:
+        raise RegistryError("--interval must be a positive number of seconds")
+    store, stop = ctx.store(), threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    def on_scan(report) -> None:
+        if report is None:
+            line = {"root": args.path, "status": "empty"} if args.json else f"no checkpoints under {args.path} yet"
+        else:
+            line = to_jsonable(report) if args.json else "\n".join(_scan_text(report))
+        print(json.dumps(line) if args.json else f"[{datetime.now():%H:%M:%S}] {line}", flush=True)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"watching {args.path} every {args.interval:g}s as origin {store.origin} (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+        scans = watch(store, args.path, args.interval, on_scan,
+                      on_error=lambda e: print(f"warning: {str(e).splitlines()[0]} (trying again)", file=sys.stderr, flush=True),
+                      should_stop=stop.is_set, wait=stop.wait)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(f"stopped watching {args.path} after {scans} scan(s)", file=sys.stderr)
+    return Output(None, "", streamed=True)
 
 
 @command("import-log", "import upstream's console logs and base_eval CSVs (metrics and evaluations) into runs", args=[
@@ -220,10 +273,10 @@ def cmd_runs(args, ctx) -> Output:
              f"{fmt_num(r.latest_step)}/{fmt_num(r.num_iterations)}",
              f"{fmt_num(r.best_val_bpb)}@{fmt_num(r.best_val_bpb_step)}" if r.best_val_bpb is not None else "-",
              fmt_num(r.last_val_bpb), f"{r.complete_checkpoint_count}/{r.checkpoint_count}",
-             r.token_bytes.label if r.token_bytes else "-", fmt_time(r.last_update), r.path]
+             r.token_bytes.label if r.token_bytes else "-", fmt_time(r.last_update), r.origin or "-", r.path]
             for r in runs]
     return Output(runs, table(["id", "run", "status", "depth", "params", "step/target", "best_bpb@step", "last_bpb",
-                               "ckpts ok/all", "token_bytes", "updated", "path"], rows,
+                               "ckpts ok/all", "token_bytes", "updated", "origin", "path"], rows,
                               "no runs (scan a folder: python -m registry scan PATH)"))
 
 
@@ -424,6 +477,8 @@ def cmd_resume(args, ctx) -> Output:
 # ---------------------------------------------------------------------- entry point
 
 
+ORIGIN_HELP = ("the machine this command speaks for (default: the host name): scans record their runs under it and "
+               "mark missing only its own; a folder path means this origin's run when several machines have one there")
 DB_HELP = ("registry database: a SQLite path or an SQLAlchemy URL (postgresql+psycopg://...); "
            "default $NANOCHAT_REGISTRY_URL, else $NANOCHAT_BASE_DIR/registry.sqlite, else ~/.cache/nanochat/registry.sqlite")
 JSON_HELP = "print JSON (shape per command in the README) instead of a table"
@@ -435,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, metavar="URL|PATH", help=DB_HELP)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
+    common.add_argument("--origin", default=argparse.SUPPRESS, metavar="NAME", help=ORIGIN_HELP)
     parser = argparse.ArgumentParser(
         prog=PROG, description="The nanochat run registry: index checkpoints and metrics, then query them.",
         epilog="RUN is a run id, its model tag (d20), phase/tag when a tag is ambiguous (sft/d20), or its folder. "
@@ -442,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                "python -m registry history d20 --key val_bpb --max-points 50")
     parser.add_argument("--db", default=None, metavar="URL|PATH", help=DB_HELP)
     parser.add_argument("--json", action="store_true", default=False, help=JSON_HELP)
+    parser.add_argument("--origin", default=None, metavar="NAME", help=ORIGIN_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, parents=[common], help=cmd.help, description=" ".join(cmd.description.split()))
@@ -456,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(args, cmd.opens_store)
     try:
         out = cmd.run(args, ctx)
-        if args.json:
+        if out.streamed:
+            pass
+        elif args.json:
             print(json.dumps(to_jsonable(out.data), indent=2))
         else:
             print(out.text)

@@ -21,7 +21,9 @@ existing -shm). Reads work; a write raises `RegistryReadOnlyError` naming the re
 Which registry opens is decided once, by `locate` (the CLI's --db and the app's --db / --base-dir / demo
 default go through it). The schema version lives in the `registry_info` table. An empty database is created (when allowed);
 an older one is refused with the exact `python -m registry migrate` command; a newer one or a database
-that is not a registry is refused with a clear message. Nothing here ever drops or recreates a table.
+that is not a registry is refused with a clear message. Nothing here ever drops a table's data: the one
+table ever rebuilt is `runs` on SQLite by migration 4 (SQLite cannot drop a UNIQUE constraint), copied row
+for row in the migration's transaction after the backup copy.
 
 This module knows nothing about runs or checkpoints beyond creating their tables (see `store.py`).
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sqlite3
 import time
 import urllib.parse
@@ -59,7 +62,8 @@ from registry.models import Base, DatasetShard, RegistryInfo, Run, ShardTokenCou
 
 # 2: dataset_shards and shard_token_counts (the dataset inspector's cache); 3: eval_results
 # 4: tokenizer_checks and runs.tokenizer_check_id (each run's token_bytes verdict)
-SCHEMA_VERSION = 4
+# 5: runs and scans get an origin (the machine that indexed them), a run is unique per (origin, path)
+SCHEMA_VERSION = 5
 APPLICATION = "nanochat-workbench registry"
 ENV_URL = "NANOCHAT_REGISTRY_URL"
 ENV_BASE = "NANOCHAT_BASE_DIR"  # nanochat's own base-dir variable (nanochat.common.get_base_dir)
@@ -85,8 +89,44 @@ def _add_tokenizer_checks(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tokenizer_check_id INTEGER REFERENCES tokenizer_checks (id)"))
 
 
+def _add_origins(conn: Connection) -> None:
+    """Version 5: `runs.origin` and `scans.origin`, and runs unique per (origin, path) instead of per path.
+    Existing runs get origin '' ("any": the next scan that finds the folder claims it for its origin)."""
+    conn.exec_driver_sql("ALTER TABLE scans ADD COLUMN origin VARCHAR(255) DEFAULT '' NOT NULL")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN origin VARCHAR(255) DEFAULT '' NOT NULL")
+        names = conn.exec_driver_sql(
+            "SELECT c.conname FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+            "JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = ANY(c.conkey) "
+            "WHERE t.relname = 'runs' AND t.relnamespace = to_regnamespace(current_schema()) AND c.contype = 'u' "
+            "AND array_length(c.conkey, 1) = 1 AND a.attname = 'path'").scalars().all()
+        for name in names:
+            conn.exec_driver_sql(f'ALTER TABLE runs DROP CONSTRAINT "{name}"')
+        conn.exec_driver_sql("ALTER TABLE runs ADD CONSTRAINT uq_runs_origin_path UNIQUE (origin, path)")
+        return
+    # SQLite: rebuild runs (Database.migrate runs this with foreign keys off, and checks them before committing)
+    table_sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'runs'").scalar_one()
+    indexes = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'runs' "
+                                   "AND sql IS NOT NULL").scalars().all()
+    columns = [row[1] for row in conn.exec_driver_sql("PRAGMA table_info(runs)")]
+    head = re.compile(r'^CREATE TABLE\s+"?runs"?\s*\(')  # quoted once SQLite has renamed the table
+    unique = "UNIQUE (path)"
+    if not head.match(table_sql) or table_sql.count(unique) != 1:
+        raise RegistryError("cannot migrate: the runs table is not the one schema 4 created")
+    new_sql = head.sub("CREATE TABLE runs_v4 (\n\torigin VARCHAR(255) DEFAULT '' NOT NULL, ", table_sql) \
+        .replace(unique, "CONSTRAINT uq_runs_origin_path UNIQUE (origin, path)")
+    conn.exec_driver_sql(new_sql)
+    listed = ", ".join(columns)
+    conn.exec_driver_sql(f"INSERT INTO runs_v4 ({listed}, origin) SELECT {listed}, '' FROM runs")
+    conn.exec_driver_sql("DROP TABLE runs")
+    conn.exec_driver_sql("ALTER TABLE runs_v4 RENAME TO runs")
+    for sql in indexes:
+        conn.exec_driver_sql(sql)
+
+
 # from_version -> function(connection) that upgrades the schema to from_version + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_dataset_tables, 2: _add_eval_results, 3: _add_tokenizer_checks}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_dataset_tables, 2: _add_eval_results, 3: _add_tokenizer_checks,
+                                                        4: _add_origins}
 _PG_SCHEMA_LOCK = 0x6E616E6F  # advisory lock id serialising schema creation and migration on PostgreSQL
 _RETRYABLE_PG = {"40P01", "40001", "55P03"}  # deadlock, serialization failure, lock not available
 
@@ -416,19 +456,40 @@ class Database:
             raise RegistryError(f"no migration from schema version {missing[0]}; this registry cannot be upgraded")
         backup = self._backup(version)
 
-        def upgrade(session: Session) -> None:
-            conn = session.connection()
+        def upgrade(conn: Connection) -> None:
             if self.dialect == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_SCHEMA_LOCK})
             current = self._state(conn)[1]
             assert current is not None
             for v in range(current, SCHEMA_VERSION):
                 MIGRATIONS[v](conn)
+            if self.dialect == "sqlite" and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").all()):
+                raise RegistryError(f"migration left {len(broken)} dangling reference(s) (first in {broken[0][0]}); "
+                                    "nothing was changed")
             conn.execute(sa.update(RegistryInfo).where(RegistryInfo.key == "schema_version")
                          .values(value=str(SCHEMA_VERSION)))
 
-        self.write(upgrade)
+        if self.dialect == "sqlite":
+            self._sqlite_without_foreign_keys(upgrade)
+        else:
+            self.write(lambda session: upgrade(session.connection()))
         return version, SCHEMA_VERSION, backup
+
+    def _sqlite_without_foreign_keys(self, fn: Callable[[Connection], None]) -> None:
+        """fn(connection) in one write transaction with foreign-key enforcement off, as SQLite's documented
+        table rebuild needs (dropping a table that others reference); the pragma only changes outside a
+        transaction, so it is set before BEGIN and restored after. fn checks the references itself."""
+        try:
+            with self._write_engine.connect() as conn:
+                raw = conn.connection.driver_connection
+                raw.execute("PRAGMA foreign_keys = OFF")
+                try:
+                    with conn.begin():
+                        fn(conn)
+                finally:
+                    raw.execute("PRAGMA foreign_keys = ON")
+        except sa.exc.DBAPIError as e:
+            raise self.translate(e) from None
 
     def _backup(self, version: int) -> Path | None:
         if self.path is None:

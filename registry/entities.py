@@ -126,9 +126,10 @@ def bpb_comparability(runs, names=None) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
-    """One run (a checkpoint directory) with what the runs overview shows."""
+    """One run (a checkpoint directory on one machine) with what the runs overview shows."""
     id: int
     path: str
+    origin: str | None  # the machine whose scans index it (host name or scan --origin); None: any (before schema 5)
     phase: str  # base | sft | rl
     tag: str
     label: str  # "phase/tag"
@@ -312,6 +313,7 @@ class ScanReport:
     metric_bad_lines: int
     problems: tuple[ScanProblemRecord, ...]
     error: str | None = None
+    origin: str | None = None  # the machine that scanned (None: a scan from before schema 5)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,8 +5,12 @@ converts them to the frozen dataclasses of `entities.py` inside its session.
 Design notes (the why behind the columns):
 - Times are unix seconds (float) so SQLite and PostgreSQL store and compare them alike; file mtimes are
   integer nanoseconds (`st_mtime_ns`) so "unchanged" is an exact comparison.
-- A run is its checkpoint directory (resolved absolute path). A checkpoint is (run, layout, step); step
-  is -1 when a single-file checkpoint's metadata cannot be read.
+- A run is its checkpoint directory (resolved absolute path) on one machine: (origin, path) is unique, so
+  two training boxes with the same default `~/.cache/nanochat` keep two runs in a shared registry, and a
+  scan marks missing only what its own origin indexed. `origin` is the scanning machine's name (host name
+  by default, `scan --origin`); '' is a run indexed before schema 5, which any origin's scan treats as its
+  own and claims when it finds the folder. A checkpoint is (run, layout, step); step is -1 when a
+  single-file checkpoint's metadata cannot be read.
 - Nothing is ever deleted by a scan: vanished files, checkpoints and runs get `missing = true`.
 - Metrics are normalised into series (run, key). Points are keyed (series, step, segment): that primary
   key is both the uniqueness that makes ingestion idempotent and the (run, key, step) index that history
@@ -66,6 +70,7 @@ class Scan(Base):
     __tablename__ = "scans"
     id: Mapped[int] = mapped_column(primary_key=True)
     root_path: Mapped[str] = mapped_column(String(PATH_LEN))
+    origin: Mapped[str] = mapped_column(String(255), default="", server_default="")  # schema 5
     started_at: Mapped[float]
     finished_at: Mapped[float | None]
     status: Mapped[str] = mapped_column(String(16))  # running | ok | failed | interrupted
@@ -101,9 +106,11 @@ class ScanProblem(Base):
 
 class Run(Base):
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_phase_tag", "phase", "tag"),)
+    __table_args__ = (UniqueConstraint("origin", "path", name="uq_runs_origin_path"),
+                      Index("ix_runs_phase_tag", "phase", "tag"))
     id: Mapped[int] = mapped_column(primary_key=True)
-    path: Mapped[str] = mapped_column(String(PATH_LEN), unique=True)
+    origin: Mapped[str] = mapped_column(String(255), default="", server_default="")  # machine that indexed it; '' any
+    path: Mapped[str] = mapped_column(String(PATH_LEN))
     phase: Mapped[str] = mapped_column(String(16))  # base | sft | rl
     tag: Mapped[str] = mapped_column(String(255), index=True)
     root_id: Mapped[int | None] = mapped_column(ForeignKey("roots.id"))

@@ -269,22 +269,30 @@ def _resolve_root(path) -> Path:
     return p
 
 
-def scan_path(store, path, progress: Progress | None = None) -> ScanReport:
-    """Bring the registry up to date with the runs under `path`; return a ScanReport."""
+def scan_path(store, path, progress: Progress | None = None, origin: str | None = None) -> ScanReport:
+    """Bring the registry up to date with the runs under `path` as seen from `origin` (default: the
+    store's, the host name); return a ScanReport. Runs of other origins at the same paths are neither
+    read nor marked missing."""
     db = store.db
+    origin = store.origin if origin is None else origin
     root = _resolve_root(path)
     counts = _Counts()
     run_dirs = walk_runs(root, counts.problem)
     with db.session() as s:
-        known = writer.runs_under(s, db, str(root))
+        known = writer.runs_under(s, db, str(root), origin)
     if not run_dirs and not known:
         raise NoCheckpointsError(f"no checkpoints under {root} (looked for model_NNNNNN.pt, meta_NNNNNN.json, "
                                  f"checkpoint.pt or {METRICS_FILE}, up to {MAX_DEPTH} folders deep)")
+    unclaimed = [r.id for p, r in known.items() if not r.claimed and (Path(p) in run_dirs or os.path.isdir(p))]
+    if unclaimed:  # runs indexed before origins existed, found here: this origin's from now on
+        db.write(lambda s: writer.claim_runs(s, db, origin, unclaimed))
+        with db.session() as s:
+            known = writer.runs_under(s, db, str(root), origin)
     started = time.time()
-    root_id, scan_id = db.write(lambda s: writer.start_scan(s, db, str(root), started, _owner(), _dead_owner))
+    root_id, scan_id = db.write(lambda s: writer.start_scan(s, db, str(root), started, _owner(), _dead_owner, origin))
     written: list[tuple[str, str, str]] = []  # problems written with the batches, in order
     try:
-        plans = _scan(db, root_id, scan_id, run_dirs, known, counts, progress, written)
+        plans = _scan(db, root_id, scan_id, run_dirs, known, counts, progress, written, origin)
     except BaseException as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -308,7 +316,52 @@ def scan_path(store, path, progress: Progress | None = None) -> ScanReport:
         runs_missing=counts.runs_missing, checkpoints_seen=counts.checkpoints_seen, checkpoints_new=counts.checkpoints_new,
         checkpoints_changed=counts.checkpoints_changed, checkpoints_unchanged=counts.checkpoints_unchanged,
         checkpoints_missing=counts.checkpoints_missing, files_stat=counts.files_stat, metric_lines=counts.metric_lines,
-        metric_bad_lines=counts.metric_bad_lines, problems=tuple(ScanProblemRecord(*p) for p in written + rest))
+        metric_bad_lines=counts.metric_bad_lines, problems=tuple(ScanProblemRecord(*p) for p in written + rest),
+        origin=origin or None)
+
+
+def tree_fingerprint(root: Path) -> str:
+    """One string that changes when anything a scan of `root` would look at changes: the run folders
+    found and each one's fingerprint (see stat_run_dir). Costs the walk and a stat per file, no database."""
+    parts = []
+    for d, (entries, st) in sorted(walk_runs(root, lambda *_: None).items()):
+        try:
+            parts.append((str(d), stat_run_dir(d, entries, st)[2]))
+        except OSError:
+            parts.append((str(d), "unreadable"))
+    return str(hash(tuple(parts)))
+
+
+def watch(store, path, interval: float = 10.0, on_scan: Callable[[ScanReport | None], None] | None = None,
+          on_error: Callable[[Exception], None] | None = None, should_stop: Callable[[], bool] = lambda: False,
+          wait: Callable[[float], None] = time.sleep, origin: str | None = None) -> int:
+    """Keep the registry up to date with `path` until `should_stop()`: scan now, then every `interval`
+    seconds scan again when the tree's fingerprint changed. A pass over an unchanged tree costs the walk
+    and one stat per file and writes nothing (not even a scan row). `on_scan(report)` follows each scan
+    (None: no checkpoints yet); a RegistryError (a locked or unreachable database) goes to `on_error` and
+    the next pass tries again. `wait(seconds)` sleeps (the CLI's returns early on a signal). Returns the
+    number of scans made."""
+    root = _resolve_root(path)
+    last, scans = None, 0
+    while not should_stop():
+        try:
+            fingerprint = tree_fingerprint(root)
+            if fingerprint != last:
+                try:
+                    report = scan_path(store, root, origin=origin)
+                except NoCheckpointsError:
+                    report = None  # nothing to index yet: keep watching
+                last, scans = fingerprint, scans + 1  # taken before the scan: a change during it is seen next pass
+                if on_scan:
+                    on_scan(report)
+        except (RegistryError, OSError) as e:
+            last = None
+            if on_error is None:
+                raise
+            on_error(e)
+        if not should_stop():
+            wait(interval)
+    return scans
 
 
 def _plan_runs(run_dirs: dict, known: dict[str, writer.StoredRun], counts: _Counts) -> dict[str, RunPlan]:
@@ -340,7 +393,7 @@ def _plan_runs(run_dirs: dict, known: dict[str, writer.StoredRun], counts: _Coun
 
 
 def _scan(db, root_id: int, scan_id: int, run_dirs: dict, known: dict[str, writer.StoredRun], counts: _Counts,
-          progress, written: list) -> list[RunPlan]:
+          progress, written: list, origin: str) -> list[RunPlan]:
     plans = _plan_runs(run_dirs, known, counts)
     indexed = {p.run_id: p for p in plans.values() if p.run_id is not None and not p.unchanged}
     if indexed:
@@ -372,7 +425,8 @@ def _scan(db, root_id: int, scan_id: int, run_dirs: dict, known: dict[str, write
         now = time.time()
         views = {id(p): p.for_writer() for p in batch_runs}
         items = [(views[id(p)], ins) for p, ins in batch]
-        result = db.write(lambda s: writer.write_batch(s, db, list(views.values()), items, root_id, scan_id, now))
+        result = db.write(lambda s: writer.write_batch(s, db, list(views.values()), items, root_id, scan_id, now,
+                                                       origin))
         for p in batch_runs:  # only once committed: a retried transaction starts from the same plans
             p.run_id, p.written = result.run_ids[str(p.path)], True
         for p, ins in batch:

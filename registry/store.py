@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -67,20 +68,35 @@ from registry.models import MetricSeries as SeriesRow
 ACTIVE_WINDOW_S = 600.0
 PHASES = ("base", "sft", "rl", "lrfind")  # the values of nanochat.checkpoint_manager.PHASE_DIRS
 RUN_FIELDS = ("id", "phase", "tag", "label", "status", "depth", "n_params", "generation", "num_iterations", "world_size",
-              "total_batch_size", "path", "missing")
+              "total_batch_size", "path", "origin", "missing")
 
 
-def open_store(url_or_path: str | os.PathLike | None = None, create: bool = True, read_only: bool = False) -> RegistryStore:
+def check_origin(name: str) -> str:
+    """An origin name as given (scan --origin): 1-255 printable characters."""
+    name = str(name).strip()
+    if not name or len(name) > 255 or not name.isprintable():
+        raise RegistryError(f"origin {name!r} is not usable: give 1 to 255 printable characters (e.g. the machine's name)")
+    return name
+
+
+def default_origin() -> str:
+    """The name a machine's scans record by default: its host name."""
+    return socket.gethostname() or "localhost"
+
+
+def open_store(url_or_path: str | os.PathLike | None = None, create: bool = True, read_only: bool = False,
+               origin: str | None = None) -> RegistryStore:
     """Connect to the registry (None: $NANOCHAT_REGISTRY_URL, else <base dir>/registry.sqlite; a plain
     path is a SQLite file). Creates an empty registry when allowed; raises for other schemas.
-    read_only=True never writes (a registry we cannot write is opened read-only anyway: `read_only`)."""
+    read_only=True never writes (a registry we cannot write is opened read-only anyway: `read_only`).
+    `origin` names this machine in what it indexes (default: the host name; see `scanner.scan_path`)."""
     db = Database(url_or_path, create=create and not read_only, read_only=read_only)
     try:
         db.ensure_schema(create=create)
     except BaseException:
         db.close()
         raise
-    return RegistryStore(db)
+    return RegistryStore(db, origin)
 
 
 def _problems(items) -> tuple[ProblemRecord, ...]:
@@ -128,8 +144,9 @@ def run_status(run: Run, latest_complete: int | None, newest_incomplete: bool, n
 class RegistryStore:
     """Queries and the few writes that are not scanning. Thread-safe: each call opens its own session."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, origin: str | None = None):
         self.db = db
+        self.origin = check_origin(origin) if origin is not None else default_origin()
 
     @property
     def url(self) -> str:
@@ -151,10 +168,10 @@ class RegistryStore:
 
     # ------------------------------------------------------------------ writers forwarded
 
-    def scan(self, path, progress=None) -> ScanReport:
+    def scan(self, path, progress=None, origin: str | None = None) -> ScanReport:
         from registry.scanner import scan_path
 
-        return scan_path(self, path, progress)
+        return scan_path(self, path, progress, origin)
 
     def import_log(self, path, run=None, segment: int = 1):
         from registry.logimport import import_log
@@ -212,7 +229,7 @@ class RegistryStore:
                 metric_step = steps.get(r.id)
                 latest = max((x for x in (newest, metric_step) if x is not None and x >= 0), default=None)
                 out.append(RunSummary(
-                    id=r.id, path=r.path, phase=r.phase, tag=r.tag, label=f"{r.phase}/{r.tag}",
+                    id=r.id, path=r.path, origin=r.origin or None, phase=r.phase, tag=r.tag, label=f"{r.phase}/{r.tag}",
                     status=run_status(r, latest_complete, newest is not None and newest != latest_complete, now, active_window_s),
                     depth=r.depth, n_params=r.n_params, generation=r.generation, model_config=r.model_config or {},
                     user_config=r.user_config or {}, num_iterations=r.num_iterations, world_size=r.world_size,
@@ -259,27 +276,31 @@ class RegistryStore:
         if isinstance(ref, int):
             return self.get_run(ref)
         ref = str(ref).strip()
+        cols = (Run.id, Run.phase, Run.tag, Run.path, Run.origin)
         with self.db.session() as s:
             rows = []
             if ref.isdigit() and int(ref) <= MAX_STEP:  # ids are 32-bit columns too: a longer number is no id
-                rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.id == int(ref))).all()
+                rows = s.execute(sa.select(*cols).where(Run.id == int(ref))).all()
             p = Path(ref).expanduser()
             if not rows and (os.sep in ref or ref.startswith(".")) and (p.exists() or p.is_absolute()):
                 p = p.resolve()  # a run folder, or a file in one; a vanished run is still found by its path
-                rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(
-                    Run.path.in_([str(p), str(p.parent)]))).all()
+                rows = s.execute(sa.select(*cols).where(Run.path.in_([str(p), str(p.parent)]))).all()
                 rows = [r for r in rows if r.path == str(p)] or rows
+                # a folder on this machine is this origin's run (else an unclaimed one), when several machines have it
+                rows = [r for r in rows if r.origin == self.origin] or [r for r in rows if not r.origin] or rows
             if not rows and "/" in ref and ref.split("/", 1)[0] in PHASES:
                 phase, tag = ref.split("/", 1)
-                rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.phase == phase, Run.tag == tag)).all()
+                rows = s.execute(sa.select(*cols).where(Run.phase == phase, Run.tag == tag)).all()
             if not rows:
-                rows = s.execute(sa.select(Run.id, Run.phase, Run.tag, Run.path).where(Run.tag == ref)).all()
+                rows = s.execute(sa.select(*cols).where(Run.tag == ref)).all()
             if not rows:
                 known = [f"{phase}/{tag}" for phase, tag in s.execute(sa.select(Run.phase, Run.tag).order_by(Run.id).limit(8))]
                 hint = f" (indexed runs: {', '.join(known)})" if known else " (the registry has no runs: scan a folder first)"
                 raise RunNotFoundError(f"no run {ref!r} in the registry{hint}")
         if len(rows) > 1:
-            raise AmbiguousRunError(ref, sorted((r.id, f"{r.phase}/{r.tag}", r.path) for r in rows))
+            several = len({r.origin for r in rows}) > 1  # name the machines when they tell the candidates apart
+            raise AmbiguousRunError(ref, sorted((r.id, f"{r.phase}/{r.tag}" + (f" on {r.origin or 'any'}" if several else ""),
+                                                 r.path) for r in rows))
         return self.get_run(rows[0].id)
 
     def _run_id(self, run) -> int:
@@ -497,7 +518,7 @@ class RegistryStore:
                 checkpoints_changed=scan.checkpoints_changed, checkpoints_unchanged=scan.checkpoints_unchanged,
                 checkpoints_missing=scan.checkpoints_missing, files_stat=scan.files_stat, metric_lines=scan.metric_lines,
                 metric_bad_lines=scan.metric_bad_lines, problems=tuple(ScanProblemRecord(*p) for p in problems),
-                error=scan.error)
+                error=scan.error, origin=scan.origin or None)
 
     def scans(self, limit: int = 20) -> list[ScanReport]:
         with self.db.session() as s:

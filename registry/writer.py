@@ -100,6 +100,7 @@ class ProblemRow:
 
 @dataclass
 class NewRunRow:
+    origin: str
     path: str
     phase: str
     tag: str
@@ -183,9 +184,10 @@ class _Statements:
         self.root_upsert = (f"INSERT INTO {Root.__tablename__} (path, first_scanned_at, last_scanned_at) "
                             f"VALUES ({m('path')}, {m('now')}, {m('now')}) "
                             "ON CONFLICT (path) DO UPDATE SET last_scanned_at = excluded.last_scanned_at RETURNING id")
-        self.scan_insert = (f"INSERT INTO {Scan.__tablename__} (root_path, started_at, status, error, "
-                            f"{', '.join(_SCAN_COUNTERS)}, problem_count) VALUES ({m('root_path')}, {m('started_at')}, "
-                            f"'running', {m('owner')}, {', '.join('0' for _ in _SCAN_COUNTERS)}, 0) RETURNING id")
+        self.scan_insert = (f"INSERT INTO {Scan.__tablename__} (root_path, origin, started_at, status, error, "
+                            f"{', '.join(_SCAN_COUNTERS)}, problem_count) VALUES ({m('root_path')}, {m('origin')}, "
+                            f"{m('started_at')}, 'running', {m('owner')}, {', '.join('0' for _ in _SCAN_COUNTERS)}, 0) "
+                            "RETURNING id")
         self.scans_running = f"SELECT id, error FROM {Scan.__tablename__} WHERE status = 'running'"
         self.scan_interrupted = (f"UPDATE {Scan.__tablename__} SET status = 'interrupted', error = {m('error')} "
                                  f"WHERE id = {m('id')} AND status = 'running'")
@@ -193,9 +195,12 @@ class _Statements:
         self.scan_finish = (f"UPDATE {Scan.__tablename__} SET {assign(_SCAN_COUNTERS)}, status = {m('status')}, "
                             f"error = {m('error')}, finished_at = {m('finished_at')}, problem_count = {m('problem_count')} "
                             f"WHERE id = {m('id')}")
-        self.runs_under = (f"SELECT id, path, dir_signature, dir_checkpoints, missing FROM {_RUNS} "
-                           f"WHERE path = {m('root')} OR substr(path, 1, {m('length')}) = {m('prefix')}")
-        self.run_insert = insert(Run.__table__, NewRunRow, "ON CONFLICT (path) DO NOTHING")
+        # A scan sees its own origin's runs and the unclaimed ones ('': indexed before origins existed).
+        self.runs_under = (f"SELECT id, path, dir_signature, dir_checkpoints, missing, origin FROM {_RUNS} "
+                           f"WHERE (origin = {m('origin')} OR origin = '') "
+                           f"AND (path = {m('root')} OR substr(path, 1, {m('length')}) = {m('prefix')})")
+        self.run_claim = f"UPDATE {_RUNS} SET origin = {m('origin')} WHERE id = {m('id')} AND origin = ''"
+        self.run_insert = insert(Run.__table__, NewRunRow, "ON CONFLICT (origin, path) DO NOTHING")
         act = m("last_activity_at")
         self.run_update = (f"UPDATE {_RUNS} SET {assign(('phase', 'tag', 'root_id', 'last_seen_at', 'has_metrics_file'))}, "
                            f"missing = FALSE, last_activity_at = CASE WHEN last_activity_at IS NULL THEN {act} "
@@ -266,6 +271,7 @@ class StoredRun:
     missing: bool
     signature: str | None
     checkpoints: int
+    claimed: bool = True  # False: origin '' (indexed before schema 5), which this origin may claim
 
 
 @dataclass
@@ -276,12 +282,24 @@ class StoredCheckpoints:
     source: tuple | None = None  # (size, mtime_ns, inode) of metrics.jsonl when last read
 
 
-def runs_under(session, db, root: str) -> dict[str, StoredRun]:
-    """{path: stored run} for the root folder and every run below it (exact prefix, case-sensitive)."""
+def runs_under(session, db, root: str, origin: str) -> dict[str, StoredRun]:
+    """{path: stored run} for the root folder and every run below it (exact prefix, case-sensitive) that
+    belong to `origin` or to no origin yet; a run of the origin wins over an unclaimed one at its path."""
     sql = _Sql(session, db)
     prefix = root.rstrip("/") + "/"
-    rows = sql(sql.s.runs_under, {"root": root, "length": len(prefix), "prefix": prefix})
-    return {path: StoredRun(rid, bool(missing), signature, count or 0) for rid, path, signature, count, missing in rows}
+    out: dict[str, StoredRun] = {}
+    for rid, path, signature, count, missing, owner in sql(
+            sql.s.runs_under, {"origin": origin, "root": root, "length": len(prefix), "prefix": prefix}):
+        if path not in out or owner:
+            out[path] = StoredRun(rid, bool(missing), signature, count or 0, bool(owner))
+    return out
+
+
+def claim_runs(session, db, origin: str, run_ids: list[int]) -> None:
+    """Give unclaimed runs (origin '') to `origin`; one another origin claimed first stays theirs."""
+    if run_ids:
+        sql = _Sql(session, db)
+        sql(sql.s.run_claim, [{"origin": origin, "id": rid} for rid in run_ids])
 
 
 def load_checkpoints(session, db, run_ids) -> dict[int, StoredCheckpoints]:
@@ -308,16 +326,17 @@ def load_checkpoints(session, db, run_ids) -> dict[int, StoredCheckpoints]:
 # ---------------------------------------------------------------------- scan rows
 
 
-def start_scan(session, db, root: str, now: float, owner: str, dead: Callable[[str], str | None]) -> tuple[int, int]:
-    """Record a running scan of `root` by `owner` (kept in its error column while it runs); return (root
-    id, scan id). Scans still marked running whose owner `dead` says is gone (it returns why) are marked
-    interrupted first."""
+def start_scan(session, db, root: str, now: float, owner: str, dead: Callable[[str], str | None],
+               origin: str = "") -> tuple[int, int]:
+    """Record a running scan of `root` by `owner` (kept in its error column while it runs) for `origin`;
+    return (root id, scan id). Scans still marked running whose owner `dead` says is gone (it returns why)
+    are marked interrupted first."""
     sql = _Sql(session, db)
     gone = [{"id": sid, "error": why} for sid, who in sql(sql.s.scans_running) if who and (why := dead(who))]
     if gone:
         sql(sql.s.scan_interrupted, gone)
     root_id = sql(sql.s.root_upsert, {"path": root, "now": now}).scalar_one()
-    scan_id = sql(sql.s.scan_insert, {"root_path": root, "started_at": now, "owner": owner}).scalar_one()
+    scan_id = sql(sql.s.scan_insert, {"root_path": root, "origin": origin, "started_at": now, "owner": owner}).scalar_one()
     sql(sql.s.root_last_scan, {"scan_id": scan_id, "root_id": root_id})
     return root_id, scan_id
 
@@ -374,7 +393,7 @@ class BatchResult:
 
 
 def write_batch(session, db, runs: list[RunWrite], items: list[tuple[RunWrite, Inspection]], root_id: int, scan_id: int,
-                now: float) -> BatchResult:
+                now: float, origin: str = "") -> BatchResult:
     """Write one batch: run rows, inspected checkpoints with their files and problems, vanished
     checkpoints and files, the runs' configs. A run's first batch of this scan also updates its run row
     and marks its vanished checkpoints."""
@@ -383,11 +402,12 @@ def write_batch(session, db, runs: list[RunWrite], items: list[tuple[RunWrite, I
     ids = {str(r.path): r.run_id for r in runs if r.run_id is not None}
     new_runs = [r for r in runs if r.run_id is None]
     if new_runs:
-        sql.rows(sql.s.run_insert, [NewRunRow(str(r.path), r.phase, r.tag, root_id, now, now, r.last_activity,
+        sql.rows(sql.s.run_insert, [NewRunRow(origin, str(r.path), r.phase, r.tag, root_id, now, now, r.last_activity,
                                               r.has_metrics_file, False) for r in new_runs])
         for chunk in _chunks([str(r.path) for r in new_runs]):
             among, params = sql.s.among(chunk)
-            ids.update(sql(f"SELECT path, id FROM {_RUNS} WHERE path IN {among}", params).all())
+            ids.update(sql(f"SELECT path, id FROM {_RUNS} WHERE origin = {sql.s.mark('origin')} AND path IN {among}",
+                           {**params, "origin": origin}).all())
     sql.lock_runs(ids.values())
     # New runs were just inserted with this scan's values (or by a concurrent scanner, with the same).
     fresh = [r for r in runs if r.run_id is not None and r.first_batch]

@@ -40,13 +40,19 @@ STATE_COLORS = {
 
 
 def run_names(runs: Iterable) -> dict[int, str]:
-    """id -> the name the app shows for a run: its phase/tag, with the id added where two runs share it
-    (two base dirs with the same tag). Names are also what the URL carries."""
+    """id -> the name the app shows for a run: its phase/tag; where two runs share it, the machine it came
+    from ("base/d20 on box-a") when that tells them apart, else the id (two base dirs with the same tag).
+    Names are also what the URL carries."""
     runs = list(runs)
     seen: dict[str, int] = {}
     for r in runs:
         seen[r.label] = seen.get(r.label, 0) + 1
-    return {r.id: r.label if seen[r.label] == 1 else f"{r.label} #{r.id}" for r in runs}
+    with_origin = [f"{r.label} on {r.origin}" for r in runs if seen[r.label] > 1 and r.origin]
+    out = {}
+    for r in runs:
+        named = f"{r.label} on {r.origin}" if r.origin else None
+        out[r.id] = r.label if seen[r.label] == 1 else named if named and with_origin.count(named) == 1 else f"{r.label} #{r.id}"
+    return out
 
 
 def runs_frame(runs: Iterable, names: Mapping[int, str]) -> pd.DataFrame:
@@ -59,11 +65,11 @@ def runs_frame(runs: Iterable, names: Mapping[int, str]) -> pd.DataFrame:
             "steps": f"{done if done is not None else '–'} / {target if target else '?'}",
             "progress": r.progress, "best_val_bpb": r.best_val_bpb, "best_step": r.best_val_bpb_step,
             "last_val_bpb": r.last_val_bpb, "checkpoints": r.checkpoint_count, "segments": r.segments,
-            "status": STATUS_LABELS.get(r.status, r.status), "last_update": r.last_update, "path": r.path,
-            "token_bytes": r.token_bytes.label if r.token_bytes is not None else "unknown",
+            "status": STATUS_LABELS.get(r.status, r.status), "last_update": r.last_update, "origin": r.origin,
+            "path": r.path, "token_bytes": r.token_bytes.label if r.token_bytes is not None else "unknown",
         })
     columns = ["id", "run", "phase", "tag", "depth", "parameters", "steps", "progress", "best_val_bpb", "best_step",
-               "last_val_bpb", "checkpoints", "segments", "status", "last_update", "path", "token_bytes"]
+               "last_val_bpb", "checkpoints", "segments", "status", "last_update", "origin", "path", "token_bytes"]
     return pd.DataFrame(rows, columns=columns)
 
 

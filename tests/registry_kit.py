@@ -28,7 +28,10 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 # migration test removes them and sets the stored version, to make what an older registry looked like. A new
 # migration adds its tables and columns here.
 ADDED_IN = {2: (("shard_token_counts", "dataset_shards"), {}), 3: (("eval_results",), {}),
-            4: (("tokenizer_checks",), {"runs": ("tokenizer_check_id",)})}
+            4: (("tokenizer_checks",), {"runs": ("tokenizer_check_id",)}),
+            5: ((), {"runs": ("origin",), "scans": ("origin",)})}
+# Constraints a table had before a version changed them: before 5, a run was unique per path.
+UNIQUE_BEFORE = {5: {"runs": ("path",)}}
 TABLES_ADDED_AFTER_V1 = tuple(t for v in sorted(ADDED_IN, reverse=True) for t in ADDED_IN[v][0])
 
 
@@ -42,10 +45,13 @@ def make_version(path, version: int) -> None:
             tables, columns = ADDED_IN[v]
             for table, gone in columns.items():  # SQLite cannot drop a column with a REFERENCES clause: rebuild
                 full = Base.metadata.tables[table]
-                keep = [c for c in full.columns if c.name not in gone]
+                present = {r[1] for r in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+                keep = [c for c in full.columns if c.name not in gone and c.name in present]
+                before = UNIQUE_BEFORE.get(v, {}).get(table)
+                unique = [sa.UniqueConstraint(*before)] if before else []
                 sa.Table(f"{table}_old", sa.MetaData(), *[sa.Column(c.name, c.type, primary_key=c.primary_key,
-                                                                    nullable=c.nullable, unique=c.unique) for c in keep]
-                         ).create(conn)
+                                                                    nullable=c.nullable, unique=c.unique) for c in keep],
+                         *unique).create(conn)
                 names = ", ".join(c.name for c in keep)
                 conn.exec_driver_sql(f"INSERT INTO {table}_old ({names}) SELECT {names} FROM {table}")
                 conn.exec_driver_sql(f"DROP TABLE {table}")
@@ -55,6 +61,21 @@ def make_version(path, version: int) -> None:
             for table in tables:
                 conn.exec_driver_sql(f"DROP TABLE {table}")
         conn.exec_driver_sql(f"UPDATE registry_info SET value = '{version}' WHERE key = 'schema_version'")
+    engine.dispose()
+
+
+def make_version_4(url) -> None:
+    """A current registry (a SQLite path or a PostgreSQL URL) as schema 4 left it: no origins, runs unique per path."""
+    if "://" not in str(url):
+        make_version(url, 4)
+        return
+    engine = sa.create_engine(str(url))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE runs DROP CONSTRAINT uq_runs_origin_path")
+        conn.exec_driver_sql("ALTER TABLE runs DROP COLUMN origin")
+        conn.exec_driver_sql("ALTER TABLE runs ADD CONSTRAINT runs_path_key UNIQUE (path)")
+        conn.exec_driver_sql("ALTER TABLE scans DROP COLUMN origin")
+        conn.exec_driver_sql("UPDATE registry_info SET value = '4' WHERE key = 'schema_version'")
     engine.dispose()
 
 

@@ -37,6 +37,7 @@ class Run:
     label: str
     total_batch_size: int | None = 1000
     flops_per_token: int | None = 6
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,13 @@ def test_stand_ins_only_use_fields_the_registry_entities_have(stand_in, entity):
     """The small stand-ins above keep these tests short; this keeps them honest if an entity changes."""
     properties = {name for name, v in vars(entity).items() if isinstance(v, property)}
     assert {f.name for f in fields(stand_in)} <= {f.name for f in fields(entity)} | properties
+
+
+def test_run_names_tell_shared_labels_apart_by_machine_then_id():
+    runs = [Run(1, "base/d20", origin="box-a"), Run(2, "base/d20", origin="box-b"), Run(3, "sft/d20", origin="box-a"),
+            Run(4, "base/d4"), Run(5, "base/d4")]
+    assert frames.run_names(runs) == {1: "base/d20 on box-a", 2: "base/d20 on box-b", 3: "sft/d20", 4: "base/d4 #4",
+                                      5: "base/d4 #5"}
 
 
 def test_compact_numbers():

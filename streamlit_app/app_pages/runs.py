@@ -129,7 +129,7 @@ table = table.assign(open=[f"checkpoints?run={quote(n, safe='')}" for n in table
 st.dataframe(
     table, hide_index=True, width="stretch",
     column_order=["run", "status", "depth", "parameters", "steps", "progress", "best_val_bpb", "last_val_bpb", "checkpoints",
-                  "token_bytes", "last_update", "open"],
+                  "token_bytes", "last_update", "origin", "open"],
     column_config={
         "run": st.column_config.TextColumn("phase/tag", pinned=True, help="training phase (base, sft, rl) / model tag"),
         "status": st.column_config.TextColumn("status", width="small", help="training: files changed in the last 10 minutes; "
@@ -151,6 +151,8 @@ st.dataframe(
             "with a wrong byte length (upstream's build before 2ce972a), which shifts every val_bpb: compare only runs whose "
             "verdicts are right; 'no file (ok)': bpb computed from the tokenizer"),
         "last_update": st.column_config.DatetimeColumn("updated", format="distance", width=105),  # leaves room for "open"
+        "origin": st.column_config.TextColumn("origin", width=80, help="the machine whose scans index the run "
+                                              "(scan --origin, default its host name); empty: indexed before origins"),
         "open": st.column_config.LinkColumn("open", display_text="↗", width=48, help="This run's checkpoints"),
     })
 st.caption(f"{len(table)} runs, newest activity first. Registry `{url}`.")
