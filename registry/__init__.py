@@ -2,8 +2,8 @@
 The nanochat run registry: an index of runs, checkpoints, metadata and metrics in SQLite (or
 PostgreSQL), with history queries and a CLI (`python -m registry`).
 
-Public entry points: `open_store(url_or_path=None, create=True) -> RegistryStore` and
-`registry.scanner.scan_path(store, path, progress=None) -> ScanReport`. Importing this package pulls
+Public entry points: `open_store(url_or_path=None, create=True, origin=None) -> RegistryStore` and
+`registry.scanner.scan_path(store, path, progress=None, origin=None) -> ScanReport`. Importing this package pulls
 in neither torch nor streamlit.
 """
 
