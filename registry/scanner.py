@@ -307,7 +307,7 @@ def scan_path(store, path, progress: Progress | None = None, origin: str | None 
     seen = [writer.RunIndexedRow(p.run_id, finished, p.fingerprint, p.stored_count if p.unchanged else len(p.slots))
             for p in plans]
     rest = db.write(lambda s: writer.finish_scan(s, db, scan_id, counts, "ok", None, seen, written, finished))
-    tokenizer_checks.refresh_under(store, str(root))  # each run's token_bytes verdict (two stats per tokenizer folder)
+    tokenizer_checks.refresh_under(store, str(root), origin)  # each run's token_bytes verdict (two stats per tokenizer folder)
     if progress:
         progress(counts.checkpoints_seen, counts.checkpoints_seen, "done")
     return ScanReport(

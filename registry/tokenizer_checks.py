@@ -78,14 +78,14 @@ def to_verdict(row: TokenizerCheck | None) -> TokenBytesVerdict | None:
                              values_digest=row.values_digest, error=row.error, checked_at=utc(row.checked_at))
 
 
-def refresh_under(store, root: str) -> int:
+def refresh_under(store, root: str, origin: str | None = None) -> int:
     """Bring the verdicts of the runs under `root` up to date (see the module docstring); returns how many
     folders were checked (0 when every stamp matched)."""
     from nanochat.checkpoint_manager import find_tokenizer_dir
 
     db = store.db
     with db.session() as s:
-        runs = writer.runs_under(s, db, root)
+        runs = writer.runs_under(s, db, root, store.origin if origin is None else origin)
         ids = [r.id for r in runs.values()]
         links = dict(s.execute(sa.select(Run.id, Run.tokenizer_check_id).where(Run.id.in_(ids))).all()) if ids else {}
         known = {r.path: (r.id, r.stamp) for r in s.execute(sa.select(TokenizerCheck.path, TokenizerCheck.id, TokenizerCheck.stamp))}

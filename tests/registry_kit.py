@@ -47,8 +47,7 @@ def make_version(path, version: int) -> None:
                 full = Base.metadata.tables[table]
                 present = {r[1] for r in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
                 keep = [c for c in full.columns if c.name not in gone and c.name in present]
-                before = UNIQUE_BEFORE.get(v, {}).get(table)
-                unique = [sa.UniqueConstraint(*before)] if before else []
+                unique = [sa.UniqueConstraint(*m[table]) for w, m in UNIQUE_BEFORE.items() if w > version and table in m]
                 sa.Table(f"{table}_old", sa.MetaData(), *[sa.Column(c.name, c.type, primary_key=c.primary_key,
                                                                     nullable=c.nullable, unique=c.unique) for c in keep],
                          *unique).create(conn)
