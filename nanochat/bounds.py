@@ -68,11 +68,12 @@ def json_depth_exceeds(data: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-def loads(data: str | bytes, limit: int = MAX_JSON_DEPTH):
-    """json.loads that refuses (ValueError) a document nested deeper than `limit`."""
+def loads(data: str | bytes, limit: int = MAX_JSON_DEPTH, parse_constant=None):
+    """json.loads that refuses (ValueError) a document nested deeper than `limit`; `parse_constant`
+    (json.loads') turns NaN/Infinity into something else (the meta reader: None)."""
     if json_depth_exceeds(data, limit):
         raise ValueError(f"nested deeper than {limit} levels")
-    return json.loads(data)
+    return json.loads(data, parse_constant=parse_constant)
 
 
 def name_number(digits: str, high: int = MAX_STEP) -> int | None:

@@ -38,7 +38,10 @@ MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
 META_RE = re.compile(r"^meta_(\d+)\.json$")
 OPTIM_RE = re.compile(r"^optim_(\d+)(?:_rank(\d+))?\.pt$")
 TRAIN_STATE_RE = re.compile(r"^trainstate_(\d+)_rank(\d+)\.pt$")
-REQUIRED_META_KEYS = ("step", "model_config")
+# A meta must describe the model. The step is the file name's (upstream's chat_rl writes no "step"); a meta
+# that has one must agree. A single file has no name to take the step from, so its metadata needs it.
+REQUIRED_META_KEYS = ("model_config",)
+REQUIRED_SINGLE_FILE_KEYS = ("step", "model_config")
 
 
 class CheckpointError(Exception):
@@ -310,7 +313,10 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
     try:
         if ckpt.meta.stat().st_size > bounds.MAX_META_BYTES:
             raise CheckpointError(f"{ckpt.meta.name} is larger than {bounds.MAX_META_BYTES >> 20} MB: not a meta", "bad_meta_json")
-        meta = bounds.loads(read_regular(ckpt.meta).decode("utf-8"))
+        # Upstream writes `Infinity` for loop_state.min_val_bpb when evaluation is off (Python's json.dump
+        # allows it; strict JSON, PostgreSQL's json type and browsers do not): non-finite numbers read as
+        # null, so a meta is plain JSON everywhere after this; readers that need upstream's meaning map it back.
+        meta = bounds.loads(read_regular(ckpt.meta).decode("utf-8"), parse_constant=lambda _constant: None)
     except OSError as e:
         raise CheckpointError(f"cannot read {ckpt.meta.name}: {e.strerror}", "unreadable") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too deep, an integer of too many digits
@@ -326,6 +332,42 @@ def check_meta(meta: dict, name: str) -> dict:
     if why := bounds.meta_problem(meta):
         raise CheckpointError(f"{name}: {why}", "bad_meta")
     return meta
+
+
+def writer_of(ckpt: CheckpointFiles, meta: dict | None) -> str:
+    """Which script wrote a checkpoint: "chat_rl" (upstream's RL: a meta with no step, in
+    chatrl_checkpoints/ or not), "chat_sft", "base_train" (ours or upstream's), or "other" (a single
+    file). The resume command takes this script's flags; whether a checkpoint can be resumed at all
+    starts here (`why_not_resumable`)."""
+    if ckpt.layout == "single_file":
+        return "other"
+    phase = phase_and_tag(ckpt.directory)[0]
+    if phase == "rl" or (isinstance(meta, dict) and "step" not in meta and "user_config" not in meta):
+        return "chat_rl"
+    return "chat_sft" if phase == "sft" else "base_train"
+
+
+def saves_optimizer(ckpt: CheckpointFiles, meta: dict | None) -> bool:
+    """Whether the script that wrote it saves optimizer state: upstream's chat_rl does not, by design."""
+    return writer_of(ckpt, meta) != "chat_rl"
+
+
+def why_not_resumable(layout: str, directory: str | os.PathLike, meta: dict | None) -> str | None:
+    """Why no script can continue training from a checkpoint, however intact its files (None: one can).
+    The one rule behind a checkpoint's `resumable` (registry) and the resume plan's "unsupported"."""
+    from nanochat.schedule import is_classic_user_config
+
+    ckpt = CheckpointFiles(Path(directory), None, layout)
+    writer = writer_of(ckpt, meta)
+    if writer == "other":
+        return "single-file checkpoints come from other training scripts; no nanochat script resumes them"
+    if writer == "chat_rl":
+        return "cannot be resumed: upstream's chat_rl saves no optimizer (its checkpoints load and sample)"
+    user = (meta or {}).get("user_config")
+    if writer == "base_train" and isinstance(user, dict) and is_classic_user_config(user):
+        return ("classic nanochat (before --resume-from-step existed) cannot resume, and current base_train builds "
+                "a different architecture: the weights load for evaluation and sampling only")
+    return None
 
 
 def single_file_meta(tree, name: str) -> dict:

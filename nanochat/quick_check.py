@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from nanochat import torchfile
 from nanochat.checkpoint_manager import (
     REQUIRED_META_KEYS,
+    REQUIRED_SINGLE_FILE_KEYS,
     CheckpointError,
     CheckpointFiles,
     Problem,
@@ -36,6 +37,7 @@ from nanochat.checkpoint_manager import (
     check_meta,
     expected_world_size,
     read_meta,
+    saves_optimizer,
     single_file_meta,
 )
 from nanochat.model_config import ArchitectureError, GPTConfig, expected_state_shapes, is_state_dict_key
@@ -105,11 +107,12 @@ def quick_check(ckpt: CheckpointFiles, meta: dict | None = None) -> QuickCheck:
     except CheckpointError as e:
         problems.append(Problem(e.code, str(e), "load", ckpt.meta.name if ckpt.meta else model_name))
         return QuickCheck(problems, [], None, None, expected_world_size(ckpt, None))
-    missing = [k for k in REQUIRED_META_KEYS if k not in meta]
+    required = REQUIRED_META_KEYS if ckpt.layout == "upstream" else REQUIRED_SINGLE_FILE_KEYS
+    missing = [k for k in required if k not in meta]
     if missing:
         problems.append(Problem("bad_meta", f"meta lacks {', '.join(missing)}", "load",
                                 ckpt.meta.name if ckpt.meta else None))
-    elif ckpt.layout == "upstream" and meta["step"] != ckpt.step:
+    elif ckpt.layout == "upstream" and "step" in meta and meta["step"] != ckpt.step:
         problems.append(Problem("step_mismatch", f"meta says step {meta['step']} but its file name says step {ckpt.step}",
                                 "load", ckpt.meta.name))
     world = expected_world_size(ckpt, meta) if ckpt.layout == "upstream" else 0
@@ -149,7 +152,7 @@ def _keyed(shapes: dict | None) -> tuple[dict, frozenset | None] | None:
 def _resume_problems(ckpt: CheckpointFiles, meta: dict, world: int) -> list[Problem]:
     """Optimizer shards for the world size, and training states when the meta says it saved them."""
     problems: list[Problem] = []
-    if world == 0:
+    if world == 0 and saves_optimizer(ckpt, meta):  # chat_rl saves none by design: not a problem, no resume
         problems.append(Problem("missing_optimizer_shard",
                                 "no optimizer state saved: the weights load but training cannot resume", "resume"))
     wanted = [(ckpt.optimizer_shards, "missing_optimizer_shard", "optimizer shard of rank {rank} of {world} is missing")]

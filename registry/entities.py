@@ -178,7 +178,7 @@ class CheckpointRecord:
     segment: int
     val_bpb: float | None
     complete: bool  # loadable (no problem that blocks loading)
-    resumable: bool  # no problem at all: every optimizer shard (and training state) present
+    resumable: bool  # a script can continue from it: no problem at all, and resume_note is None
     missing: bool  # its files are gone from disk (history kept)
     has_train_state: bool
     world_size: int | None
@@ -188,6 +188,7 @@ class CheckpointRecord:
     first_seen: datetime
     inspected: datetime
     latest_integrity: IntegrityRecord | None
+    resume_note: str | None = None  # why no script resumes it however intact (classic, single file, chat_rl)
 
     @property
     def label(self) -> str:

@@ -107,6 +107,7 @@ class Inspection:
     problems: list[dict]  # [{code, message, blocks, file}] as checkpoint_manager.Problem
     shapes: dict | None = None  # state-dict shapes, when the quick check read the model's pickle
     world: int | None = None  # the world size expected for the optimizer shards, when inspection worked it out
+    not_resumable: str | None = None  # why no script resumes it however intact (cm.why_not_resumable)
 
     @property
     def complete(self) -> bool:
@@ -114,7 +115,7 @@ class Inspection:
 
     @property
     def resumable(self) -> bool:
-        return not self.problems
+        return not self.problems and self.not_resumable is None
 
     @property
     def val_bpb(self) -> float | None:
@@ -153,7 +154,8 @@ def inspect_checkpoint(slot: Slot, directory: Path) -> Inspection:
     step = slot.step
     if slot.layout == "single_file":
         step = check.meta["step"] if check.meta is not None and isinstance(check.meta.get("step"), int) else -1
-    return Inspection(slot, step, check.meta, _problems(check.problems), check.shapes, check.world)
+    return Inspection(slot, step, check.meta, _problems(check.problems), check.shapes, check.world,
+                      cm.why_not_resumable(slot.layout, directory, check.meta))
 
 
 def run_config(ins: Inspection, directory: Path) -> dict:

@@ -23,6 +23,7 @@ results (the registry store does) nor picks a checkpoint to resume from (see `re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -35,7 +36,8 @@ from nanochat import checkpoint_manager as cm
 from nanochat import torchfile
 from nanochat.checkpoint_manager import CheckpointError, CheckpointFiles, Problem
 from nanochat.common import open_regular_file
-from nanochat.quick_check import dedupe, quick_problems, shape_problems, unsafe_problem
+from nanochat.quick_check import dedupe, shape_problems, unsafe_problem
+from nanochat.quick_check import quick_check as quick_checked
 
 CHUNK_BYTES = 8 << 20  # the streaming buffer: the deep check's memory does not grow with the file
 LEVELS = ("quick", "deep")
@@ -69,6 +71,11 @@ PROBLEM_CODES: dict[str, str] = {
     "missing_optimizer_shard": "an optimizer shard of the recorded world size is missing: weights load, training cannot resume",
     "missing_train_state": "meta says train_state but a rank's trainstate file (RNG, data position) is missing",
     "changed_since_indexed": "a file's sha256 differs from the one recorded by an earlier deep check",
+    "missing_tokenizer": "no tokenizer for the run (tokenizer/ beside the checkpoints, or in $NANOCHAT_BASE_DIR): "
+                         "no checkpoint of it can be used",
+    "bad_tokenizer": "the run's tokenizer cannot be read, or the restricted reader refused its tokenizer.pkl (it "
+                     "references code): no checkpoint of it can be used",
+    "vocab_mismatch": "the run's tokenizer has another vocabulary size than the model: the wrong tokenizer",
 }
 
 
@@ -95,6 +102,7 @@ class IntegrityResult:
     checked_at: float  # unix seconds when the check started
     duration_s: float
     bytes_read: int = 0
+    not_resumable: str | None = None  # why no script resumes it however intact (checkpoint_manager.why_not_resumable)
 
     @property
     def ok(self) -> bool:
@@ -106,7 +114,7 @@ class IntegrityResult:
 
     @property
     def resumable(self) -> bool:
-        return not self.problems
+        return not self.problems and self.not_resumable is None
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -131,7 +139,7 @@ class IntegrityResult:
         """The `--json` shape of one checked checkpoint (see the README's integrity section)."""
         return {
             "directory": self.directory, "step": self.step, "layout": self.layout, "level": self.level,
-            "ok": self.ok, "loadable": self.loadable, "resumable": self.resumable,
+            "ok": self.ok, "loadable": self.loadable, "resumable": self.resumable, "resume_note": self.not_resumable,
             "checked_at": self.checked_at, "duration_s": round(self.duration_s, 6), "bytes_read": self.bytes_read,
             "problems": [asdict(p) for p in self.problems],
             "files": [asdict(f) for f in self.files],
@@ -173,11 +181,58 @@ def _stat_files(ckpt: CheckpointFiles) -> tuple[FileDigest, ...]:
     return tuple(out)
 
 
-def quick_check(ckpt: CheckpointFiles) -> IntegrityResult:
+def quick_check(ckpt: CheckpointFiles, tokenizer: bool = False) -> IntegrityResult:
     started, t0 = time.time(), time.perf_counter()
-    problems = quick_problems(ckpt)
+    check = quick_checked(ckpt)
+    problems = dedupe([*check.problems, *(tokenizer_problems(ckpt, check.meta) if tokenizer else ())])
     return IntegrityResult(str(ckpt.directory), ckpt.step, ckpt.layout, "quick", tuple(problems), _stat_files(ckpt),
-                           started, time.perf_counter() - t0)
+                           started, time.perf_counter() - t0,
+                           not_resumable=cm.why_not_resumable(ckpt.layout, ckpt.directory, check.meta))
+
+
+# ---------------------------------------------------------------------- the run's tokenizer (both levels)
+
+
+def tokenizer_problems(ckpt: CheckpointFiles, meta: dict | None) -> list[Problem]:
+    """The tokenizer the checkpoint needs (`checkpoint_manager.find_tokenizer_dir`, as loading finds it): present,
+    readable by our readers (upstream's tokenizer.pkl only through the restricted unpickler) and of the
+    model's vocabulary size. It is the run's, so every checkpoint of the run gets the same problem; it is
+    read once per tokenizer folder while its files are unchanged."""
+    if ckpt.model is None:
+        return []
+    found = cm.find_tokenizer_dir(ckpt.directory)
+    if found is None:
+        return [Problem("missing_tokenizer", f"no tokenizer for {ckpt.directory.name} (looked for tokenizer/ beside "
+                        "the checkpoints and in $NANOCHAT_BASE_DIR): no checkpoint of this run can be used", "load")]
+    stamp = []
+    for name in ("tokenizer.json", "tokenizer.pkl"):
+        try:
+            st = (found / name).stat()
+            stamp.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            pass
+    vocab = _tokenizer_vocab(str(found), tuple(stamp))
+    if isinstance(vocab, str):
+        return [Problem("bad_tokenizer", f"the tokenizer in {found} cannot be used: {vocab}", "load")]
+    expected = (meta or {}).get("model_config", {}).get("vocab_size") if isinstance((meta or {}).get("model_config"), dict) \
+        else None
+    if isinstance(expected, int) and not isinstance(expected, bool) and expected != vocab:
+        return [Problem("vocab_mismatch", f"the tokenizer in {found} has {vocab} tokens but the model expects {expected}: "
+                        "wrong tokenizer for this run", "load")]
+    return []
+
+
+@functools.lru_cache(maxsize=32)
+def _tokenizer_vocab(directory: str, _stamp: tuple) -> int | str:
+    """The vocabulary size of the tokenizer in `directory` (as its files are at `_stamp`), or why it cannot be read."""
+    from nanochat.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        return Tokenizer.from_directory(directory).get_vocab_size()
+    except TokenizerError as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
 
 
 # ---------------------------------------------------------------------- deep: one streaming pass per file
@@ -376,7 +431,7 @@ def _load_problems(ckpt: CheckpointFiles, meta: dict | None, path: Path, role: s
 
 
 def deep_check(ckpt: CheckpointFiles, previous: Mapping[str, FileDigest | str] | None = None,
-               progress: Callable[[int], None] | None = None) -> IntegrityResult:
+               progress: Callable[[int], None] | None = None, tokenizer: bool = False) -> IntegrityResult:
     """Every check there is, on every file of one checkpoint. `previous` maps a file name to what an
     earlier deep check recorded (its FileDigest, or just the sha256); a different hash now is
     `changed_since_indexed`.
@@ -385,11 +440,8 @@ def deep_check(ckpt: CheckpointFiles, previous: Mapping[str, FileDigest | str] |
     import torch  # noqa: F401
 
     started, t0 = time.time(), time.perf_counter()
-    problems = quick_problems(ckpt)
-    try:
-        meta = cm.read_meta(ckpt)
-    except CheckpointError:
-        meta = None
+    check = quick_checked(ckpt)
+    problems, meta = [*check.problems, *(tokenizer_problems(ckpt, check.meta) if tokenizer else ())], check.meta
     broken = {p.file for p in problems if p.code in ("truncated", "empty_file", "missing_file", "not_torch_file",
                                                      "unreadable", "unsafe_pickle", "bad_pickle")}
     digests, total = [], 0
@@ -416,7 +468,8 @@ def deep_check(ckpt: CheckpointFiles, previous: Mapping[str, FileDigest | str] |
         if problem := _changed(d, (previous or {}).get(d.name), roles.get(d.name)):
             problems.append(problem)
     return IntegrityResult(str(ckpt.directory), ckpt.step, ckpt.layout, "deep", tuple(dedupe(problems)), tuple(digests),
-                           started, time.perf_counter() - t0, total)
+                           started, time.perf_counter() - t0, total,
+                           not_resumable=cm.why_not_resumable(ckpt.layout, ckpt.directory, meta))
 
 
 def _changed(now: FileDigest, before: FileDigest | str | None, role: str | None) -> Problem | None:
@@ -435,6 +488,7 @@ def _changed(now: FileDigest, before: FileDigest | str | None, role: str | None)
 
 
 def check_checkpoint(ckpt: CheckpointFiles, deep: bool = False, previous: Mapping[str, FileDigest | str] | None = None,
-                     progress: Callable[[int], None] | None = None) -> IntegrityResult:
-    """The quick or the deep check of one checkpoint (see the module docstring)."""
-    return deep_check(ckpt, previous, progress) if deep else quick_check(ckpt)
+                     progress: Callable[[int], None] | None = None, tokenizer: bool = False) -> IntegrityResult:
+    """The quick or the deep check of one checkpoint (see the module docstring); with `tokenizer`, also the
+    tokenizer its run needs (`tokenizer_problems`: what `verify` and `registry resume` ask for)."""
+    return deep_check(ckpt, previous, progress, tokenizer) if deep else quick_check(ckpt, tokenizer)

@@ -163,7 +163,7 @@ def check_and_record(store, ckpt: CheckpointFiles, deep: bool, progress: Progres
     label, cid = (index or _Index(store)).lookup(ckpt)
     detail = store.checkpoint_detail(cid) if (deep and cid is not None) else None
     previous = recorded_digests(detail) if detail is not None else None
-    result = integrity.check_checkpoint(ckpt, deep=deep, previous=previous, progress=progress)
+    result = integrity.check_checkpoint(ckpt, deep=deep, previous=previous, progress=progress, tokenizer=True)
     if not deep and progress is not None:
         progress(1)
     if cid is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from registry import cli, resume
+from tests.modelkit import tiny_tokenizer
 from tests.test_resume import save_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,7 @@ def base(tmp_path):
     b = tmp_path / "base"
     for step, val in ((10, 3.0), (20, 2.9)):
         save_step(b / "base_checkpoints" / "d2", step, val, seed=step)
+    tiny_tokenizer(300).save(b / "tokenizer")  # the run's tokenizer: verify checks it too
     return b
 
 

@@ -9,6 +9,7 @@ import torch
 
 from registry import verify
 from registry.errors import RunNotFoundError, ScanPathError
+from tests.modelkit import tiny_tokenizer
 from tests.test_resume import save_step
 
 
@@ -17,6 +18,7 @@ def base(tmp_path):
     b = tmp_path / "base"
     for step, val in ((10, 3.0), (20, 2.9)):
         save_step(b / "base_checkpoints" / "d2", step, val, seed=step)
+    tiny_tokenizer(300).save(b / "tokenizer")  # the run's tokenizer: verify checks it too
     save_step(b / "chatsft_checkpoints" / "d2", 5, 1.9)
     return b
 
