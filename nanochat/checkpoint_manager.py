@@ -355,7 +355,7 @@ def saves_optimizer(ckpt: CheckpointFiles, meta: dict | None) -> bool:
 def why_not_resumable(layout: str, directory: str | os.PathLike, meta: dict | None) -> str | None:
     """Why no script can continue training from a checkpoint, however intact its files (None: one can).
     The one rule behind a checkpoint's `resumable` (registry) and the resume plan's "unsupported"."""
-    from nanochat.schedule import is_classic_user_config
+    from nanochat.train_config import is_classic_user_config
 
     ckpt = CheckpointFiles(Path(directory), None, layout)
     writer = writer_of(ckpt, meta)

@@ -122,6 +122,9 @@ class Trainer:
     script: str  # the module run with `python -m`
     description: str
     flags: tuple[Flag, ...] = ()
+    # Only the declared flags go into its commands: an upstream script we do not ship refuses any other
+    # (a key its user_config records that it no longer takes). Ours: unknown keys pass, as upstream's names.
+    closed: bool = False
     _by_dest: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -221,9 +224,51 @@ OUTPUT_FLAGS = (
 
 BASE_TRAIN = Trainer("scripts.base_train", "Pretrain a nanochat base model.",
                      RUN_FLAGS + MODEL_FLAGS + HORIZON_FLAGS + OPTIM_FLAGS + RESUME_FLAGS + OUTPUT_FLAGS)
-# Upstream's later phases: the workbench does not train them, but the planner builds their restart commands.
-UPSTREAM_SCRIPTS = {"base": BASE_TRAIN, "sft": Trainer("scripts.chat_sft", "upstream nanochat's SFT"),
-                    "rl": Trainer("scripts.chat_rl", "upstream nanochat's RL")}
+# Upstream's later phases: the workbench does not train them, but the planner builds their commands, which
+# take exactly upstream's argparse flags at 92d63d4 (tests/fixtures/upstream/script_flags.json holds the list).
+_SOURCE = (Flag("run", str, "dummy", "wandb run name ('dummy' disables wandb logging)"),
+           Flag("device_type", str, "", "cuda|cpu|mps (empty = autodetect)"),
+           Flag("model_tag", str, None, "model tag to load from"),
+           Flag("model_step", int, None, "model step to load from"))
+CHAT_SFT = Trainer("scripts.chat_sft", "upstream nanochat's SFT", _SOURCE + (
+    Flag("load_optimizer", int, 1, "warm-start optimizer from pretrained checkpoint (0=no, 1=yes)"),
+    Flag("num_iterations", int, -1, "number of optimization steps (-1 = full epoch)"),
+    Flag("max_seq_len", int, None, "max context length (default: inherit from pretrain)"),
+    Flag("device_batch_size", int, None, "per-device batch size (default: inherit from pretrain)"),
+    Flag("total_batch_size", int, None, "total batch size in tokens (default: inherit from pretrain)"),
+    Flag("embedding_lr", float, None, "learning rate for embedding parameters (Adam) (default: inherit from pretrain)"),
+    Flag("unembedding_lr", float, None, "learning rate for unembedding parameters (Adam) (default: inherit from pretrain)"),
+    Flag("matrix_lr", float, None, "learning rate for matrix parameters (Muon) (default: inherit from pretrain)"),
+    Flag("init_lr_frac", float, 0.8, "initial LR as fraction of base LR"),
+    Flag("warmup_ratio", float, 0.0, "ratio of iterations for LR warmup"),
+    Flag("warmdown_ratio", float, 0.5, "ratio of iterations for LR warmdown"),
+    Flag("final_lr_frac", float, 0.0, "final LR as fraction of initial LR"),
+    Flag("eval_every", int, 200, "evaluate val bpb every N steps (-1 = disable)"),
+    Flag("eval_tokens", int, 40 * 524288, "number of tokens to evaluate val loss on"),
+    Flag("chatcore_every", int, 200, "evaluate ChatCORE metric every N steps (-1 = disable)"),
+    Flag("chatcore_max_cat", int, -1, "max problems per categorical task for ChatCORE"),
+    Flag("chatcore_max_sample", int, 24, "max problems per generative task for ChatCORE"),
+    Flag("mmlu_epochs", int, 3, "number of epochs of MMLU in training mixture (teaches Multiple Choice)"),
+    Flag("gsm8k_epochs", int, 4, "number of epochs of GSM8K in training mixture (teaches Math and Tool Use)")),
+    closed=True)
+CHAT_RL = Trainer("scripts.chat_rl", "upstream nanochat's RL", _SOURCE + (
+    Flag("num_epochs", int, 1, "number of epochs over GSM8K"),
+    Flag("device_batch_size", int, 8, "max batch size per forward pass"),
+    Flag("examples_per_step", int, 16, "total examples per optimization step across all ranks"),
+    Flag("num_samples", int, 16, "number of samples per example/question"),
+    Flag("max_new_tokens", int, 256, "max tokens to generate per sample"),
+    Flag("temperature", float, 1.0, "sampling temperature"),
+    Flag("top_k", int, 50, "top-k sampling (0 = disabled)"),
+    Flag("embedding_lr", float, 0.2, "learning rate for embedding parameters (Adam)"),
+    Flag("unembedding_lr", float, 0.004, "learning rate for unembedding parameters (Adam)"),
+    Flag("matrix_lr", float, 0.02, "learning rate for matrix parameters (Muon)"),
+    Flag("weight_decay", float, 0.0, "weight decay for embedding/unembedding parameters (Adam)"),
+    Flag("init_lr_frac", float, 0.05, "initial LR as fraction of base LR"),
+    Flag("eval_every", int, 60, "evaluate pass@k every N steps"),
+    Flag("eval_examples", int, 400, "number of examples for pass@k evaluation"),
+    Flag("save_every", int, 60, "save checkpoint every N steps")),
+    closed=True)
+UPSTREAM_SCRIPTS = {"base": BASE_TRAIN, "sft": CHAT_SFT, "rl": CHAT_RL}
 
 # Classic upstream (Oct-Nov 2025) had no --warmup-steps, a 65,536-token vocabulary and an explicit batch.
 CLASSIC_DEFAULTS = {"warmup_ratio": 0.0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, "total_batch_size": 524288,
@@ -460,6 +505,8 @@ def _flag_arg(trainer: Trainer, key: str, value, classic: bool) -> str | None:
     # which step to resume is the command's own choice, whatever script recorded the key
     if (f is not None and not f.repeat) or key in RESUME_DESTS or value is None or value is False:
         return None
+    if f is None and trainer.closed:
+        return None
     # classic upstream parsed --key=value with underscores (its configurator); others take argparse flags
     name = f"--{key}" if classic else (f.option_strings[0] if f is not None else "--" + key.replace("_", "-"))
     if value is True:
@@ -474,7 +521,9 @@ def resume_command(trainer: Trainer, user_config: Mapping, *, world_size: int, r
     `--resume-from-step` (None: a script without resume restarts), launched by torchrun for several
     processes. The trainer prints it on a stop; the registry's resume planner shows it."""
     user = {**user_config, **(overrides or {})}
-    classic = is_classic_user_config(user_config)
+    # The syntax is the script's: only classic base_train parsed --key=value (its configurator). A chat_sft
+    # user_config looks "classic" (warmup_ratio, no warmup_steps) but chat_sft takes argparse flags.
+    classic = trainer is BASE_TRAIN and is_classic_user_config(user_config)
     flags = [a for k, v in user.items() if (a := _flag_arg(trainer, k, v, classic))]
     if resume_step is not None:
         flags.append(f"--resume-from-step={resume_step}")

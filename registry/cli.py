@@ -305,7 +305,8 @@ def cmd_show(args, ctx) -> Output:
     c = d.checkpoint
     text = [f"{c.label} (id {c.id}) in {c.directory}",
             f"  step {c.step}, segment {c.segment}, val_bpb {fmt_num(c.val_bpb)}, layout {c.layout}, "
-            f"{CHECKPOINT_STATES[c.state]}{'' if c.resumable or c.missing else ', not resumable'}"]
+            f"{CHECKPOINT_STATES[c.state]}{'' if c.resumable or c.missing else ', not resumable'}"
+            f"{f': {c.resume_note}' if c.resume_note and not c.missing else ''}"]
     text += [f"  problem {p.code}: {p.message}" for p in c.problems]
     text += ["", table(["file", "kind", "rank", "size", "modified", "sha256", "state"],
                        [[f.name, f.kind, f.rank, fmt_bytes(f.size), fmt_time(f.mtime), (f.sha256 or "-")[:16],

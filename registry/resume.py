@@ -32,7 +32,7 @@ from nanochat import checkpoint_manager as cm
 from nanochat.checkpoint_manager import CheckpointFiles, Problem
 from nanochat.common import open_regular_file
 from nanochat.schedule import Schedule, resolve_from_meta, schedule_from_user_config
-from nanochat.train_config import UPSTREAM_SCRIPTS, Command, is_classic_user_config, launch_env, resume_command
+from nanochat.train_config import UPSTREAM_SCRIPTS, Command, launch_env, resume_command
 from registry import integrity
 from registry.errors import NothingResumableError, ResumePlanError, TargetBelowStepError
 from registry.integrity import IntegrityResult
@@ -216,13 +216,8 @@ def build_command(chosen: CheckpointFiles, meta: dict, phase: str, tag: str, ste
     """The training invocation that continues this run (its own flags from user_config, the model tag,
     `--resume-from-step`, torchrun for several processes), and how faithful the continuation will be."""
     user = meta.get("user_config") or {}
-    if chosen.layout == "single_file":
-        return ResumeCommand(None, "unsupported", "single-file checkpoints come from other training scripts; no "
-                             "nanochat script resumes them")
-    if phase == "base" and is_classic_user_config(user):
-        return ResumeCommand(None, "unsupported", "classic nanochat (before --resume-from-step existed) cannot "
-                             "resume, and current base_train builds a different architecture: the weights load for "
-                             "evaluation and sampling only")
+    if (why := cm.why_not_resumable(chosen.layout, chosen.directory, meta)) is not None:
+        return ResumeCommand(None, "unsupported", why)  # classic, a single file, chat_rl (no optimizer saved)
     trainer = UPSTREAM_SCRIPTS.get(phase, UPSTREAM_SCRIPTS["base"])
     world = cm.expected_world_size(chosen, meta) or 1
     if phase != "base":

@@ -84,7 +84,8 @@ def history() -> None:
             "integrity": st.column_config.TextColumn("integrity"),
             "problems": st.column_config.TextColumn("problems", help="problem codes (README: integrity)"),
             "segment": st.column_config.NumberColumn("segment", format="%d", help="which launch of the run wrote it"),
-            "resumable": st.column_config.CheckboxColumn("resumable", help="every optimizer shard present, no problem"),
+            "resumable": st.column_config.CheckboxColumn("resumable", help="a script can continue training from it: no "
+                                                         "problem, and not classic, single-file or chat_rl (no optimizer)"),
             "train_state": st.column_config.CheckboxColumn("exact resume", help="RNG states and data position saved"),
             "size_mb": st.column_config.NumberColumn("size (MB)", format="%.1f"),
             "saved": st.column_config.DatetimeColumn("saved", format="YYYY-MM-DD HH:mm"),
