@@ -39,6 +39,7 @@ from registry.integrity import IntegrityResult
 
 SPIKE_RATIO = 1.05  # the latest val_bpb this much above the best so far is called a loss spike
 STEP_TIME_WINDOW = 50  # median of the last this many measured step times
+WARMUP_STEPS = 10  # steps after each (re)start whose times include compilation and warm-up (upstream skips 10 too)
 
 
 @dataclass(frozen=True)
@@ -187,16 +188,37 @@ def _val_history(checkpoints: list[CheckpointFiles], metrics: list[dict]) -> dic
     return out
 
 
-def _step_time(meta: dict, metrics: list[dict], step: int) -> tuple[float | None, str | None]:
-    times = [r["dt_ms"] for r in metrics if r["step"] <= step and isinstance(r.get("dt_ms"), (int, float)) and r["dt_ms"] > 0]
-    if times:
-        recent = times[-STEP_TIME_WINDOW:]
-        return statistics.median(recent) / 1000, f"median dt_ms of the last {len(recent)} steps in metrics.jsonl"
+def steady_step_times(points: list[tuple[int, int, float]]) -> list[float]:
+    """The dt_ms of steady-state steps from (step, segment, dt_ms) in the order written: the first
+    WARMUP_STEPS after every (re)start (a new segment, or a step that does not follow the previous one)
+    are left out, since they include torch.compile and warm-up (~13x a resumed upstream run's real rate)."""
+    out, since, prev = [], 0, None
+    for step, segment, dt in points:
+        since = 0 if prev is None or segment != prev[1] or step != prev[0] + 1 else since + 1
+        prev = (step, segment)
+        if since >= WARMUP_STEPS and dt > 0:
+            out.append(dt)
+    return out
+
+
+def _step_time(meta: dict, metrics: list[dict], step: int,
+               imported: list[tuple[int, int, float]] | None = None) -> tuple[float | None, str | None]:
+    for points, where in ((imported, "the registry's dt_ms (imported logs)"), (
+            [(r["step"], r.get("segment", 1), r["dt_ms"]) for r in metrics
+             if isinstance(r.get("dt_ms"), (int, float)) and not isinstance(r.get("dt_ms"), bool)], "metrics.jsonl")):
+        times = steady_step_times([p for p in points or () if p[0] <= step])
+        if times:
+            recent = times[-STEP_TIME_WINDOW:]
+            return statistics.median(recent) / 1000, (f"median dt_ms of the last {len(recent)} steady steps in {where}, "
+                                                      f"the first {WARMUP_STEPS} after each start left out")
     total = (meta.get("loop_state") or {}).get("total_training_time")
     if isinstance(total, (int, float)) and total > 0 and step > 0:
-        # upstream starts its training-time clock after the first 10 (compilation) steps
+        # upstream starts its training-time clock after the first 10 (compilation) steps, of the first launch only
         timed = step - 10 if step > 10 else step
-        return total / timed, f"loop_state.total_training_time over {timed} timed steps"
+        resumed = (meta.get("user_config") or {}).get("resume_from_step")
+        caveat = (f"; includes the compile of the resume at step {resumed}, so it is high: import the run's logs "
+                  "(registry import-log) for a steady-state figure") if isinstance(resumed, int) and resumed > 0 else ""
+        return total / timed, f"loop_state.total_training_time over {timed} timed steps{caveat}"
     return None, None
 
 
@@ -308,17 +330,23 @@ class _ValReport:
 
 def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, deep: bool = False,
                 known: Mapping[int, IntegrityResult] | None = None,
-                check: Callable[[CheckpointFiles, bool], IntegrityResult] | None = None) -> ResumePlan:
+                check: Callable[[CheckpointFiles, bool], IntegrityResult] | None = None,
+                step_times: list[tuple[int, int, float]] | None = None) -> ResumePlan:
     """The latest resumable checkpoint of a run and how to continue from it.
 
     `known`: step -> an earlier IntegrityResult (e.g. from the registry), used while its files are
     unchanged and it is at least as thorough as asked (`deep`). `check(ckpt, deep)` runs a check
     (default `integrity.check_checkpoint`; the registry passes one that also stores the result).
     `target_steps` overrides the run's num_iterations (the command then passes --num-iterations); one
-    below the resume step raises TargetBelowStepError."""
+    below the resume step raises TargetBelowStepError. A checkpoint file as `run_dir` plans from that
+    checkpoint (NothingResumableError when it fails its check), a folder from its newest good one.
+    `step_times`: (step, segment, dt_ms) measured elsewhere (the registry's imported logs)."""
     run = find_run_dir(run_dir).resolve()
     checks = _Checks(known, check, deep)
     checkpoints = cm.list_checkpoints(run)
+    given = step_of_file(Path(run_dir).expanduser())
+    if given is not None:
+        checkpoints = [c for c in checkpoints if c.step == given and c.layout == "upstream"]
     chosen, skipped = _choose_checkpoint(run, checkpoints, checks)
     meta = cm.read_meta(chosen)
     phase, tag = cm.phase_and_tag(run)
@@ -326,11 +354,11 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
     step = chosen.step if chosen.step is not None else int(meta.get("step", 0))
     user = meta.get("user_config") or {}
 
-    horizon = _horizon(meta, step, target_steps)
+    horizon = _horizon(meta, step, target_steps, cm.why_not_resumable(chosen.layout, chosen.directory, meta) is None)
     metrics = read_metrics(run)
-    vals = _val_report(checkpoints, metrics, meta, step, checks)
+    vals = _val_report(cm.list_checkpoints(run), metrics, meta, step, checks)
     reached, reached_warnings = _reached(metrics, step)
-    step_time, time_source = _step_time(meta, metrics, step)
+    step_time, time_source = _step_time(meta, metrics, step, step_times)
     resume = build_command(chosen, meta, phase, tag, step, base_dir,
                            horizon.target if horizon.source == "override" else None)
     warnings = [f"skipped newer step {s.step}: {s.reason}" for s in skipped]
@@ -363,6 +391,16 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
     )
 
 
+def step_of_file(path: Path) -> int | None:
+    """The step a checkpoint file names (model_, meta_, optim_, trainstate_), None for anything else."""
+    if not path.is_file():
+        return None
+    for pattern in (cm.MODEL_RE, cm.META_RE, cm.OPTIM_RE, cm.TRAIN_STATE_RE):
+        if m := pattern.match(path.name):
+            return int(m.group(1))
+    return None
+
+
 def _choose_checkpoint(run: Path, checkpoints: list[CheckpointFiles], checks: _Checks):
     """The newest checkpoint that passes its check, and the newer ones skipped (newest first)."""
     skipped: list[SkippedCheckpoint] = []
@@ -375,7 +413,7 @@ def _choose_checkpoint(run: Path, checkpoints: list[CheckpointFiles], checks: _C
                                 f"{'deep' if checks.deep else 'quick'} check", tuple(skipped))
 
 
-def _horizon(meta: dict, step: int, target_steps: int | None) -> _Horizon:
+def _horizon(meta: dict, step: int, target_steps: int | None, commandable: bool = True) -> _Horizon:
     """How far the run goes, in its own terms or to the asked target, and its LR schedule."""
     user = meta.get("user_config") or {}
     run_iters = resolve_from_meta(meta)
@@ -388,12 +426,12 @@ def _horizon(meta: dict, step: int, target_steps: int | None) -> _Horizon:
         target, source = int(target_steps), "override"
     schedule = schedule_from_user_config(user, target) if target else None
     warnings = []
-    if source == "override" and run_iters and target != run_iters and step < target:
+    if source == "override" and run_iters and target != run_iters and step < target and commandable:
         before = schedule_from_user_config(user, run_iters).lr_multiplier(step)
         warnings.append(f"target {target} differs from the run's {run_iters} steps: the command passes "
                         f"--num-iterations={target}, which moves the LR schedule (multiplier at step {step}: "
                         f"{before:.4f} -> {schedule.lr_multiplier(step):.4f}, warmdown from step {schedule.warmdown_start})")
-    if target and step >= target:
+    if target and step >= target and commandable:
         warnings.append(f"the run is complete ({step} of {target} steps): to train longer pass a larger --target-steps")
     return _Horizon(target, source, run_iters, schedule, tuple(warnings))
 

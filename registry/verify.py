@@ -237,8 +237,25 @@ def plan_indexed_resume(store, run_ref: str, target_steps: int | None = None, de
         known = known_results(store, str(run_dir.resolve()))
     except RunNotFoundError:
         known = {}  # a folder the registry has not indexed (record=False): nothing stored to reuse
+    times = _recent_step_times(store, str(run_dir.resolve()))
     if not record:
-        return resume.plan_resume(run_dir, target_steps=target_steps, deep=deep, known=known)
+        return resume.plan_resume(run_dir, target_steps=target_steps, deep=deep, known=known, step_times=times)
     index = _Index(store)
-    return resume.plan_resume(run_dir, target_steps=target_steps, deep=deep, known=known,
+    return resume.plan_resume(run_dir, target_steps=target_steps, deep=deep, known=known, step_times=times,
                               check=lambda c, d: check_and_record(store, c, d, index=index).result)
+
+
+def _recent_step_times(store, run_ref: str) -> list[tuple[int, int, float]] | None:
+    """(step, segment, dt_ms) of the run's last few hundred steps in the registry (upstream's imported logs
+    included), every point (no downsampling), for the planner's steady-state step time."""
+    try:
+        keys = {k.key: k for k in store.metric_keys(run_ref)}
+    except RunNotFoundError:
+        return None
+    last = getattr(keys.get("dt_ms"), "last_step", None)
+    if last is None:
+        return None
+    window = 4 * (resume.STEP_TIME_WINDOW + resume.WARMUP_STEPS)
+    series = store.metric_history(run_ref, ["dt_ms"], max_points=10 * window, step_min=max(last - window, 0))
+    points = [(p.step, p.segment, p.value) for s in series for p in s.points if p.value is not None]
+    return sorted(points, key=lambda p: (p[1], p[0])) or None

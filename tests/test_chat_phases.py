@@ -163,3 +163,51 @@ def test_verify_checks_the_tokenizer_the_run_needs(tmp_path, monkeypatch, case, 
             assert report.codes == {code: 1}, report.codes
             (problem,) = report.results[0].result.problems
             assert problem.blocks == "load" and "\n" not in problem.message
+
+
+# ---------------------------------------------------------------------- the resume planner's smaller fixes
+
+
+def test_a_checkpoint_file_plans_from_that_checkpoint(tmp_path, capsys):
+    from tests.test_resume import save_step
+    from tools import training_resume_helper as helper
+
+    run = tmp_path / "base" / "base_checkpoints" / "d2"
+    for step in (10, 20):
+        save_step(run, step, 3.0 - step / 100, seed=step)
+    assert helper.main([str(run / "model_000010.pt"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["step"] == 10 and "--resume-from-step=10" in plan["command"]
+    assert helper.main([str(run), "--json"]) == 0  # a folder: its newest good step
+    assert json.loads(capsys.readouterr().out)["step"] == 20
+    (run / "optim_000010_rank0.pt").unlink()  # the one asked for cannot resume: said so, no other step taken
+    assert helper.main([str(run / "meta_000010.json")]) == 3
+    assert "missing_optimizer_shard" in capsys.readouterr().err
+
+
+def test_target_steps_on_a_run_nothing_resumes_speaks_of_no_command(tmp_path):
+    classic = tmp_path / "classic"
+    shutil.copytree(UPSTREAM / "classic", classic)
+    plan = plan_resume(classic / "base_checkpoints" / "d2", target_steps=600)
+    assert plan.command is None and plan.mode == "unsupported"
+    assert not any("command" in w or "--target-steps" in w for w in plan.warnings), plan.warnings
+
+
+def test_step_time_leaves_out_the_compile_after_each_start():
+    from registry.resume import steady_step_times
+
+    first = [(s, 1, 900.0 if s < 10 else 40.0) for s in range(0, 60)]
+    resumed = [(s, 2, 12_000.0 if s < 50 else 41.0) for s in range(40, 80)]  # upstream resumed at 40: a compile
+    times = steady_step_times(first + resumed)
+    assert set(times) == {40.0, 41.0} and len(times) == 50 + 30
+
+
+def test_planner_step_time_after_an_upstream_resume_is_the_steady_rate(tmp_path):
+    from registry.resume import _step_time
+
+    rows = [{"step": s, "segment": 1, "dt_ms": 900.0 if s < 10 else 40.0} for s in range(60)]
+    rows += [{"step": s, "segment": 2, "dt_ms": 12_000.0 if s < 50 else 41.0} for s in range(40, 80)]
+    seconds, source = _step_time({}, rows, 79)
+    assert seconds == pytest.approx(0.041) and "steady" in source
+    meta = {"loop_state": {"total_training_time": 400.0}, "user_config": {"resume_from_step": 200}}
+    assert "includes the compile of the resume" in _step_time(meta, [], 300)[1]

@@ -236,7 +236,7 @@ def test_bad_paths_give_one_line_errors(tmp_path, run):
     save_step(run.parent / "d3", 10, 3.0)
     with pytest.raises(resume.ResumePlanError, match="holds 2 runs"):
         resume.plan_resume(run.parent.parent)
-    assert resume.plan_resume(run / "model_000020.pt").step == 30  # a file names its run
+    assert resume.plan_resume(run / "model_000020.pt").step == 20  # a file names its checkpoint (issue 11)
 
 
 def test_cpu_thread_count_of_our_training_goes_into_the_command(tmp_path):
