@@ -206,11 +206,15 @@ def _step_time(meta: dict, metrics: list[dict], step: int,
     for points, where in ((imported, "the registry's dt_ms (imported logs)"), (
             [(r["step"], r.get("segment", 1), r["dt_ms"]) for r in metrics
              if isinstance(r.get("dt_ms"), (int, float)) and not isinstance(r.get("dt_ms"), bool)], "metrics.jsonl")):
-        times = steady_step_times([p for p in points or () if p[0] <= step])
+        points = [p for p in points or () if p[0] <= step]
+        times = steady_step_times(points)
         if times:
             recent = times[-STEP_TIME_WINDOW:]
             return statistics.median(recent) / 1000, (f"median dt_ms of the last {len(recent)} steady steps in {where}, "
                                                       f"the first {WARMUP_STEPS} after each start left out")
+        if warm := [p[2] for p in points if p[2] > 0]:  # a run shorter than its warm-up: better than no ETA
+            return statistics.median(warm) / 1000, (f"median dt_ms of {len(warm)} steps in {where}, all in the first "
+                                                    f"{WARMUP_STEPS} after a start (compile and warm-up: high)")
     total = (meta.get("loop_state") or {}).get("total_training_time")
     if isinstance(total, (int, float)) and total > 0 and step > 0:
         # upstream starts its training-time clock after the first 10 (compilation) steps, of the first launch only
