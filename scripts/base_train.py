@@ -382,7 +382,8 @@ class LoopState:
     @classmethod
     def from_checkpoint(cls, step: int, meta: dict, train_state: dict) -> LoopState:
         loop = meta.get("loop_state") or {}
-        return cls(step=step, val_bpb=meta.get("val_bpb"), min_val_bpb=float(loop.get("min_val_bpb", math.inf)),
+        best = loop.get("min_val_bpb")  # the meta reader gives null for the Infinity written before any evaluation
+        return cls(step=step, val_bpb=meta.get("val_bpb"), min_val_bpb=math.inf if best is None else float(best),
                    smooth_loss=float(loop.get("smooth_train_loss", 0.0)),
                    total_time=float(loop.get("total_training_time", 0.0)),
                    last_eval_step=train_state["last_eval_step"] if train_state["last_eval_step"] >= 0 else None)

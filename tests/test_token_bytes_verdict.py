@@ -107,7 +107,7 @@ def test_migration_to_schema_4_adds_the_verdicts_and_keeps_runs(tmp_path, versio
     with pytest.raises(regdb.SchemaTooOldError, match="migrate"):
         open_store(path)
     database = regdb.Database(path, create=False)
-    assert database.migrate()[:2] == (version, regdb.SCHEMA_VERSION) == (version, 4)
+    assert database.migrate()[:2] == (version, regdb.SCHEMA_VERSION) == (version, 5)  # 5: origins (issue 11)
     database.close()
     engine = sa.create_engine(f"sqlite:///{path}")
     assert {"tokenizer_checks", "dataset_shards"} <= set(sa.inspect(engine).get_table_names())
