@@ -107,8 +107,11 @@ class CheckpointFiles:
 
 def phase_and_tag(directory: str | os.PathLike) -> tuple[str, str]:
     """("base"|"sft"|"rl", model tag) from `<base>/<phase>_checkpoints/<tag>`; other folders: ("base", name)."""
-    d = Path(directory)
-    return PHASE_DIRS.get(d.parent.name, "base"), d.name
+    # Plain string handling: the registry calls this for every checkpoint it lists (10,000 Path objects
+    # cost the app's integrity page ~0.3 s).
+    d = os.path.normpath(os.fspath(directory))
+    parent, name = os.path.split(d)
+    return PHASE_DIRS.get(os.path.basename(parent), "base"), name
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[CheckpointFiles]:
@@ -339,9 +342,13 @@ def writer_of(ckpt: CheckpointFiles, meta: dict | None) -> str:
     chatrl_checkpoints/ or not), "chat_sft", "base_train" (ours or upstream's), or "other" (a single
     file). The resume command takes this script's flags; whether a checkpoint can be resumed at all
     starts here (`why_not_resumable`)."""
-    if ckpt.layout == "single_file":
+    return _writer(ckpt.layout, ckpt.directory, meta)
+
+
+def _writer(layout: str, directory: str | os.PathLike, meta: dict | None) -> str:
+    if layout == "single_file":
         return "other"
-    phase = phase_and_tag(ckpt.directory)[0]
+    phase = phase_and_tag(directory)[0]
     if phase == "rl" or (isinstance(meta, dict) and "step" not in meta and "user_config" not in meta):
         return "chat_rl"
     return "chat_sft" if phase == "sft" else "base_train"
@@ -357,8 +364,7 @@ def why_not_resumable(layout: str, directory: str | os.PathLike, meta: dict | No
     The one rule behind a checkpoint's `resumable` (registry) and the resume plan's "unsupported"."""
     from nanochat.train_config import is_classic_user_config
 
-    ckpt = CheckpointFiles(Path(directory), None, layout)
-    writer = writer_of(ckpt, meta)
+    writer = _writer(layout, directory, meta)
     if writer == "other":
         return "single-file checkpoints come from other training scripts; no nanochat script resumes them"
     if writer == "chat_rl":

@@ -322,11 +322,11 @@ class RegistryStore:
         return [CheckpointRecord(
             id=c.id, run_id=c.run_id, run_label=f"{phase}/{tag}", directory=path, step=c.step if c.step >= 0 else None,
             layout=c.layout, segment=c.segment, val_bpb=c.val_bpb, complete=c.complete,
-            resumable=c.resumable and why_not_resumable(c.layout, path, c.meta) is None,
-            resume_note=why_not_resumable(c.layout, path, c.meta),
+            resumable=c.resumable and note is None, resume_note=note,
             missing=c.missing, has_train_state=c.has_train_state, world_size=c.world_size, problems=_problems(c.problems),
             size_bytes=c.size_bytes, mtime=utc(c.mtime_ns / 1e9) if c.mtime_ns else None, first_seen=utc(c.first_seen_at),
-            inspected=utc(c.inspected_at), latest_integrity=integrity.get(c.id)) for c, phase, tag, path in rows]
+            inspected=utc(c.inspected_at), latest_integrity=integrity.get(c.id))
+            for c, phase, tag, path in rows for note in (why_not_resumable(c.layout, path, c.meta),)]
 
     @staticmethod
     def _integrity(ir: IntegrityResult) -> IntegrityRecord:
