@@ -61,6 +61,7 @@ class Flag:
     low_open: bool = False
     off: float | None = None
     name: bool = False
+    many: bool = False  # given once per value (--conversations A --conversations B): the value is a list
 
     @property
     def option_strings(self) -> tuple[str, ...]:
@@ -70,6 +71,8 @@ class Flag:
         """Why `value` is not one this flag takes ("must be ..., got ..."), or None. Checked on the command
         line and on the values a resume inherits from a checkpoint: a NaN learning rate, zero steps or a
         tag that climbs out of base_checkpoints/ never reach training."""
+        if self.many and isinstance(value, list):
+            return next((why for v in value if (why := self.problem(v)) is not None), None)
         if value is None or self.type is bool or (self.off is not None and value == self.off):
             return None
         if self.type in (int, float):
@@ -144,6 +147,9 @@ class Trainer:
             default = argparse.SUPPRESS if suppress_defaults else f.default
             if f.type is bool:
                 p.add_argument(*f.option_strings, dest=f.dest, action="store_true", default=default, help=f.help)
+            elif f.many:
+                p.add_argument(*f.option_strings, dest=f.dest, action="append", type=f.argparse_type(),
+                               default=default, help=f.help)
             else:
                 p.add_argument(*f.option_strings, dest=f.dest, type=f.argparse_type(), default=default, help=f.help,
                                choices=list(f.choices) if f.choices else None)
@@ -269,6 +275,46 @@ CHAT_RL = Trainer("scripts.chat_rl", "upstream nanochat's RL", _SOURCE + (
     Flag("save_every", int, 60, "save checkpoint every N steps")),
     closed=True)
 UPSTREAM_SCRIPTS = {"base": BASE_TRAIN, "sft": CHAT_SFT, "rl": CHAT_RL}
+
+# Our SFT trainer (scripts/chat_sft.py): upstream chat_sft's flags where they exist, with its defaults
+# (None = inherit from the base checkpoint's meta, as upstream), plus the local data and our guarantees.
+# Its user_config records the inherited values resolved, so a resume never needs the base checkpoint.
+_INHERITED = " (default: inherit from the base checkpoint, as upstream)"
+OUR_CHAT_SFT = Trainer("scripts.chat_sft", "Fine-tune a base checkpoint into a chat model on local conversation files, "
+                       "with exact, crash-proof resume.", (
+    Flag("model_tag", str, None, "tag of the base checkpoint (base_checkpoints/TAG) to fine-tune, and of the run "
+         "written (chatsft_checkpoints/TAG): a name, not a path", name=True),
+    Flag("model_step", int, None, "step of the base checkpoint (default: its newest usable step)", low=0),
+    Flag("conversations", str, None, "conversation file (JSONL: one CustomJSON array of {role, content} messages, or "
+         "{\"messages\": [...]}, per line); repeat for several files", many=True),
+    Flag("val_conversations", str, None, "conversation file(s) for val bpb (repeatable; default: hold out "
+         "--val-fraction of --conversations)", many=True),
+    Flag("val_fraction", float, 0.05, "share of the conversations held out for val bpb when no --val-conversations "
+         "(the last ones, at least 1)", low=0, high=0.5),
+    Flag("skip_invalid", bool, False, "leave out lines that are not a valid conversation (default: stop at the first, "
+         "naming its line)"),
+    *RUN_FLAGS,
+    Flag("load_optimizer", int, 1, "warm-start the optimizer from the base checkpoint's (0=no, 1=yes)", choices=(0, 1)),
+    Flag("num_iterations", int, -1, "optimizer steps (-1 = one epoch over the conversations, counted before training)",
+         low=1, off=-1),
+    Flag("max_seq_len", int, None, "context length in tokens; a conversation longer than it + 1 is cut" + _INHERITED,
+         low=1),
+    Flag("device_batch_size", int, None, "rows per forward pass per process" + _INHERITED, low=1),
+    Flag("total_batch_size", int, None, "tokens per optimizer step" + _INHERITED, low=1),
+    Flag("embedding_lr", float, None, "AdamW LR of the embeddings" + _INHERITED, low=0),
+    Flag("unembedding_lr", float, None, "AdamW LR of lm_head" + _INHERITED, low=0),
+    Flag("matrix_lr", float, None, "Muon LR of the transformer matrices" + _INHERITED, low=0),
+    Flag("init_lr_frac", float, 0.8, "initial LR as a fraction of the LRs above", low=0, low_open=True),
+    Flag("warmup_ratio", float, 0.0, "fraction of the steps in linear LR warmup", low=0, high=1),
+    Flag("warmdown_ratio", float, 0.5, "fraction of the steps in the linear LR warmdown", low=0, high=1),
+    Flag("final_lr_frac", float, 0.0, "LR at the end as a fraction of the initial LR", low=0, high=1),
+    Flag("eval_every", int, 200, "evaluate val bpb every N steps (-1 = disable)"),
+    Flag("eval_tokens", int, 40 * 524288, "tokens per val bpb evaluation", low=1),
+    Flag("save_every", int, -1, "checkpoint every N steps (-1 = only at the end)"),
+    Flag("keep_last", int, -1, "keep only the N newest checkpoints, plus the best-val_bpb one and the resume point "
+         "(-1 = keep all)"),
+    *RESUME_FLAGS))
+OUR_TRAINERS = {"base": BASE_TRAIN, "sft": OUR_CHAT_SFT}  # phase -> the trainer that resumes our runs of it exactly
 
 # Classic upstream (Oct-Nov 2025) had no --warmup-steps, a 65,536-token vocabulary and an explicit batch.
 CLASSIC_DEFAULTS = {"warmup_ratio": 0.0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, "total_batch_size": 524288,
@@ -500,6 +546,14 @@ def launch_env(base_dir: str | Path | None, cpu_threads: int | None = None) -> d
     return env
 
 
+def _flag_args(trainer: Trainer, key: str, value, classic: bool) -> list[str]:
+    """The command-line arguments that give `key` this value: one per value of a `many` flag."""
+    f = trainer.flag(key)
+    if f is not None and f.many and isinstance(value, list):
+        return [a for v in value if (a := _flag_arg(trainer, key, v, classic))]
+    return [a] if (a := _flag_arg(trainer, key, value, classic)) else []
+
+
 def _flag_arg(trainer: Trainer, key: str, value, classic: bool) -> str | None:
     f = trainer.flag(key)
     # which step to resume is the command's own choice, whatever script recorded the key
@@ -524,7 +578,7 @@ def resume_command(trainer: Trainer, user_config: Mapping, *, world_size: int, r
     # The syntax is the script's: only classic base_train parsed --key=value (its configurator). A chat_sft
     # user_config looks "classic" (warmup_ratio, no warmup_steps) but chat_sft takes argparse flags.
     classic = trainer is BASE_TRAIN and is_classic_user_config(user_config)
-    flags = [a for k, v in user.items() if (a := _flag_arg(trainer, k, v, classic))]
+    flags = [a for k, v in user.items() for a in _flag_args(trainer, k, v, classic)]
     if resume_step is not None:
         flags.append(f"--resume-from-step={resume_step}")
     launcher = ["python", "-m", trainer.script] if world_size <= 1 else \

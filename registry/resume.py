@@ -32,7 +32,7 @@ from nanochat import checkpoint_manager as cm
 from nanochat.checkpoint_manager import CheckpointFiles, Problem
 from nanochat.common import open_regular_file
 from nanochat.schedule import Schedule, resolve_from_meta, schedule_from_user_config
-from nanochat.train_config import UPSTREAM_SCRIPTS, Command, launch_env, resume_command
+from nanochat.train_config import OUR_TRAINERS, UPSTREAM_SCRIPTS, Command, launch_env, resume_command
 from registry import integrity
 from registry.errors import NothingResumableError, ResumePlanError, TargetBelowStepError
 from registry.integrity import IntegrityResult
@@ -246,7 +246,10 @@ def build_command(chosen: CheckpointFiles, meta: dict, phase: str, tag: str, ste
         return ResumeCommand(None, "unsupported", why)  # classic, a single file, chat_rl (no optimizer saved)
     trainer = UPSTREAM_SCRIPTS.get(phase, UPSTREAM_SCRIPTS["base"])
     world = cm.expected_world_size(chosen, meta) or 1
-    if phase != "base":
+    ours = bool(meta.get("train_state")) and phase in OUR_TRAINERS
+    if ours:
+        trainer = OUR_TRAINERS[phase]  # our SFT runs resume exactly with our scripts.chat_sft
+    elif phase != "base":
         return ResumeCommand(
             resume_command(trainer, user, world_size=world, resume_step=None, env=launch_env(base_dir)),
             "restart", f"{phase.upper()} restarts from its starting checkpoint",
@@ -255,7 +258,7 @@ def build_command(chosen: CheckpointFiles, meta: dict, phase: str, tag: str, ste
     overrides = {"model_tag": tag}  # the directory the script will look in, whatever the run called it
     if num_iterations is not None:
         overrides["num_iterations"] = num_iterations
-    if meta.get("train_state"):
+    if ours:
         # CPU kernels reduce in an order that depends on the thread count: same count, same bits
         threads = cpu_threads(chosen)
         note = ("every rank's RNG states and data-loader position are restored: the continued run matches an "
