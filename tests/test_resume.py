@@ -164,7 +164,7 @@ def test_default_base_dir_needs_no_env_prefix(tmp_path, monkeypatch):
 
 def test_sft_restarts_with_upstreams_script(tmp_path):
     d = tmp_path / "b" / "chatsft_checkpoints" / "d2"
-    save_step(d, 10, 1.5)
+    save_step(d, 10, 1.5, train_state=False)  # upstream's chat_sft wrote it (ours resume exactly: test_chat_sft)
     plan = resume.plan_resume(d)
     assert plan.phase == "sft" and plan.script == "scripts.chat_sft" and plan.mode == "restart"
     assert "upstream nanochat's script" in plan.script_note
