@@ -10,7 +10,9 @@ from, and whether it was cropped. Documents that sat in the loader's buffer at t
 have no recorded origin; their text is still exact (decoded from the saved tokens).
 
 For an upstream run only `dataloader_state_dict` is saved (the last row group read, as of the *next*
-batch): `approximate_position` says where that is.
+batch): `approximate_position` says where that is. A run our trainer continued from an upstream
+checkpoint (`--allow-approximate`, the meta's `approximate_resume`) replays exactly from that step on:
+the continuation started from upstream's saved position with an empty buffer, which the meta records.
 
 Needs the run's tokenizer and the same shards on disk. torch is imported by the loader and to read
 training states; nothing here trains or evaluates.
@@ -122,6 +124,19 @@ def step_batch(run_dir: str | os.PathLike, step: int, rank: int = 0, base_dir: s
         raise ReplayError(str(e)) from None
     restored = None
     usable = [c for c in checkpoints if c.step <= step and rank in c.train_states]
+    approx = meta.get("approximate_resume")
+    if isinstance(approx, dict) and isinstance(approx.get("from_step"), int):
+        first = approx["from_step"]
+        if step < first:
+            raise ReplayError(f"step {step} was trained by upstream nanochat, before our trainer continued this run at "
+                              f"step {first} (--allow-approximate): its exact data position was not saved")
+        if not usable or usable[-1].step < first:
+            try:  # none saved (older upstream): the continuation started from the first shard, as a fresh loader
+                if approx.get("dataloader_state_dict") is not None:
+                    loader.resume_upstream(approx["dataloader_state_dict"])
+            except DataError as e:
+                raise ReplayError(f"cannot restore the data position of step {first}: {e}") from None
+            restored, usable = first, []
     if usable:
         ckpt = usable[-1]
         try:

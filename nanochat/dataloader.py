@@ -13,7 +13,8 @@ token is padding. Rank r of W reads row groups r, r+W, r+2W, ... of each file, e
 Exact resume: `BosBestFitLoader.state_dict()` holds the next row group to read *and* the documents
 already tokenized into the best-fit buffer (as one int32 tensor), so a restored loader yields exactly
 the batches the uninterrupted one would have. `upstream_state()` is the `{epoch, pq_idx, rg_idx}` dict
-upstream keeps in its meta (the last row group read), written for compatibility only.
+upstream keeps in its meta (the last row group read), written for compatibility; `resume_upstream(d)`
+continues from such a dict as upstream's own resume does (an approximate position: see the method).
 
 Provenance (`track=True`): the loader also keeps, for each buffered document, where it came from
 (`DocSource`: shard, row group, row), and `last_packing` says how the rows of the last batch were filled
@@ -133,6 +134,31 @@ class DocumentStream:
         self.rg_idx += self.world_size
         return texts
 
+    def resume_upstream(self, state: dict) -> dict:
+        """Continue after upstream's saved `dataloader_state_dict` as upstream's loader resumes it: in file
+        `pq_idx` at row group (rg_idx // W + 1) * W + rank, the next file when that is past the end, the
+        epoch carried over (`../shared/docs/UPSTREAM_OUTPUTS.md` §8). Returns the position as
+        `{epoch, pq_idx, rg_idx}` of the next row group read (a shard that no longer exists: the next epoch's
+        first, as upstream)."""
+        def number(key: str, low: int, default: int | None = None) -> int:
+            v = state.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise DataError(f"upstream's saved data position has {key} {v!r}: not a number of at least {low}")
+            return v
+
+        if not isinstance(state, dict):
+            raise DataError("upstream's saved data position (dataloader_state_dict) is not a dict")
+        pq_idx, rg_idx, epoch = number("pq_idx", 0), number("rg_idx", 0), number("epoch", 1, default=1)
+        self.last = {"epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx}
+        if pq_idx >= len(self.files):  # upstream's first pass finds no such file and starts the next epoch
+            self.epoch, self.pq_idx, self.rg_idx = epoch + 1, 0, self.rank
+        else:
+            self.epoch, self.pq_idx = epoch, pq_idx
+            self.rg_idx = (rg_idx // self.world_size + 1) * self.world_size + self.rank
+        while self.rg_idx >= self._row_groups[self.pq_idx]:  # past the file's end: the next file, as next_texts would
+            self._advance_file()
+        return {"epoch": self.epoch, "pq_idx": self.pq_idx, "rg_idx": self.rg_idx}
+
     def position(self) -> dict:
         return {"epoch": self.epoch, "pq_idx": self.pq_idx, "rg_idx": self.rg_idx, "last": dict(self.last)}
 
@@ -220,6 +246,13 @@ class BosBestFitLoader:
         """Upstream's `dataloader_state_dict`: the last row group read (its resume skips past it)."""
         last = self.stream.last
         return {"epoch": last["epoch"], "pq_idx": last["pq_idx"], "rg_idx": last["rg_idx"]}
+
+    def resume_upstream(self, state: dict) -> dict:
+        """Continue from upstream's `dataloader_state_dict` (`DocumentStream.resume_upstream`), with an
+        empty buffer: the documents upstream had buffered but not yet packed are skipped, as upstream's
+        own resume skips them."""
+        self.buffer, self.sources = [], []
+        return self.stream.resume_upstream(state)
 
     def state_dict(self) -> dict:
         import torch

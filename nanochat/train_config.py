@@ -219,6 +219,12 @@ RESUME_FLAGS = (
          inherit=False, repeat=False),
 )
 RESUME_DESTS = {f.dest for f in RESUME_FLAGS}
+# base_train's alone (its resume of upstream-written checkpoints): not in RESUME_FLAGS, which other trainers share
+ALLOW_APPROXIMATE = Flag("allow_approximate", bool, False,
+                         "with --resume/--resume-from-step: continue a checkpoint upstream nanochat wrote, which holds no "
+                         "RNG state or exact data position, as upstream's own resume would (weights, optimizer, step, "
+                         "loop state, upstream's data position); checkpoints from then on resume exactly",
+                         inherit=False, repeat=False)
 OUTPUT_FLAGS = (
     Flag("eval_every", int, 250, "evaluate val bpb every N steps (-1 = disable)"),
     Flag("eval_tokens", int, 80 * 524288, "tokens per val bpb evaluation", low=1),
@@ -229,7 +235,8 @@ OUTPUT_FLAGS = (
 )
 
 BASE_TRAIN = Trainer("scripts.base_train", "Pretrain a nanochat base model.",
-                     RUN_FLAGS + MODEL_FLAGS + HORIZON_FLAGS + OPTIM_FLAGS + RESUME_FLAGS + OUTPUT_FLAGS)
+                     RUN_FLAGS + MODEL_FLAGS + HORIZON_FLAGS + OPTIM_FLAGS + RESUME_FLAGS + (ALLOW_APPROXIMATE,)
+                     + OUTPUT_FLAGS)
 # Upstream's later phases: the workbench does not train them, but the planner builds their commands, which
 # take exactly upstream's argparse flags at 92d63d4 (tests/fixtures/upstream/script_flags.json holds the list).
 _SOURCE = (Flag("run", str, "dummy", "wandb run name ('dummy' disables wandb logging)"),
@@ -569,11 +576,16 @@ def _flag_arg(trainer: Trainer, key: str, value, classic: bool) -> str | None:
 
 
 def resume_command(trainer: Trainer, user_config: Mapping, *, world_size: int, resume_step: int | None,
-                   env: Mapping[str, str] | None = None, overrides: Mapping | None = None) -> Command:
+                   env: Mapping[str, str] | None = None, overrides: Mapping | None = None,
+                   approximate: bool = False) -> Command:
     """The command that continues a run: every flag of its user_config (so it means the same whatever
     the trainer's defaults become), `overrides` (e.g. the model tag, a new --num-iterations), then
     `--resume-from-step` (None: a script without resume restarts), launched by torchrun for several
-    processes. The trainer prints it on a stop; the registry's resume planner shows it."""
+    processes. The trainer prints it on a stop; the registry's resume planner shows it. `approximate`:
+    our base_train continuing an upstream-written run (`--allow-approximate`); the user_config keys
+    base_train has no flag for (upstream's --fp8, --core-metric-every, ...) are left out."""
+    if approximate:
+        user_config = {k: v for k, v in user_config.items() if trainer.flag(k) is not None}
     user = {**user_config, **(overrides or {})}
     # The syntax is the script's: only classic base_train parsed --key=value (its configurator). A chat_sft
     # user_config looks "classic" (warmup_ratio, no warmup_steps) but chat_sft takes argparse flags.
@@ -581,6 +593,8 @@ def resume_command(trainer: Trainer, user_config: Mapping, *, world_size: int, r
     flags = [a for k, v in user.items() for a in _flag_args(trainer, k, v, classic)]
     if resume_step is not None:
         flags.append(f"--resume-from-step={resume_step}")
+    if approximate:
+        flags.append(ALLOW_APPROXIMATE.option_strings[0])
     launcher = ["python", "-m", trainer.script] if world_size <= 1 else \
         ["torchrun", "--standalone", f"--nproc_per_node={world_size}", "-m", trainer.script, "--"]
     return Command(tuple(launcher + flags), dict(env or {}))

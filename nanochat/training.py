@@ -107,9 +107,11 @@ def next_segment(ckpt_dir: Path, meta: dict) -> int:
 
 
 def find_resume_point(ckpt_dir: Path, resume_from_step: int, world_size: int, master: bool,
-                      script: str) -> tuple[cm.CheckpointFiles, dict]:
+                      script: str, allow_approximate: bool | None = None) -> tuple[cm.CheckpointFiles, dict]:
     """The checkpoint --resume (resume_from_step < 0) or --resume-from-step names, and its meta, checked
-    for an exact resume by `script` (named in the advice on a world-size mismatch)."""
+    for an exact resume by `script` (named in the advice on a world-size mismatch). `allow_approximate`
+    (base_train's --allow-approximate; None: the trainer has no such flag): also take a checkpoint
+    upstream wrote, which has no training state, from any world size (`restore_checkpoint(approximate=True)`)."""
     try:
         found = cm.list_checkpoints(ckpt_dir)
     except cm.CheckpointError:
@@ -138,8 +140,14 @@ def find_resume_point(ckpt_dir: Path, resume_from_step: int, world_size: int, ma
     except cm.CheckpointError as e:
         raise TrainError(f"cannot resume from {ckpt.label}: {e}") from None
     if not meta.get("train_state"):
-        raise TrainError(f"{ckpt.label} has no training state (RNG, data position): it was not written by this "
-                         "trainer, so it cannot be resumed exactly")
+        if not allow_approximate:
+            advice = ("; add --allow-approximate to continue it as upstream's own resume would (weights, optimizer, "
+                      "step and upstream's data position)" if allow_approximate is False else "")
+            raise TrainError(f"{ckpt.label} has no training state (RNG, data position): it was not written by this "
+                             f"trainer, so it cannot be resumed exactly{advice}")
+        if (why := cm.why_not_resumable(ckpt.layout, ckpt.directory, meta)) is not None:
+            raise TrainError(f"cannot resume {ckpt.label}, even approximately: {why}")
+        return ckpt, meta  # upstream's optimizer files load onto any world size (MuonAdamW.load_shards)
     saved_world = cm.expected_world_size(ckpt, meta)
     if saved_world != world_size:
         how = (f"torchrun --standalone --nproc_per_node={saved_world} -m {script} -- ..."
@@ -178,18 +186,26 @@ class LoopState:
 
 
 def restore_checkpoint(ckpt: cm.CheckpointFiles, meta: dict, model, optimizer, loader,
-                       dist_info: distributed.DistInfo) -> LoopState:
+                       dist_info: distributed.DistInfo, approximate: bool = False) -> LoopState:
     """Weights, optimizer shard, data position, RNG and loop state of the checkpoint being resumed.
-    `loader` is any loader with `load_state_dict` (DataError when the state does not fit it)."""
+    `loader` is any loader with `load_state_dict` (DataError when the state does not fit it).
+    `approximate`: a checkpoint upstream wrote (no training state): the weights, the optimizer from its
+    files of any world size, the loop state and upstream's data position (`loader.resume_upstream`); no RNG."""
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     failure, shared = None, False
     try:
         weights = cm.load_state_dict(ckpt, device)
         cm.config_from_checkpoint(meta, {k: v.shape for k, v in weights.items()})
         model.load_state_dict(weights, strict=True)
-        optimizer.load_shards([cm.torch_load(ckpt.optimizer_shards[r]) for r in range(world)])
-        ts = check_train_state(cm.torch_load(ckpt.train_states[rank]), rank=rank, world_size=world, step=ckpt.step)
-        loader.load_state_dict(ts["loader"])
+        saved_world = cm.expected_world_size(ckpt, meta) if approximate else world
+        optimizer.load_shards([cm.torch_load(ckpt.optimizer_shards[r]) for r in range(saved_world)])
+        if approximate:
+            ts = {"last_eval_step": -1}  # upstream evaluates again at the step it resumes, so do we
+            if meta.get("dataloader_state_dict") is not None:  # none (older upstream): from the first shard
+                loader.resume_upstream(meta["dataloader_state_dict"])
+        else:
+            ts = check_train_state(cm.torch_load(ckpt.train_states[rank]), rank=rank, world_size=world, step=ckpt.step)
+            loader.load_state_dict(ts["loader"])
     except (cm.CheckpointError, OptimizerStateError, TrainStateError, DataError, RuntimeError) as e:
         failure = f"cannot resume from {ckpt.label}: {str(e).splitlines()[0]}"
         shared = isinstance(e, OptimizerStateError)  # every rank reads every optimizer file: rank 0 says it
@@ -199,9 +215,10 @@ def restore_checkpoint(ckpt: cm.CheckpointFiles, meta: dict, model, optimizer, l
         raise TrainError(failure, local=not shared)
     if failed:
         raise TrainError("another rank could not resume", quiet=True)
-    restore_rng(ts["rng"])
-    if device.type == "cpu":
-        match_cpu_threads(ts.get("cpu_threads"), ckpt.label, dist_info.master)
+    if not approximate:
+        restore_rng(ts["rng"])
+        if device.type == "cpu":
+            match_cpu_threads(ts.get("cpu_threads"), ckpt.label, dist_info.master)
     return LoopState.from_checkpoint(ckpt.step, meta, ts)
 
 

@@ -10,8 +10,11 @@ report (`ResumePlan`, frozen) says where the run stands at that step: val_bpb ag
 the same `schedule_from_user_config` the training script calls, an ETA from measured step times,
 whether the resume is exact (our checkpoints carry every RNG state and the data position) or
 approximate (upstream's), and the command, rebuilt from the run's own `user_config` by the builder the
-trainer itself prints its resume command with (`nanochat.train_config.resume_command`). A target below
-the resume step is refused (`TargetBelowStepError`).
+trainer itself prints its resume command with (`nanochat.train_config.resume_command`). For a base run
+upstream wrote, the command is upstream's own resume (run in the upstream checkout) and the
+`workbench_command` beside it continues the run with this project's trainer (`--allow-approximate`:
+approximate once, exact from its first checkpoint on). A target below the resume step is refused
+(`TargetBelowStepError`).
 
 It reads files only (metas, metrics.jsonl, the checks' results) and writes nothing: storing check
 results is the caller's business (`registry verify/resume` pass a `check` that records them). It does
@@ -92,6 +95,13 @@ class ResumePlan:
     script_note: str | None
     warnings: tuple[str, ...]
     skipped: tuple[SkippedCheckpoint, ...]
+    # an upstream-written base run: our trainer's command that continues it (--allow-approximate), and how
+    workbench_command: str | None = None
+    workbench_command_argv: tuple[str, ...] = ()
+    workbench_command_env: dict | None = None
+    workbench_note: str | None = None
+    # a run of ours that once continued an upstream checkpoint: the meta's {from_step, segment, reason}
+    approximate_resume: dict | None = None
 
     @property
     def exact(self) -> bool:
@@ -112,6 +122,7 @@ class ResumePlan:
         d["schedule"] = asdict(self.schedule) if self.schedule else None
         d["skipped"] = [{"step": s.step, "problems": [asdict(p) for p in s.problems]} for s in self.skipped]
         d["command_argv"] = list(self.command_argv)
+        d["workbench_command_argv"] = list(self.workbench_command_argv)
         d["files"] = list(self.files)
         d["warnings"] = list(self.warnings)
         return d
@@ -235,6 +246,8 @@ class ResumeCommand:
     mode: str  # exact, approximate, restart or unsupported
     note: str
     script_note: str | None = None
+    workbench: Command | None = None  # our base_train continuing an upstream run (--allow-approximate)
+    workbench_note: str | None = None
 
 
 def build_command(chosen: CheckpointFiles, meta: dict, phase: str, tag: str, step: int, base_dir: Path | None,
@@ -271,11 +284,18 @@ def build_command(chosen: CheckpointFiles, meta: dict, phase: str, tag: str, ste
     where = (f"the data loader continues from the saved position (shard {loader.get('pq_idx')}, row group "
              f"{loader.get('rg_idx')})" if isinstance(loader, dict) else "no data-loader position: data restarts from "
              "the first shard")
+    unknown = [k for k in user if trainer.flag(k) is None]
     return ResumeCommand(
         resume_command(trainer, user, world_size=world, resume_step=step, env=launch_env(base_dir), overrides=overrides),
         "approximate", f"upstream checkpoint without RNG state; {where}",
         f"run this in the upstream nanochat checkout that wrote the run: its {trainer.script} resumes upstream "
-        "checkpoints; the workbench's trainer resumes only its own (exactly)")
+        "checkpoints; or continue it with the workbench's trainer (the command below)",
+        resume_command(trainer, user, world_size=world, resume_step=step, env=launch_env(base_dir), overrides=overrides,
+                       approximate=True),
+        "the workbench's base_train continues this upstream checkpoint as upstream's own resume would (weights, "
+        "optimizer, step, loop state and upstream's data position; no RNG state), says so once and records it in "
+        "the meta; its own checkpoints from then on resume exactly"
+        + (f". Upstream flags it does not have are left out: {', '.join(unknown)}" if unknown else ""))
 
 
 def cpu_threads(ckpt: CheckpointFiles) -> int | None:
@@ -395,6 +415,11 @@ def plan_resume(run_dir: str | os.PathLike, *, target_steps: int | None = None, 
         command=cmd.line if cmd else None, command_argv=cmd.argv if cmd else (), command_env=cmd.env if cmd else {},
         script=cmd.argv[cmd.argv.index("-m") + 1] if cmd else None, script_note=resume.script_note,
         warnings=tuple(warnings), skipped=tuple(skipped),
+        workbench_command=resume.workbench.line if resume.workbench else None,
+        workbench_command_argv=resume.workbench.argv if resume.workbench else (),
+        workbench_command_env=resume.workbench.env if resume.workbench else None,
+        workbench_note=resume.workbench_note,
+        approximate_resume=meta["approximate_resume"] if isinstance(meta.get("approximate_resume"), dict) else None,
     )
 
 
@@ -543,9 +568,16 @@ def format_plan(plan: ResumePlan) -> str:
         lines += [f"  ! {w}" for w in shown]
     if plan.script_note:
         lines.append(f"note: {plan.script_note}")
+    if plan.approximate_resume:
+        a = plan.approximate_resume
+        lines.append(f"note: segment {a.get('segment')} continued upstream's step {a.get('from_step')} approximately "
+                     f"(--allow-approximate): {a.get('reason')}")
     lines.append("command:" if plan.command else "command: none (nothing can resume this run)")
     if plan.command:
         lines.append(f"  {plan.command}")
+    if plan.workbench_command:
+        lines += ["or with the workbench's trainer (approximate once, exact from its first checkpoint on):",
+                  f"  {plan.workbench_command}", f"  ({plan.workbench_note})"]
     if plan.better_command:
         lines += [f"or, from step {plan.better_step} before the loss spike:", f"  {plan.better_command}"]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ Pretrain a base model with exact, crash-proof resume.
     python -m scripts.base_train --depth 4 --max-seq-len 256 --device-batch-size 8 --total-batch-size 4096
     torchrun --standalone --nproc_per_node=2 -m scripts.base_train -- --depth 4 ...
     python -m scripts.base_train --model-tag d4 --resume          # continue the latest resumable step
+    python -m scripts.base_train --model-tag d20 --resume --allow-approximate   # a run upstream nanochat wrote
 
 Upstream's flags and defaults (nanochat's current base_train), plus `--resume`, `--keep-last`, `--device`,
 `--seed` and `--compile`. Data: parquet shards in `$NANOCHAT_BASE_DIR/base_data_climbmix/` or `base_data/`;
@@ -14,6 +15,11 @@ Each checkpoint is upstream's (model, meta, one optimizer shard per rank) plus `
 optimizer shards and training states (every rank), then the meta by rank 0 last, which marks the step
 complete. A resume restores weights, optimizer, RNG, data position and loop state, so the final weights
 are bit-identical to an uninterrupted run (same world size and device).
+
+A checkpoint upstream nanochat wrote has no RNG state and no exact data position: `--resume
+--allow-approximate` continues it as upstream's own resume would (weights, optimizer from any world size,
+step, loop state, and upstream's `dataloader_state_dict` position; no RNG), says so once, and records
+`approximate_resume` in every later meta; the checkpoints it writes resume exactly.
 
 When resuming, flags not given on the command line take the checkpoint's values (`user_config`); flags
 that would change the model, a different world size, or a missing shard stop with one line on stderr
@@ -110,6 +116,11 @@ class Plan:
     def start_step(self) -> int:
         return self.resume.step if self.resume is not None else 0
 
+    @property
+    def approximate(self) -> bool:
+        """Resuming a checkpoint upstream wrote (`--allow-approximate`): no RNG state, no exact data position."""
+        return self.resume is not None and not self.resume_meta.get("train_state")
+
 
 def plan_run(args, explicit: set[str], world_size: int, base_dir: Path, vocab_size: int, master: bool = True,
              device_type: str = "cpu") -> Plan:
@@ -117,13 +128,19 @@ def plan_run(args, explicit: set[str], world_size: int, base_dir: Path, vocab_si
     model, the batch arithmetic, whether to compile. Raises TrainError with a one-line reason."""
     if args.resume and args.resume_from_step >= 0:
         raise TrainError("use either --resume or --resume-from-step, not both")
+    if args.allow_approximate and not (args.resume or args.resume_from_step >= 0):
+        raise TrainError("--allow-approximate applies to a resume: add --resume (or --resume-from-step N)")
     tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = base_dir / "base_checkpoints" / tag
     resume, meta = None, None
     if args.resume or args.resume_from_step >= 0:
         resume, meta = _find_resume_point(ckpt_dir, args, world_size, master)
-        for k, v in BASE_TRAIN.inherited(meta.get("user_config") or {}, explicit).items():
+        saved_flags = meta.get("user_config") or {}
+        for k, v in BASE_TRAIN.inherited(saved_flags, explicit).items():
             setattr(args, k, v)
+        if master and not meta.get("train_state") and (unknown := [k for k in saved_flags if BASE_TRAIN.flag(k) is None]):
+            print(f"note: {resume.label}'s user_config has upstream flags this trainer does not have, left out: "
+                  f"{', '.join(unknown)}", file=sys.stderr, flush=True)
     user_config = dict(vars(args))
     if problems := BASE_TRAIN.problems(user_config):  # the flags' own rules, for values a checkpoint gave too
         raise TrainError(problems[0] + (f" (from {resume.label}'s user_config)" if resume is not None else ""))
@@ -141,7 +158,8 @@ def plan_run(args, explicit: set[str], world_size: int, base_dir: Path, vocab_si
     if resume is None:
         check_new_run_dir(ckpt_dir)
     segment = next_segment(ckpt_dir, meta) if meta else 1
-    saved = meta.get("compiled", device_type == "cuda") if meta else None  # before "compiled" was recorded: auto's rule
+    # a resume keeps its launch's choice (before "compiled" was recorded: auto's rule); upstream's: ours decides
+    saved = meta.get("compiled", device_type == "cuda") if meta and meta.get("train_state") else None
     decision = compile_decision(args.compile, device_type, shape, shape.num_iterations - (resume.step if resume else 0),
                                 saved=saved)
     return Plan(args, user_config, shape, ckpt_dir, resume, meta, segment, decision)
@@ -158,7 +176,8 @@ def _check_same_model(resume, meta: dict, config: GPTConfig) -> None:
 
 def _find_resume_point(ckpt_dir: Path, args, world_size: int, master: bool) -> tuple[cm.CheckpointFiles, dict]:
     """The checkpoint --resume or --resume-from-step names, and its meta, checked for an exact resume."""
-    return find_resume_point(ckpt_dir, args.resume_from_step, world_size, master, BASE_TRAIN.script)
+    return find_resume_point(ckpt_dir, args.resume_from_step, world_size, master, BASE_TRAIN.script,
+                             allow_approximate=args.allow_approximate)
 
 
 # ---------------------------------------------------------------------- training
@@ -254,8 +273,10 @@ def build_trainee(plan: Plan, inputs: Inputs, dist_info) -> Trainee:
 
 
 def restore(t: Trainee) -> LoopState:
-    """Weights, optimizer shard, data position, RNG and loop state of the checkpoint being resumed."""
-    return restore_checkpoint(t.plan.resume, t.plan.resume_meta, t.model, t.optimizer, t.loader, t.dist)
+    """Weights, optimizer shard, data position, RNG and loop state of the checkpoint being resumed (of an
+    upstream checkpoint: the weights, optimizer, loop state and upstream's data position; it has no RNG)."""
+    return restore_checkpoint(t.plan.resume, t.plan.resume_meta, t.model, t.optimizer, t.loader, t.dist,
+                              approximate=t.plan.approximate)
 
 
 def announce(t: Trainee) -> None:
@@ -267,6 +288,22 @@ def announce(t: Trainee) -> None:
         f"{', compiled' if plan.compile.compile else ''} ({plan.compile.reason})")
     if plan.resume is not None:
         distributed.print0(f"resuming {plan.resume.label} (segment {plan.segment})")
+    if plan.approximate:
+        pos = t.loader.stream.position()
+        distributed.print0(
+            f"approximate resume (--allow-approximate): {approximate_reason(plan.resume.label, plan.resume_meta)}. "
+            f"Restored: weights, optimizer, step, val bpb and loop state; data continues at train shard #{pos['pq_idx']}, "
+            f"row group {pos['rg_idx']} (rank 0), epoch {pos['epoch']}, as upstream's own resume would. "
+            "Checkpoints written from here on resume exactly.")
+
+
+def approximate_reason(label: str, meta: dict) -> str:
+    """Why resuming an upstream checkpoint is approximate: printed once, and recorded in every later meta."""
+    where = meta.get("dataloader_state_dict")
+    saved = (f"only the last row group its loader read (train shard #{where.get('pq_idx')}, row group "
+             f"{where.get('rg_idx')}, epoch {where.get('epoch', 1)}), so the documents it had buffered are skipped"
+             if isinstance(where, dict) else "no data position at all, so data starts again from the first shard")
+    return f"{label} was written by upstream nanochat, which saves no RNG state and no exact data position, {saved}"
 
 
 def stop_command(user_config: dict, checkpoint_dir: Path, world_size: int, cpu_threads: int | None, step: int) -> str:
@@ -320,6 +357,12 @@ def save_checkpoint(t: Trainee, state: LoopState) -> None:
 def checkpoint_meta(t: Trainee, state: LoopState) -> dict:
     """Upstream's meta keys (so upstream's loader reads our checkpoints) plus what an exact resume needs."""
     plan, args = t.plan, t.plan.args
+    # the segment that continued an upstream checkpoint (--allow-approximate), carried by every later meta
+    approx = (plan.resume_meta or {}).get("approximate_resume")
+    if plan.approximate:
+        approx = {"from_step": plan.start_step, "segment": plan.segment,
+                  "reason": approximate_reason(plan.resume.label, plan.resume_meta),
+                  "dataloader_state_dict": plan.resume_meta.get("dataloader_state_dict")}  # where the data restarted
     return {
         "step": state.step,
         "val_bpb": state.val_bpb,
@@ -336,6 +379,7 @@ def checkpoint_meta(t: Trainee, state: LoopState) -> dict:
         "compiled": plan.compile.compile,  # a resume runs the same kernels (see train_config.compile_decision)
         "train_state": True,
         "workbench_version": 1,
+        **({"approximate_resume": approx} if approx else {}),
     }
 
 

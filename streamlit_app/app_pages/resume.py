@@ -108,6 +108,14 @@ if plan.command:
                "the folder that holds scripts/ (your nanochat checkout).")
 else:
     st.error(f"No command: {plan.mode_note}", icon=":material/error:")
+if plan.workbench_command:  # an upstream-written base run: our trainer can take it on
+    st.markdown("**Or continue it with the workbench's trainer** (approximate once, exact from its first checkpoint on):")
+    st.code(plan.workbench_command, language="bash", wrap_lines=True)
+    st.caption(plan.workbench_note[0].upper() + plan.workbench_note[1:] + ". Run it from this project's folder.")
+if plan.approximate_resume:
+    a = plan.approximate_resume
+    st.info(f"Segment {a.get('segment')} continued upstream's step {a.get('from_step')} approximately "
+            f"(--allow-approximate): {a.get('reason')}. Every checkpoint since resumes exactly.", icon=":material/history:")
 if plan.better_command:
     st.warning(f"Step {plan.better_step:,} has a clearly better val bpb and is resumable. To continue from before the "
                "loss spike instead:", icon=":material/undo:")
