@@ -44,6 +44,13 @@ def base(tmp_path_factory) -> Path:
     return base
 
 
+@pytest.fixture(scope="module")
+def continued(base) -> tuple[Path, subprocess.CompletedProcess]:
+    """Upstream's run continued to the end by our trainer, uninterrupted."""
+    run = upstream_copy(base, "ref")
+    return run, train(base, "--model-tag", "ref", "--resume", "--allow-approximate", *FLAGS)
+
+
 def upstream_copy(base: Path, tag: str) -> Path:
     dst = base / "base_checkpoints" / tag
     shutil.copytree(base / "base_checkpoints" / "d2", dst)
@@ -86,11 +93,10 @@ def test_without_the_flag_the_refusal_names_it_and_changes_nothing(base):
 # ---------------------------------------------------------------------- the acceptance: approximate, then exact
 
 
-def test_approximate_resume_runs_to_completion_then_resumes_exactly(base):
-    ref, crash = upstream_copy(base, "ref"), upstream_copy(base, "crash")
+def test_approximate_resume_runs_to_completion_then_resumes_exactly(base, continued):
+    (ref, res), crash = continued, upstream_copy(base, "crash")
 
     # an uninterrupted continuation of upstream's run, to the end
-    res = train(base, "--model-tag", "ref", "--resume", "--allow-approximate", *FLAGS)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("approximate resume (--allow-approximate): ref@300 was written by upstream nanochat") == 1
     assert "train shard #0, row group 3 (rank 0), epoch 3" in res.stdout  # upstream saved row group 2: the next one
@@ -204,3 +210,43 @@ def test_a_garbled_upstream_position_is_one_clear_error(tmp_path):
     for bad in ({"pq_idx": "0", "rg_idx": 1}, {"pq_idx": 0}, {"pq_idx": 0, "rg_idx": 1, "epoch": 0}, [0, 1]):
         with pytest.raises(DataError, match="upstream's saved data position"):
             stream.resume_upstream(bad)
+
+
+# ---------------------------------------------------------------------- the app's Resume page
+
+
+def test_resume_page_offers_our_command_and_shows_an_approximate_history(base, continued, tmp_path, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from registry import open_store
+
+    upstream_copy(base, "fresh")
+    with open_store(tmp_path / "r.sqlite") as store:
+        store.scan(base)
+    monkeypatch.setenv("NANOCHAT_REGISTRY_URL", str(tmp_path / "r.sqlite"))
+    monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
+
+    def page(run: str) -> AppTest:
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(str(ROOT / "streamlit_app" / "app.py"), default_timeout=60)
+        at.run()
+        at.switch_page("app_pages/resume.py")
+        at.query_params["run"] = run
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        return at
+
+    at = page("base/fresh")
+    assert next(m for m in at.metric if m.label == "Resume").value.endswith("approximate")
+    upstream_cmd, ours = (c.value for c in at.code)
+    assert "--fp8-recipe" in upstream_cmd and "--allow-approximate" not in upstream_cmd
+    assert ours.endswith("--model-tag=fresh --resume-from-step=300 --allow-approximate") and "--fp8" not in ours
+    assert any("workbench's trainer" in m.value for m in at.markdown)
+    at = page("base/ref")  # continued by our trainer: exact now, with the approximate segment on record
+    assert next(m for m in at.metric if m.label == "Resume").value.endswith("exact")
+    assert len(at.code) == 1 and "--allow-approximate" not in at.code[0].value
+    assert any(i.value.startswith("Segment 2 continued upstream's step 300 approximately") for i in at.info)
+    st.cache_data.clear()
+    st.cache_resource.clear()

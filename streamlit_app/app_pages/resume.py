@@ -103,6 +103,8 @@ for s in plan.skipped:
 # ---------------------------------------------------------------------- the command
 st.subheader("Command")
 if plan.command:
+    if plan.workbench_command:  # two ways on: say which is which
+        st.markdown("**Upstream's own resume** (in the upstream nanochat checkout that wrote the run):")
     st.code(plan.command, language="bash", wrap_lines=True)
     st.caption((plan.script_note + " · " if plan.script_note else "") + "Copy it with the button in the corner; run it from "
                "the folder that holds scripts/ (your nanochat checkout).")
