@@ -362,7 +362,7 @@ def test_base_train_resume_and_the_explorer_fall_back_past_a_flagged_step(tmp_pa
     rc, out, err = tool(capsys, generation_explorer.main, "--checkpoint", run, "--prompt", "To be", "--max-tokens", "2",
                         "--temperature", "0")
     assert rc == 0 and "skipped newer step 12: unsafe_pickle" in err and "posix.system" in err, err
-    args = argparse.Namespace(resume_from_step=-1)
+    args = argparse.Namespace(resume_from_step=-1, allow_approximate=False)
     with pytest.raises(base_train.TrainError, match="d1@8 has no training state"):  # it chose 8
         base_train._find_resume_point(run, args, 1, True)
     assert "note: skipped newer step 12: unsafe_pickle" in capsys.readouterr().err
