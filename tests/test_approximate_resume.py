@@ -147,6 +147,20 @@ def test_approximate_resume_runs_to_completion_then_resumes_exactly(base, contin
         step_batch(crash, FROM - 1)
 
 
+def test_a_one_process_upstream_run_continues_on_two_processes(base):
+    """Upstream's optimizer files load onto any world size; each rank restarts at upstream's row group rule."""
+    run = upstream_copy(base, "two")
+    clean = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_FAULT_KILL_AFTER", "RANK", "WORLD_SIZE")}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "scripts.base_train", "--", "--model-tag", "two", "--resume", "--allow-approximate", *FLAGS,
+                          "--num-iterations", "302"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**clean, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "train shard #0, row group 4 (rank 0), epoch 3" in res.stdout  # (2 // 2 + 1) * 2 + 0
+    ckpt = cm.find_last_complete(run)
+    assert ckpt.step == 302 and sorted(ckpt.optimizer_shards) == [0, 1] and cm.read_meta(ckpt)["world_size"] == 2
+
+
 def test_the_planners_command_is_what_the_trainer_runs(base, capsys):
     """The planner (and both CLIs' --json) offer our command next to upstream's; run, it continues the run."""
     from registry.cli import main as registry_cli
