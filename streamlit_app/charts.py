@@ -181,8 +181,13 @@ def lr_chart(lr: pd.DataFrame, phases: pd.DataFrame, resume_step: int | None, re
         x="start:Q", x2="end:Q", color=alt.Color("phase:N", scale=phase_colors, title="schedule phase",
                                                  legend=alt.Legend(orient="bottom")),
         tooltip=["phase:N", alt.Tooltip("start:Q", format=",d"), alt.Tooltip("end:Q", format=",d")])
+    # The axis ends where the schedule does: Vega's "nice" rounding ran a 304-step run's axis out to 340.
+    ends = [lr["step"].max(), phases["end"].max() if not phases.empty else None, resume_step, reached_step,
+            own["step"].max() if own is not None and not own.empty else None]
+    x_end = max((float(e) for e in ends if e is not None and pd.notna(e)), default=1.0)
     line = alt.Chart(lr).mark_line(color="#111827", strokeWidth=2).encode(
-        x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1)),
+        x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(format=",d", tickMinStep=1),
+                scale=alt.Scale(domain=[0, max(x_end, 1.0)], nice=False)),
         y=alt.Y("lr_multiplier:Q", title="LR multiplier (× peak LR)", scale=alt.Scale(domain=[0, 1.05], clamp=True)),
         tooltip=[alt.Tooltip("step:Q", format=",d"), alt.Tooltip("lr_multiplier:Q", format=".4f"), "phase:N"])
     layers = [bands, line]
