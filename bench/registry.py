@@ -15,13 +15,19 @@ one run on this machine.
    (Issue 15 dropped the earlier target of 100x over torch.load: a warm 20 MB torch.load takes only
    6-9 ms, which left 60-90 us per checkpoint for everything a scan does.)
 4. History of one metric series of 1,000,000 points downsampled to 2,000 (target: at most 100 ms).
+5. Where the first scan's time goes: one more first scan with a CPU-time timer around each part
+   (SPLIT; a part's time excludes the parts it calls), printed as `first_scan_<part>_share` lines (shares
+   of that scan's CPU time; `other` is the rest: the scan's own loop, counting and progress).
 
-Usage: python -m bench.registry [--dir DIR] [--keep]. Ends with `name: value` lines.
+Usage: python -m bench.registry [--dir DIR] [--keep] [--runs N --steps N] [--first-scan-only].
+Ends with `name: value` lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import os
 import shutil
@@ -55,7 +61,7 @@ def write_prototypes(proto: Path):
 
 
 def build_small_tree(root: Path) -> int:
-    """20 runs x 500 checkpoints, each a real (tiny) torch.save model + optimizer shard + meta."""
+    """RUNS runs x STEPS checkpoints, each a real (tiny) torch.save model + optimizer shard + meta."""
     proto = root / "_proto"
     cfg = write_prototypes(proto)
     count = 0
@@ -128,6 +134,68 @@ assert report.checkpoints_new == int(sys.argv[3]), report
 """
 
 
+# The parts of a first scan the split times: (part, module, attribute). A call to one part made inside
+# another counts for the inner part only, so the shares add up to at most 1.
+SPLIT = (
+    ("walk_stat", "registry.scanner", "walk_runs"), ("walk_stat", "registry.scanner", "_plan_runs"),
+    ("quick_check", "registry.inspection", "quick_check"),  # files, zips, meta, resume files, the model's pickle
+    ("inspect_other", "registry.scanner", "inspect_checkpoint"),  # around the quick check: resumability, the slot
+    ("bounds", "nanochat.bounds", "meta_problem"), ("bounds", "nanochat.bounds", "json_depth_exceeds"),
+    ("bounds", "registry.metrics", "_as_int"),  # a meta's numbers, JSON nesting, metrics steps and segments
+    ("checkpoint_writes", "registry.writer", "write_batch"),  # rows of runs, checkpoints, files, configs
+    ("metrics_ingest", "registry.scanner", "sync_metrics_file"), ("metrics_ingest", "registry.metrics", "ingest_points"),
+    ("metrics_ingest", "registry.metrics", "parse_metrics_line"),  # the work inside its transactions
+    ("registry_reads", "registry.writer", "runs_under"), ("registry_reads", "registry.writer", "load_checkpoints"),
+    ("registry_reads", "registry.writer", "claim_runs"),  # origins: runs indexed before schema 5
+    ("scan_owner", "registry.writer", "start_scan"), ("scan_owner", "registry.writer", "finish_scan"),
+    ("scan_owner", "registry.scanner", "_owner"),
+    ("token_bytes", "registry.tokenizer_checks", "refresh_under"),
+    ("transactions", "registry.db", "Database.write"),  # begin, commit, the session around each write
+)
+
+
+def first_scan_split(store, tree: Path) -> dict[str, float]:
+    """One first scan of `tree` with each SPLIT part timed (CPU time): {part: share of the scan}."""
+    from registry.scanner import scan_path
+
+    totals: dict[str, float] = dict.fromkeys([part for part, _, _ in SPLIT] + ["other"], 0.0)
+    stack = [[0.0]]  # per open part: the time of the parts it called
+    clock = time.process_time
+
+    def timed(part, fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            start, frame = clock(), [0.0]
+            stack.append(frame)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stack.pop()
+                took = clock() - start
+                totals[part] += took - frame[0]
+                stack[-1][0] += took
+        return inner
+
+    patched = []
+    for part, module, attr in SPLIT:
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for p in path:
+            owner = getattr(owner, p)
+        patched.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, timed(part, getattr(owner, name)))
+    try:
+        start = clock()
+        scan_path(store, tree)
+        total = clock() - start
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+    totals["other"] = total - sum(totals.values())
+    print(f"split: first scan {total:.3f} s CPU with its timers", file=sys.stderr)
+    return {part: t / total for part, t in totals.items()}
+
+
 def fresh_process(code: str, *args) -> float:
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
@@ -169,10 +237,16 @@ def our_scans(tree: Path, stores: Path, rounds: int, count: int, cold: bool = Fa
 
 
 def main() -> int:
+    global RUNS, STEPS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", help="work folder (default: a temporary one, removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--runs", type=int, default=RUNS, help=f"runs in the synthetic tree (default {RUNS})")
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"checkpoints per run (default {STEPS})")
+    ap.add_argument("--first-scan-only", action="store_true",
+                    help="only the first scan, its re-scans and its split (no 20 MB checkpoints, no history)")
     args = ap.parse_args()
+    RUNS, STEPS = args.runs, args.steps
     from registry import open_store
     from registry.scanner import scan_path
 
@@ -206,6 +280,12 @@ def main() -> int:
         figures["first_scan_vs_floor"] = round(statistics.median(firsts) / statistics.median(floors), 1)
         figures["rescan_10k_s"] = round(statistics.median(rescans), 4)
         figures["rescan_fraction"] = round(statistics.median(rescans) / statistics.median(firsts), 4)
+        store = open_store(work / "split.sqlite")
+        for part, share in first_scan_split(store, work / "small").items():
+            figures[f"first_scan_{part}_share"] = round(share, 3)
+        store.close()
+        if args.first_scan_only:
+            return _print(figures)
 
         t = time.perf_counter()
         mb = build_big_tree(work / "big")
@@ -252,6 +332,10 @@ def main() -> int:
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(work, ignore_errors=True)
+    return _print(figures)
+
+
+def _print(figures: dict) -> int:
     for k, v in figures.items():
         print(f"{k}: {v}")
     return 0

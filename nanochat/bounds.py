@@ -17,6 +17,7 @@ using these bounds. This module reads no files and raises nothing but ValueError
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -73,7 +74,19 @@ def loads(data: str | bytes, limit: int = MAX_JSON_DEPTH, parse_constant=None):
     (json.loads') turns NaN/Infinity into something else (the meta reader: None)."""
     if json_depth_exceeds(data, limit):
         raise ValueError(f"nested deeper than {limit} levels")
+    if type(data) is bytes and data[:1] == b"{" and data[1:2] != b"\0":
+        # What json.loads decodes such bytes as (detect_encoding: no BOM, no UTF-16/32 zero byte), without
+        # its per-call detection: the scanner parses tens of thousands of metrics lines.
+        data = data.decode("utf-8", "surrogatepass")
+    if type(data) is str and not data.startswith("\ufeff"):  # json.loads refuses a BOM with its own message
+        return _decoder(parse_constant).decode(data)
     return json.loads(data, parse_constant=parse_constant)
+
+
+@functools.lru_cache(maxsize=8)
+def _decoder(parse_constant) -> json.JSONDecoder:
+    """One decoder per parse_constant (json.loads builds a new one per call when given one)."""
+    return json.JSONDecoder(parse_constant=parse_constant)
 
 
 def name_number(digits: str, high: int = MAX_STEP) -> int | None:

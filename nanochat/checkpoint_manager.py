@@ -319,7 +319,7 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
         # Upstream writes `Infinity` for loop_state.min_val_bpb when evaluation is off (Python's json.dump
         # allows it; strict JSON, PostgreSQL's json type and browsers do not): non-finite numbers read as
         # null, so a meta is plain JSON everywhere after this; readers that need upstream's meaning map it back.
-        meta = bounds.loads(read_regular(ckpt.meta).decode("utf-8"), parse_constant=lambda _constant: None)
+        meta = bounds.loads(read_regular(ckpt.meta).decode("utf-8"), parse_constant=_non_finite_as_null)
     except OSError as e:
         raise CheckpointError(f"cannot read {ckpt.meta.name}: {e.strerror}", "unreadable") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too deep, an integer of too many digits
@@ -327,6 +327,10 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{ckpt.meta.name} is not a JSON object", "bad_meta_json")
     return check_meta(meta, ckpt.meta.name)
+
+
+def _non_finite_as_null(_constant: str) -> None:
+    return None
 
 
 def check_meta(meta: dict, name: str) -> dict:

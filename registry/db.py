@@ -216,6 +216,12 @@ def to_url(url_or_path: str | os.PathLike | None) -> URL:
     return URL.create("sqlite", database=str(Path(raw).expanduser().resolve()))
 
 
+def named_placeholder(dialect: str) -> Callable[[str], str]:
+    """The driver's own named-parameter style for plain SQL run with `exec_driver_sql` (the scanner's
+    writes, metric points): sqlite3 takes :name, psycopg takes %(name)s."""
+    return (lambda n: f"%({n})s") if dialect == "postgresql" else (lambda n: f":{n}")
+
+
 class Database:
     """An engine plus the session scope, schema check and migrations. One per process and URL."""
 

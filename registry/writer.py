@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from registry.db import named_placeholder
 from registry.inspection import Inspection, run_config
 from registry.models import Checkpoint, CheckpointFile, MetricSource, Root, Run, Scan, ScanProblem
 
@@ -232,8 +233,7 @@ class _Statements:
 
 @functools.cache
 def _statements(dialect: str) -> _Statements:
-    # The drivers' own named styles: sqlite3 takes :name, psycopg takes %(name)s.
-    return _Statements((lambda n: f"%({n})s") if dialect == "postgresql" else (lambda n: f":{n}"))
+    return _Statements(named_placeholder(dialect))
 
 
 def _chunks(items: list, n: int = CHUNK):
