@@ -107,29 +107,52 @@ def _number_problem(key: str, value, low: int, high: int) -> str | None:
     return None
 
 
-def meta_problem(meta: dict) -> str | None:
-    """Why a meta's numbers cannot be used (the first reason, one sentence), or None."""
+def meta_problem(meta: dict, text: str | None = None) -> str | None:
+    """Why a meta's numbers cannot be used (the first reason, one sentence), or None. `text`: the JSON
+    it was parsed from by `loads` (so it nests at most MAX_JSON_DEPTH deep), which spares the walk for
+    integers past 64 bits when no run of 19 digits (the length of MAX_INT) appears in it."""
+    # An int within its range (nearly every value) passes without a call: the scanner checks every meta.
     for key, (low, high) in META_RANGES.items():
-        if key in meta and (why := _number_problem(key, meta[key], low, high)):
-            return why
+        if key in meta:
+            v = meta[key]
+            if not (type(v) is int and low <= v <= high) and (why := _number_problem(key, v, low, high)):
+                return why
     mc = meta.get("model_config")
     if isinstance(mc, dict):
         for key, (low, high) in MODEL_CONFIG_RANGES.items():
-            if key in mc and (why := _number_problem(f"model_config.{key}", mc[key], low, high)):
-                return why
+            if key in mc:
+                v = mc[key]
+                if not (type(v) is int and low <= v <= high) and \
+                        (why := _number_problem(f"model_config.{key}", v, low, high)):
+                    return why
+    if text is not None and _LONG_DIGITS.search(text) is None:
+        return None
     return _tree_problem(meta)
+
+
+_LONG_DIGITS = re.compile("[0-9]{" + str(len(str(MAX_INT))) + "}")  # a JSON integer past MAX_INT has at least this many digits
+
+
+_SCALARS = (str, float, bool, type(None))  # what _tree_problem passes over at once: the common leaves
 
 
 def _tree_problem(meta: dict) -> str | None:
     """An integer past 64 bits anywhere in a meta, or nesting past MAX_JSON_DEPTH (a single file's meta
     comes from a pickle, not through `loads`), found without recursing."""
     stack = [(meta, "", 1)]
+    scalars = _SCALARS
     while stack:
         obj, where, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             return f"nested deeper than {MAX_JSON_DEPTH} levels"
         items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
         for k, v in items:
+            t = type(v)
+            if t is int:
+                if -MAX_INT <= v <= MAX_INT:
+                    continue
+            elif t in scalars:
+                continue
             if isinstance(v, int) and not isinstance(v, bool):
                 if abs(v) > MAX_INT:
                     return f"{where}{k} {_show(v)} is out of range (at most {MAX_INT})"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from nanochat import bounds, torchfile
 from nanochat.atomic_file import atomic_write_bytes, fsync_dir, remove_stale_temp_files
-from nanochat.common import read_regular
+from nanochat.common import TooLargeError, read_regular
 
 PHASE_DIRS = {"base_checkpoints": "base", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl",
               "lrfind": "lrfind"}  # learning-rate range tests (scripts/lr_find.py): metrics only, no checkpoints
@@ -314,29 +314,32 @@ def read_meta(ckpt: CheckpointFiles) -> dict:
     if ckpt.meta is None:
         raise CheckpointError(f"step {ckpt.step} has no meta_{ckpt.step:06d}.json", "missing_meta")
     try:
-        if ckpt.meta.stat().st_size > bounds.MAX_META_BYTES:
-            raise CheckpointError(f"{ckpt.meta.name} is larger than {bounds.MAX_META_BYTES >> 20} MB: not a meta", "bad_meta_json")
         # Upstream writes `Infinity` for loop_state.min_val_bpb when evaluation is off (Python's json.dump
         # allows it; strict JSON, PostgreSQL's json type and browsers do not): non-finite numbers read as
         # null, so a meta is plain JSON everywhere after this; readers that need upstream's meaning map it back.
-        meta = bounds.loads(read_regular(ckpt.meta).decode("utf-8"), parse_constant=_non_finite_as_null)
+        text = read_regular(ckpt.meta, bounds.MAX_META_BYTES).decode("utf-8")
+        meta = bounds.loads(text, parse_constant=_non_finite_as_null)
+    except TooLargeError:
+        raise CheckpointError(f"{ckpt.meta.name} is larger than {bounds.MAX_META_BYTES >> 20} MB: not a meta",
+                              "bad_meta_json") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {ckpt.meta.name}: {e.strerror}", "unreadable") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too deep, an integer of too many digits
         raise CheckpointError(f"{ckpt.meta.name} is not valid JSON ({e})", "bad_meta_json") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{ckpt.meta.name} is not a JSON object", "bad_meta_json")
-    return check_meta(meta, ckpt.meta.name)
+    return check_meta(meta, ckpt.meta.name, text)
 
 
 def _non_finite_as_null(_constant: str) -> None:
     return None
 
 
-def check_meta(meta: dict, name: str) -> dict:
+def check_meta(meta: dict, name: str, text: str | None = None) -> dict:
     """The meta, if its numbers are within `bounds` (CheckpointError "bad_meta" otherwise): every reader
-    of a meta goes through here before a number from it drives memory, a loop or SQL."""
-    if why := bounds.meta_problem(meta):
+    of a meta goes through here before a number from it drives memory, a loop or SQL. `text`: the JSON
+    it was just parsed from with `bounds.loads` (a shortcut for the check, see `bounds.meta_problem`)."""
+    if why := bounds.meta_problem(meta, text):
         raise CheckpointError(f"{name}: {why}", "bad_meta")
     return meta
 

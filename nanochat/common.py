@@ -50,11 +50,18 @@ def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def read_regular(path: str | os.PathLike) -> bytes:
-    """The whole content of a regular file (a meta, a small JSON): `open_regular`, then plain reads."""
+class TooLargeError(Exception):
+    """A file larger than its reader takes (`read_regular`'s max_bytes): refused before it is read."""
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The whole content of a regular file (a meta, a small JSON): `open_regular`, then plain reads.
+    A file over `max_bytes` (by the descriptor's fstat: no second stat) raises TooLargeError."""
     fd, st = open_regular(path)
     try:
         chunks, size = [], st.st_size
+        if max_bytes is not None and size > max_bytes:
+            raise TooLargeError(f"{os.path.basename(path)} is {size} bytes, more than {max_bytes}")
         while chunk := os.read(fd, max(size + 1, 1 << 16)):  # one read for a file that did not grow
             chunks.append(chunk)
         return b"".join(chunks)

@@ -205,6 +205,27 @@ def test_a_bad_metrics_line_is_skipped_counted_and_reported(trigger, tmp_path, c
     assert rc == 0 and "internal error" not in err, err
 
 
+@pytest.mark.parametrize("value", [2 ** 63 - 1, 2 ** 63, -(2 ** 63 - 1), -(2 ** 63), 10 ** 30, 0.1000000000000000055511151231257827,
+                                   "12345678901234567890", [1, {"x": 2 ** 64}], 1.5])
+def test_the_scanners_shortcuts_judge_as_the_full_checks(value):
+    """Speed (issue 15) took shortcuts: a meta's 64-bit walk skipped when its JSON text has no 19-digit run,
+    UTF-8 metrics lines decoded without json's detection, floats taken without a call. Same verdicts."""
+    text = json.dumps({"step": 3, "user_config": {"v": value}})
+    meta = bounds.loads(text)
+    assert bounds.meta_problem(meta, text) == bounds.meta_problem(meta)
+    line = json.dumps({"step": 3, "segment": 2, "wall_time": 1.5, "x": value, "nan": float("nan"), "flag": True})
+    assert metrics.parse_metrics_line(line.encode()) == metrics.parse_metrics_line(line)
+    for raw in (b"\xef\xbb\xbf" + line.encode(), line.encode("utf-16-le"), b"{\xff}"):  # BOM, UTF-16, not UTF-8
+        try:
+            expected = json.loads(raw)
+        except ValueError as e:
+            with pytest.raises(ValueError) as got:
+                bounds.loads(raw)
+            assert type(got.value) is type(e) and str(got.value) == str(e)
+        else:
+            assert bounds.loads(raw) == expected
+
+
 def test_the_app_scan_box_reports_a_hostile_tree(tmp_path, monkeypatch):
     """Item 7: every trigger above in one tree, scanned from the app's scan box: a report, no traceback."""
     import streamlit as st
