@@ -229,12 +229,16 @@ def ingest_many(session: Session, db: Database, points_by_run: Mapping[int, Iter
     """ingest_points for several runs in one go (the scanner's batches); the caller holds their locks."""
     wanted: dict[tuple[int, str], dict[tuple[int, int], tuple[float | None, float | None]]] = {}
     for run_id, points in points_by_run.items():
+        by_key: dict[str, dict] = {}
         for key, step, segment, value, wall in points:
-            per = wanted.get((run_id, key))
+            per = by_key.get(key)
             if per is None:
-                per = wanted[(run_id, key)] = {}
-            if (step, segment) not in per:  # first occurrence wins
-                per[(step, segment)] = (value, wall)
+                per = by_key[key] = {}
+            at = (step, segment)
+            if at not in per:  # first occurrence wins
+                per[at] = (value, wall)
+        for key, per in by_key.items():
+            wanted[(run_id, key)] = per
     if not wanted:
         return 0, 0
     series = _series_ids(session, db, set(wanted))
@@ -263,8 +267,11 @@ def ingest_many(session: Session, db: Database, points_by_run: Mapping[int, Iter
         conn.exec_driver_sql(sql, flat[i:i + INSERT_BATCH])
     by_segment: dict[tuple[int, int], list[tuple[int, float | None, float | None]]] = {}
     for sid, rows in new_rows.items():
+        last, bucket = None, []
         for s, g, v, w in rows:
-            by_segment.setdefault((sid, g), []).append((s, v, w))
+            if g != last:  # one lookup per run of points of one segment (usually one per series)
+                last, bucket = g, by_segment.setdefault((sid, g), [])
+            bucket.append((s, v, w))
     before = {(sid, g): n for sid, g, n in session.execute(sa.select(
         MetricSegment.series_id, MetricSegment.segment, MetricSegment.n).where(MetricSegment.series_id.in_(sorted(new_rows))))}
     session.execute(_segment_upsert(db), [
