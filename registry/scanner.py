@@ -469,7 +469,8 @@ def _scan(db, root_id: int, scan_id: int, run_dirs: dict, known: dict[str, write
         for slot in changed:
             batch.append((plan, inspect_checkpoint(slot, plan.path)))
             done += 1
-            report(f"{plan.phase}/{plan.tag}: step {slot.step if slot.step is not None else 'checkpoint.pt'}")
+            if progress:  # the message is built only for a caller that shows it
+                report(f"{plan.phase}/{plan.tag}: step {slot.step if slot.step is not None else 'checkpoint.pt'}")
             if len(batch) >= BATCH:
                 flush()
                 batch_runs.append(plan)
