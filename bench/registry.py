@@ -2,7 +2,7 @@
 Registry benchmark: the scanner and the history query, each against a floor or target measured in this
 one run on this machine.
 
-1. First scan of 10,000 checkpoints (20 runs x 500 steps; tiny real torch.save model and optimizer
+1. First scan of 10,000 checkpoints (20 runs x 500 steps, --runs/--steps; tiny real torch.save model and optimizer
    files copied from one saved pair, a meta JSON each, and a 2,000-line metrics.jsonl per run), over
    the floor: a bare loop that stats every file of the same tree and reads every meta JSON, the least
    any scan must do (`first_scan_vs_floor`; no target, lower is better).
