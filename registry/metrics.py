@@ -340,10 +340,10 @@ def sync_metrics_file(db: Database, run_id: int, path: str, on_problem: ProblemS
                 return 0, 0, False, problems  # only a torn (partial) last line: wait for the trainer
             lines = data[:end].split(b"\n")
             points: list[Point] = []
-            bad = 0
+            good = bad = 0
             first_line_no = src.lines + src.bad_lines + 1
             for i, line in enumerate(lines):
-                if not line.strip():
+                if not line or line.isspace():  # a blank line is no line (isspace: no stripped copy)
                     continue
                 try:
                     points.extend(parse_metrics_line(line))
@@ -352,8 +352,9 @@ def sync_metrics_file(db: Database, run_id: int, path: str, on_problem: ProblemS
                     if bad <= 5:
                         problems.append((path, "bad_metrics_line",
                                          f"{os.path.basename(path)} line {first_line_no + i}: {e}"))
+                else:
+                    good += 1
             ingest_points(session, db, run_id, points)
-            good = sum(1 for line in lines if line.strip()) - bad
             if bad > 5:
                 problems.append((path, "bad_metrics_line", f"{os.path.basename(path)}: {bad - 5} more malformed lines"))
             src.offset += end + 1  # in the transaction that stores the points of these lines, never ahead of them
