@@ -6,13 +6,16 @@ Builds N conversations from the bundled Shakespeare corpus in two deterministic 
 dicts: "short", like upstream's identity conversations (1-3 exchanges of 3-20 and 5-40 words, ~100
 tokens), and "long", like general SFT data (1-4 exchanges, user turns of 3-40 words, assistant turns of
 5-400 words, ~500 tokens); in both one in ten assistant turns has a tool call and its output, one in
-twenty conversations a system message. Then times, median of ROUNDS, per mix:
-  (a) parse + render: `Conversation.parse` (full validation) then `ChatTemplate.render`, what a
-      conversation file, the builder page and SFT do per conversation;
-  (b) render only, of conversations already parsed.
-Tokenizer: the upstream fixture's (2,048 tokens), or `--tokenizer DIR`. Target: (a) >= 10,000
-conversations per second. Nearly all of the time is tiktoken's `encode_ordinary` (the same call
-upstream makes), so the rate scales with the characters per conversation.
+twenty conversations a system message. Then times, median of ROUNDS, the sides in turn, per mix:
+  (a) parse + render: `Conversation.parse` (full validation) then `ChatTemplate.render`, one
+      conversation at a time (what the Chat page and the editor do);
+  (b) parse + batch render: `ChatTemplate.render_batch` of all N (what a conversation file's summary,
+      the builder page's table and tools/conversation_builder.py do): every text encoded first, in
+      chunks on one thread per CPU (`--render-threads`), then assembled; the same ids (checked);
+  (c) render only, of conversations already parsed, one by one and batched.
+Tokenizer: the upstream fixture's (2,048 tokens), or `--tokenizer DIR`. Target: >= 10,000 conversations
+per second (the better of (a) and (b)). Nearly all of the time is tiktoken's `encode_ordinary` (the same
+call upstream makes), so the rate scales with the characters per conversation, and (b) with the free cores.
 
 Time to first token (`--part ttft`): a conversation of alternating turns from the corpus whose prompt
 (rendered, ending with <|assistant_start|>) is about --history tokens (default 200), answered through
@@ -24,7 +27,7 @@ logits). The model is bench.generation's demo-sized one saved as a checkpoint in
 torch thread unless --threads. Target: page / bare <= 1.5.
 
 Run: `.venv/bin/python -m bench.chat [--part render ttft] [--conversations N] [--mix short long] [--tokenizer DIR]
-[--history N] [--checkpoint RUN_DIR] [--threads N]`. Not run by pytest. Ends with `name: value` lines.
+[--render-threads N] [--history N] [--checkpoint RUN_DIR] [--threads N]`. Not run by pytest. Ends with `name: value` lines.
 """
 
 from __future__ import annotations
@@ -82,17 +85,23 @@ def make_conversations(n: int, mix: str = "long", seed: int = 0) -> list[dict]:
     return out
 
 
-def median_rate(fn, n: int) -> tuple[float, float, float]:
-    """(per second of wall time, median wall seconds, per second of this process's CPU time): the CPU
-    figure stays meaningful on a shared, busy machine."""
-    walls, cpus = [], []
+def median_rates(fns: dict, n: int) -> dict[str, tuple[float, float, float]]:
+    """Per function: (per second of wall time, median wall seconds, per second of this process's CPU time),
+    the functions called in turn each round so a busy machine slows them alike. The CPU figure of a
+    one-thread function stays meaningful on a shared machine; a threaded one spends more CPU than wall."""
+    walls: dict[str, list[float]] = {k: [] for k in fns}
+    cpus: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(ROUNDS):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    s = statistics.median(walls)
-    return n / s, s, n / statistics.median(cpus)
+        for name, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            walls[name].append(time.perf_counter() - t)
+            cpus[name].append(time.process_time() - c)
+    out = {}
+    for name in fns:
+        s = statistics.median(walls[name])
+        out[name] = (n / s, s, n / statistics.median(cpus[name]))
+    return out
 
 
 def history_messages(template, tokens: int) -> list[dict]:
@@ -181,25 +190,37 @@ def time_to_first_token(args) -> None:
 
 
 def render_rates(args) -> None:
+    import os
+
     from nanochat.conversation import Conversation
     from nanochat.tokenizer import Tokenizer
 
     template = Tokenizer.from_directory(args.tokenizer).chat_template()
+    threads = args.render_threads or os.cpu_count() or 1
     for mix in args.mix:
         raw = make_conversations(args.conversations, mix)
         parsed = [Conversation.parse(c) for c in raw]
         tokens = sum(len(template.render(c).ids) for c in parsed)
-        full, full_s, full_cpu = median_rate(lambda raw=raw: [template.render(Conversation.parse(c)) for c in raw],
-                                             len(raw))
-        only, only_s, only_cpu = median_rate(lambda parsed=parsed: [template.render(c) for c in parsed], len(parsed))
+        assert template.render_batch(parsed, threads=threads) == [template.render(c) for c in parsed]  # same ids
+        r = median_rates({
+            "serial": lambda raw=raw: [template.render(Conversation.parse(c)) for c in raw],
+            "batch": lambda raw=raw: template.render_batch([Conversation.parse(c) for c in raw], threads=threads),
+            "render_only": lambda parsed=parsed: [template.render(c) for c in parsed],
+            "batch_render_only": lambda parsed=parsed: template.render_batch(parsed, threads=threads),
+        }, len(raw))
         print(f"{mix}: {len(raw):,} conversations, {tokens:,} tokens ({tokens / len(raw):.0f} per conversation); "
-              f"parse+render {full_s:.3f} s, render only {only_s:.3f} s (median of {ROUNDS})")
-        print(f"chat_{mix}_parse_render_per_s: {full:.0f}")
-        print(f"chat_{mix}_parse_render_per_cpu_s: {full_cpu:.0f}")
-        print(f"chat_{mix}_render_only_per_s: {only:.0f}")
-        print(f"chat_{mix}_render_only_per_cpu_s: {only_cpu:.0f}")
-        print(f"chat_{mix}_tokens_per_s: {tokens / full_s:.0f}")
-        print(f"chat_{mix}_target_met: {full >= TARGET}")
+              f"parse+render {r['serial'][1]:.3f} s one by one, {r['batch'][1]:.3f} s batched on {threads} thread(s); "
+              f"render only {r['render_only'][1]:.3f} s, batched {r['batch_render_only'][1]:.3f} s "
+              f"(median of {ROUNDS}, in turn)")
+        print(f"chat_{mix}_parse_render_per_s: {r['serial'][0]:.0f}")
+        print(f"chat_{mix}_parse_render_per_cpu_s: {r['serial'][2]:.0f}")
+        print(f"chat_{mix}_render_only_per_s: {r['render_only'][0]:.0f}")
+        print(f"chat_{mix}_render_only_per_cpu_s: {r['render_only'][2]:.0f}")
+        print(f"chat_{mix}_parse_render_batch_per_s: {r['batch'][0]:.0f}")
+        print(f"chat_{mix}_batch_render_only_per_s: {r['batch_render_only'][0]:.0f}")
+        print(f"chat_{mix}_batch_over_serial: {r['batch'][0] / r['serial'][0]:.2f}")
+        print(f"chat_{mix}_tokens_per_s: {tokens / r['batch'][1]:.0f}")
+        print(f"chat_{mix}_target_met: {max(r['batch'][0], r['serial'][0]) >= TARGET}")
 
 
 def main(argv=None) -> int:
@@ -212,6 +233,8 @@ def main(argv=None) -> int:
                     help="tokenizer directory for render (default: the upstream fixture's)")
     ap.add_argument("--mix", nargs="+", choices=sorted(MIXES), default=["short", "long"],
                     help="conversation mixes to time (default: short long)")
+    ap.add_argument("--render-threads", type=int, default=0,
+                    help="render: threads of the batched render (default 0 = one per CPU, as the builder uses)")
     ap.add_argument("--history", type=int, default=200, help="ttft: prompt tokens of the conversation (default 200)")
     ap.add_argument("--checkpoint", help="ttft: a run directory to load (default: a demo-sized random model)")
     ap.add_argument("--threads", type=int, default=1, help="ttft: torch intra-op threads (default 1; 0 = torch's default)")

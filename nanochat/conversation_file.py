@@ -253,7 +253,7 @@ def summarize(entries: Sequence[Entry], template: ChatTemplate, seq_len: int,
     check_seq_len(seq_len)
     valid = [e for e in entries if e.valid]
     if renders is None:
-        renders = [template.render(e.conversation, max_tokens) for e in valid]
+        renders = template.render_batch([e.conversation for e in valid], max_tokens)
     lengths = tuple(r.length for r in renders)
     too_long = sum(1 for r in renders if not fit(r, seq_len).fits)
     return DatasetSummary(
@@ -282,6 +282,17 @@ def histogram(lengths: Sequence[int], mark: int, bins: int = 20) -> tuple[Histog
 
 
 # ---------------------------------------------------------------------- a folder of files (the dataset inspector)
+
+UPSTREAM_FILE = "identity_conversations.jsonl"  # the file upstream's chat_sft read from the base dir
+CONVERSATIONS_DIR = "conversations"  # <base>/conversations/*.jsonl: more of a base dir's files (the demo's plays)
+
+
+def base_dir_conversation_files(base: str | os.PathLike) -> list[Path]:
+    """The conversation files a base dir holds: its own *.jsonl (upstream's identity_conversations.jsonl first),
+    then those in its conversations/ folder (sorted)."""
+    b = Path(base).expanduser()
+    top = sorted((f for f in b.glob("*.jsonl") if f.is_file()), key=lambda f: (f.name != UPSTREAM_FILE, f.name))
+    return top + sorted(f for f in (b / CONVERSATIONS_DIR).glob("*.jsonl") if f.is_file())
 
 
 def conversation_files(path: str | os.PathLike) -> list[Path]:
@@ -323,7 +334,7 @@ def summarize_files(paths: Sequence[str | os.PathLike], template: ChatTemplate, 
         except ConversationFileError as e:
             files.append(FileSummary(str(p), None, str(e)))
             continue
-        renders = [template.render(e.conversation, max_tokens) for e in entries if e.valid]
+        renders = template.render_batch([e.conversation for e in entries if e.valid], max_tokens)
         files.append(FileSummary(str(p), summarize(entries, template, seq_len, max_tokens, renders)))
         all_entries += entries
         all_renders += renders

@@ -40,6 +40,25 @@ def test_render_matches_upstream_exactly(template, ref):
         assert template.render_for_completion(conv) == ref["completion_ids"]
 
 
+def test_batch_render_matches_upstream_exactly_on_threads(template, monkeypatch):
+    """render_batch (every text encoded first, in chunks on threads) gives upstream's ids and mask, in order,
+    whatever the chunking: chunks of 3 texts on 4 threads here, and the one-thread path."""
+    from nanochat import conversation as conversation_module
+
+    monkeypatch.setattr(conversation_module, "BATCH_CHUNK", 3)
+    for max_tokens in {r["max_tokens"] for r in REFERENCE["renders"]}:  # upstream's cut (None) and the cuts inside
+        refs = [r for r in REFERENCE["renders"] if r["max_tokens"] == max_tokens]
+        convs = [Conversation.parse({"messages": copy.deepcopy(r["messages"])}) for r in refs]
+        args = () if max_tokens is None else (max_tokens,)
+        for threads in (4, 1):
+            batch = template.render_batch(convs * 3, *args, threads=threads)
+            assert [(b.ids, b.mask) for b in batch] == [(r["ids"], r["mask"]) for r in refs] * 3
+            assert batch[:len(convs)] == [template.render(c, *args) for c in convs]
+    assert template.render_batch([]) == []
+    with pytest.raises(ConversationError, match="max_tokens"):
+        template.render_batch(convs, 0)
+
+
 @pytest.mark.parametrize("ref", REFERENCE["refused"], ids=lambda r: r["name"])
 def test_refuses_what_upstream_refuses_with_one_line(ref):
     with pytest.raises(ConversationError) as e:
