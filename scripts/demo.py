@@ -8,7 +8,10 @@ Steps, each skipped when its output already exists (a second run finishes in sec
 1. the bundled Shakespeare corpus (`data/shakespeare.jsonl.gz`) -> parquet shards in `<base>/base_data/`
    (speeches grouped into documents of up to ~600 characters, row groups of 128 documents; the last
    play, The Winter's Tale, is the last shard = validation);
-2. a 2,048-token BPE tokenizer trained on the train shards (`scripts.tok_train`) -> `<base>/tokenizer/`;
+2. a 2,048-token BPE tokenizer trained on the train shards (`scripts.tok_train`) -> `<base>/tokenizer/`,
+   and chat conversations made from the plays' dialogue (`scripts/play_conversations.py`: a speech and its
+   reply, with the speakers' names) that fit an SFT row -> `<base>/conversations/plays.jsonl` and
+   `plays_val.jsonl` (the last play), which the Conversation builder opens first;
 3. three CPU runs of `scripts.base_train`, each a real subprocess, with checkpoints every few steps:
    a finished run; one SIGKILLed between two checkpoints and continued with `--resume` to its end (two
    resume segments in its metrics); and a shallower one SIGKILLed between two checkpoints and left so (a
@@ -169,24 +172,33 @@ class DemoResult:
 # ---------------------------------------------------------------------- data and tokenizer
 
 
-def corpus_documents(limit_chars: int | None = None) -> list[tuple[str, str]]:
-    """(play id, document) pairs: consecutive speeches joined up to DOC_CHARS, in corpus order."""
-    docs = []
+def corpus_works(limit_chars: int | None = None) -> list[tuple[str, str]]:
+    """(work id, text) of the corpus in order, up to the work that reaches limit_chars (None: all of it).
+    The last one is the demo's validation work (its shard, its conversations)."""
+    works = []
     total = 0
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
         for line in f:
             work = json.loads(line)
-            chunk = ""
-            for para in _pieces(work["text"]):
-                if chunk and len(chunk) + len(para) + 2 > DOC_CHARS:
-                    docs.append((work["id"], chunk))
-                    chunk = ""
-                chunk = f"{chunk}\n\n{para}" if chunk else para
-            if chunk:
-                docs.append((work["id"], chunk))
+            works.append((work["id"], work["text"]))
             total += len(work["text"])
             if limit_chars and total >= limit_chars:
                 break
+    return works
+
+
+def corpus_documents(limit_chars: int | None = None) -> list[tuple[str, str]]:
+    """(play id, document) pairs: consecutive speeches joined up to DOC_CHARS, in corpus order."""
+    docs = []
+    for work_id, text in corpus_works(limit_chars):
+        chunk = ""
+        for para in _pieces(text):
+            if chunk and len(chunk) + len(para) + 2 > DOC_CHARS:
+                docs.append((work_id, chunk))
+                chunk = ""
+            chunk = f"{chunk}\n\n{para}" if chunk else para
+        if chunk:
+            docs.append((work_id, chunk))
     return docs
 
 
@@ -410,7 +422,9 @@ def index_registry(base_dir: Path, progress: Progress | None = None):
 
 def build_demo(base_dir: str | os.PathLike = DEFAULT_DEMO_DIR, profile: str = "full",
                progress: Progress | None = None) -> DemoResult:
+    from nanochat.conversation_file import CONVERSATIONS_DIR
     from nanochat.tokenizer import Tokenizer, TokenizerError
+    from scripts import play_conversations
 
     if profile not in PROFILES:
         raise DemoError(f"unknown demo profile {profile!r} (choose {', '.join(PROFILES)})")
@@ -455,8 +469,20 @@ def build_demo(base_dir: str | os.PathLike = DEFAULT_DEMO_DIR, profile: str = "f
         from scripts.tok_train import train_tokenizer
 
         train_tokenizer(base, p.vocab_size, max_chars=10**9, doc_cap=10_000)
+        tok = Tokenizer.from_directory(tok_dir)
     if progress:
         progress("tokenizer", 1, 1)
+
+    conv_dir = base / CONVERSATIONS_DIR
+    if not (conv_dir / play_conversations.TRAIN_FILE).is_file():  # written last: its presence means both are whole
+        reused = False
+        if progress:
+            progress("chats", 0, 1)
+        # conversations that fit an SFT row of the demo's sequence length, so the SFT loader can pack every one
+        play_conversations.write_play_conversations(conv_dir, corpus_works(p.corpus_chars), tok.chat_template(),
+                                                    p.seq_len + 1)
+    if progress:
+        progress("chats", 1, 1)
 
     runs = build_runs(base, p, progress)
     reused = reused and all(r.reused for r in runs)

@@ -477,8 +477,20 @@ def dataset_choices(url: str) -> list[str]:
 
 @registry_read(max_entries=8)
 def conversation_choices(url: str) -> list[str]:
-    """Conversation files (SFT data, *.jsonl) in the registry's base dirs, e.g. identity_conversations.jsonl."""
-    return [str(f) for d in _base_dirs(url) if d.is_dir() for f in sorted(d.glob("*.jsonl")) if f.is_file()]
+    """Conversation files (SFT data, *.jsonl) in the registry's base dirs, e.g. identity_conversations.jsonl and
+    the demo's conversations/plays.jsonl."""
+    from nanochat.conversation_file import base_dir_conversation_files
+
+    return [str(f) for d in _base_dirs(url) if d.is_dir() for f in base_dir_conversation_files(d)]
+
+
+def default_conversation_file(base_dir: str | None) -> str:
+    """The file the Conversation builder opens first: the base dir's first conversation file (upstream's
+    identity_conversations.jsonl, else e.g. the demo's conversations/plays.jsonl), else where upstream's would be."""
+    from nanochat.conversation_file import UPSTREAM_FILE, base_dir_conversation_files
+
+    base = Path(base_dir or ".").expanduser()
+    return str(next(iter(base_dir_conversation_files(base)), base / UPSTREAM_FILE))
 
 
 def conversation_files(path: str) -> tuple[str, ...]:
@@ -756,7 +768,7 @@ def conversation_table(path: str, stamp: tuple, tokenizer_dir: str, seq_len: int
 
     entries = conversation_entries(path, stamp)
     template = chat_tokenizer(tokenizer_dir).chat_template()
-    renders = [template.render(e.conversation) for e in entries if e.valid]
+    renders = template.render_batch([e.conversation for e in entries if e.valid])
     summary = summarize(entries, template, seq_len, renders=renders)
     rows, it = [], iter(renders)
     for e in entries:

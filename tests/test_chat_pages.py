@@ -178,6 +178,20 @@ def test_a_runs_tokenizer_and_sequence_length_are_used(demo_base, tmp_path, monk
     assert metric(at, "Conversations").value == "3"
 
 
+def test_the_demo_opens_its_play_conversations_first(demo_base, tmp_path, monkeypatch):
+    """On the demo's base dir the builder opens the conversations the demo made from the plays (real data on
+    first start), summarised with the demo run's tokenizer and sequence length: every one fits an SFT row."""
+    base = tmp_path / "demo"
+    shutil.copytree(demo_base, base, ignore=shutil.ignore_patterns("*.pt"))  # the page needs no weights
+    monkeypatch.delenv("NANOCHAT_REGISTRY_URL")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    at = open_builder({"run": "base/d2"})
+    assert at.text_input(key="file").value == str(base / "conversations" / "plays.jsonl")
+    lines = (base / "conversations" / "plays.jsonl").read_text(encoding="utf-8").splitlines()
+    assert metric(at, "Conversations").value == f"{len(lines):,}"
+    assert metric(at, "Too long for SFT").value == "0.0%" and metric(at, "Invalid lines").value == "0"
+
+
 # ---------------------------------------------------------------------- the Chat page
 
 

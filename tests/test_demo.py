@@ -5,6 +5,7 @@ resume, and idempotence."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,89 @@ def test_corpus_documents_are_speech_sized_and_keep_the_plays_in_order():
     assert docs[0][0] == "alls_well_that_ends_well"
     assert all(len(d) <= 2000 for _, d in docs)
     assert sum(len(d) for _, d in docs) > 250_000
+
+
+# ---------------------------------------------------------------------- the play conversations (SFT data of the demo)
+
+SCENE = """PERSONS REPRESENTED.
+
+ROMEO, son to Montague.
+JULIET, daughter to Capulet.
+
+ACT I.
+
+SCENE I. Verona.
+
+[Enter ROMEO and JULIET.]
+
+ROMEO.
+What light through yonder window breaks?
+
+Jul.
+It is the east.
+
+[Aside.]
+
+And I the sun.
+
+FIRST WATCH.
+
+[Within.]
+
+Who goes there?
+
+ROMEO.
+A friend.
+[Exit.]
+
+SCENE II. A garden.
+
+THESEUS
+What say you, Hermia?
+"""
+
+
+def test_scenes_read_speakers_and_their_speeches():
+    from scripts.play_conversations import Speech, scenes
+
+    assert list(scenes(SCENE)) == [
+        [Speech("ROMEO", "What light through yonder window breaks?"), Speech("Jul", "It is the east.\nAnd I the sun."),
+         Speech("FIRST WATCH", "Who goes there?"), Speech("ROMEO", "A friend.")],
+        [Speech("THESEUS", "What say you, Hermia?")]]
+
+
+def test_play_conversations_pair_each_line_with_its_reply_and_fit_the_budget():
+    from nanochat.tokenizer import Tokenizer
+    from scripts.play_conversations import play_conversations
+
+    template = Tokenizer.from_directory(ROOT / "tests/fixtures/upstream/current/tokenizer").chat_template()
+    train, val = play_conversations([("a", SCENE), ("b", SCENE.replace("ROMEO", "PUCK"))], template, 64)
+    assert [c.to_messages() for c in train] == [
+        [{"role": "user", "content": "ROMEO: What light through yonder window breaks?"},
+         {"role": "assistant", "content": "Jul: It is the east.\nAnd I the sun."}],
+        [{"role": "user", "content": "FIRST WATCH: Who goes there?"},
+         {"role": "assistant", "content": "ROMEO: A friend."}]]
+    assert val[0].messages[0].content.startswith("PUCK: ")  # the last work is held out
+    # the second conversation wants two exchanges (the cycle) but its scene has one left; a budget too small
+    # for any exchange leaves the exchange out
+    assert play_conversations([("a", SCENE), ("b", SCENE)], template, 12) == ([], [])
+
+
+def test_demo_conversations_are_valid_fit_an_sft_row_and_hold_out_the_last_play(demo_base):
+    from nanochat.conversation_file import read_conversations
+    from nanochat.tokenizer import Tokenizer
+    from scripts.demo import corpus_works
+    from scripts.play_conversations import play_conversations
+
+    folder = demo_base / "conversations"
+    train, val = read_conversations(folder / "plays.jsonl"), read_conversations(folder / "plays_val.jsonl")
+    assert len(train) > 100 and len(val) > 10 and all(e.valid and e.shape == "list" for e in train + val)
+    template = Tokenizer.from_directory(demo_base / "tokenizer").chat_template()
+    lengths = [template.render(e.conversation).length for e in train + val]
+    assert max(lengths) <= PROFILE.seq_len + 1
+    assert 2 in {len(e.conversation.messages) for e in train} <= {2, 4, 6}  # runs of 1-3 exchanges
+    works = corpus_works(PROFILE.corpus_chars)
+    again = play_conversations(works, template, PROFILE.seq_len + 1)  # deterministic: the same conversations
+    assert [c.to_messages() for c in again[1]] == [e.conversation.to_messages() for e in val]
+    last_play_speakers = {s for _, text in works[-1:] for s in re.findall(r"\n([A-Z][A-Z ]+)\.\n", text)}
+    assert all(e.conversation.messages[0].content.split(":")[0] in last_play_speakers for e in val[:20])

@@ -14,7 +14,6 @@ from nanochat.tokenizer import TokenizerError
 from registry.errors import RegistryError
 from streamlit_app import charts, data, frames, ui
 
-DEFAULT_FILE = "identity_conversations.jsonl"  # the file upstream's chat_sft read from the base dir
 DEFAULT_SEQ_LEN = 2048  # upstream chat_sft's --max-seq-len
 SAMPLE = [{"role": "user", "content": "What is 12 divided by 60?"},
           {"role": "assistant", "content": [{"type": "text", "text": "Let me compute it: "},
@@ -145,7 +144,7 @@ with st.sidebar:
                                        f"(default: the run's, else {DEFAULT_SEQ_LEN}, upstream chat_sft's)"))
 capacity = seq_len + 1
 
-path = st.text_input("Conversation file", str(Path(base_dir or ".") / DEFAULT_FILE), key="file", bind="query-params",
+path = st.text_input("Conversation file", data.default_conversation_file(base_dir), key="file", bind="query-params",
                      help="JSONL: one conversation per line, a CustomJSON array of {role, content} or {\"messages\": "
                           "[...]}. It is only read; Save writes it (atomically), keeping every other line as it was.")
 
