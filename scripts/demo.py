@@ -34,14 +34,15 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from scripts.warm_launch import Launches
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "shakespeare.jsonl.gz"
@@ -51,6 +52,8 @@ DOC_CHARS = 600
 ROW_GROUP_DOCS = 128
 TRAIN_SHARD_DOCS = 2048
 SAMPLE_PROMPT = "KING HENRY.\n"
+BASE_TRAIN, CHAT_SFT = "scripts.base_train", "scripts.chat_sft"
+SFT_WARM_STEPS = 10  # the SFT launch starts importing this many steps before its base run ends (~2 s of a core)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -104,6 +107,40 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class SftSpec:
+    """The demo's chat model: base run `tag` fine-tuned with scripts.chat_sft on the play conversations
+    (<base>/conversations/), written to chatsft_checkpoints/<tag>/. Batch, sequence length and LRs are inherited
+    from the base run, as upstream's chat_sft does."""
+
+    tag: str
+    steps: int
+    save_every: int
+    eval_every: int
+    # The demo's base LRs are 8-16x upstream's (see DemoProfile). Measured on d4 (busy machine): at upstream's 0.8
+    # val bpb on the held-out play went 2.28 -> 3.06 by step 15 (SFT undid the base run); at 0.25, 2.40 after 30;
+    # at 0.1, 2.22 after 20 steps, and the model answers "NAME: ..." and ends its turn (7 of 8 samples).
+    init_lr_frac: float = 0.1
+
+    @property
+    def label(self) -> str:
+        return f"sft {self.tag}"
+
+    def steps_to_train(self, have: list[int]) -> int:
+        return 0 if self.steps in have else self.steps - max(have, default=0)
+
+    def args(self, p: DemoProfile, base: Path, resume: bool) -> list[str]:
+        from nanochat.conversation_file import CONVERSATIONS_DIR
+        from scripts.play_conversations import TRAIN_FILE, VAL_FILE
+
+        folder = base / CONVERSATIONS_DIR
+        return ["--model-tag", self.tag, "--conversations", str(folder / TRAIN_FILE),
+                "--val-conversations", str(folder / VAL_FILE), "--num-iterations", str(self.steps),
+                "--init-lr-frac", str(self.init_lr_frac), "--eval-every", str(self.eval_every),
+                "--eval-tokens", str(p.eval_tokens), "--save-every", str(self.save_every), "--device", "cpu",
+                "--compile", "off", *(["--resume"] if resume else [])]
+
+
+@dataclass(frozen=True)
 class DemoProfile:
     name: str
     vocab_size: int
@@ -124,18 +161,20 @@ class DemoProfile:
     runs: tuple[RunSpec, ...]
     final_tag: str  # the run whose sample is shown
     corpus_chars: int | None = None  # None: the whole corpus
+    sft: SftSpec | None = None  # the chat model, fine-tuned from a run of this profile
 
 
 PROFILES = {
     "full": DemoProfile(
         name="full", vocab_size=2048, aspect_ratio=32, head_dim=32, seq_len=256, device_batch_size=16,
-        total_batch_size=4096, warmup_steps=10, eval_tokens=16384, matrix_lr=0.32, embedding_lr=2.4,
+        # eval_tokens: 32 rows of the validation play. 16,384 cost d4 ~5% of its run (11 evals, each ~1.4 steps)
+        total_batch_size=4096, warmup_steps=10, eval_tokens=8192, matrix_lr=0.32, embedding_lr=2.4,
         unembedding_lr=0.064, scalar_lr=2.0,
         runs=(RunSpec("d2", depth=2, steps=200, save_every=50, eval_every=25, kill_after_step=165, resume_after_kill=False,
                       lane=1),
               RunSpec("d4-crash", depth=4, steps=150, save_every=30, eval_every=25, kill_after_step=75, lane=1),
               RunSpec("d4", depth=4, steps=250, save_every=50, eval_every=25, lane=0)),
-        final_tag="d4"),
+        final_tag="d4", sft=SftSpec("d4", steps=20, save_every=10, eval_every=10)),
     "test": DemoProfile(
         name="test", vocab_size=512, aspect_ratio=32, head_dim=32, seq_len=64, device_batch_size=8,
         total_batch_size=512, warmup_steps=2, eval_tokens=1024, matrix_lr=0.32, embedding_lr=2.4,
@@ -144,7 +183,7 @@ PROFILES = {
                       lane=1),
               RunSpec("d2-crash", depth=2, steps=12, save_every=4, eval_every=4, kill_after_step=6, lane=1),
               RunSpec("d2", depth=2, steps=12, save_every=4, eval_every=4, lane=0)),
-        final_tag="d2", corpus_chars=600_000),
+        final_tag="d2", corpus_chars=600_000, sft=SftSpec("d2", steps=4, save_every=2, eval_every=2)),
 }
 
 
@@ -167,6 +206,7 @@ class DemoResult:
     registry: Path
     wall_s: float
     reused: bool = field(default=False)
+    sft: RunResult | None = None  # the chat model (chatsft_checkpoints/<tag>)
 
 
 # ---------------------------------------------------------------------- data and tokenizer
@@ -238,18 +278,15 @@ def write_shards(data_dir: Path, limit_chars: int | None) -> list[Path]:
 # ---------------------------------------------------------------------- runs
 
 
-def _train_cmd(spec: RunSpec, profile: DemoProfile, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "scripts.base_train", *spec.flags(profile), *(["--resume"] if resume else [])]
+def _train_args(spec: RunSpec, profile: DemoProfile, resume: bool) -> list[str]:
+    return [*spec.flags(profile), *(["--resume"] if resume else [])]
 
 
-def _run_training(cmd: list[str], base_dir: Path, label: str, total: int, progress: Progress | None,
+def _run_training(launches: Launches, module: str, args: list[str], label: str, total: int, progress: Progress | None,
                   kill_after_step: int | None = None, threads: int = 1) -> tuple[int, list[str]]:
-    """Run one training launch, reporting its steps; SIGKILL it once `kill_after_step` is logged."""
-    # One lane per core with its own threads: several OpenMP threads spinning on a busy 2-core machine
-    # are up to 50x slower than one (measured), and two lanes keep both cores busy anyway.
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    env.pop("NANOCHAT_FAULT_KILL_AFTER", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Run one training launch (`python -m module args`, warm if it was started ahead), reporting its steps;
+    SIGKILL it once `kill_after_step` is logged."""
+    proc = launches.take(module, args, threads)
     tail: list[str] = []
     step_re = re.compile(r"^step (\d+)/(\d+)")
     for line in proc.stdout:
@@ -283,8 +320,8 @@ def _leave_killed(run_dir: Path, age_s: float = 3600.0) -> None:
         os.utime(f, (when, when))
 
 
-def build_run(base_dir: Path, spec: RunSpec, profile: DemoProfile, progress: Progress | None,
-              threads: int = 1) -> RunResult:
+def build_run(base_dir: Path, spec: RunSpec, profile: DemoProfile, progress: Progress | None, threads: int,
+              launches: Launches) -> RunResult:
     run_dir = base_dir / "base_checkpoints" / spec.tag
     steps = _complete_steps(run_dir)
     reused = spec.final_step in steps
@@ -296,8 +333,8 @@ def build_run(base_dir: Path, spec: RunSpec, profile: DemoProfile, progress: Pro
             reused = cm.read_meta(last).get("num_iterations") == spec.steps
         if not reused:
             shutil.rmtree(run_dir, ignore_errors=True)  # a kill that never happened: start over
-            code, tail = _run_training(_train_cmd(spec, profile, False), base_dir, spec.tag, spec.steps, progress,
-                                       kill_after_step=spec.kill_after_step, threads=threads)
+            code, tail = _run_training(launches, BASE_TRAIN, _train_args(spec, profile, False), spec.tag, spec.steps,
+                                       progress, kill_after_step=spec.kill_after_step, threads=threads)
             if code != -signal.SIGKILL or spec.final_step not in _complete_steps(run_dir):
                 raise DemoError(f"run {spec.tag} was meant to be killed after step {spec.final_step} but exited with "
                                 f"{code}: {tail[-1:]}")
@@ -307,15 +344,15 @@ def build_run(base_dir: Path, spec: RunSpec, profile: DemoProfile, progress: Pro
         if not steps:
             shutil.rmtree(run_dir, ignore_errors=True)  # leftovers of an interrupted build, nothing complete
             if spec.kill_after_step is not None:
-                code, tail = _run_training(_train_cmd(spec, profile, False), base_dir, spec.tag, spec.steps, progress,
-                                           kill_after_step=spec.kill_after_step, threads=threads)
+                code, tail = _run_training(launches, BASE_TRAIN, _train_args(spec, profile, False), spec.tag,
+                                           spec.steps, progress, kill_after_step=spec.kill_after_step, threads=threads)
                 if code != -signal.SIGKILL:
                     raise DemoError(f"run {spec.tag} was meant to be killed but exited with {code}: {tail[-1:]}")
                 steps = _complete_steps(run_dir)
                 if not steps:  # killed before its first checkpoint: nothing to resume, start over
                     shutil.rmtree(run_dir, ignore_errors=True)
-        code, tail = _run_training(_train_cmd(spec, profile, bool(steps)), base_dir, spec.tag, spec.steps, progress,
-                                   threads=threads)
+        code, tail = _run_training(launches, BASE_TRAIN, _train_args(spec, profile, bool(steps)), spec.tag, spec.steps,
+                                   progress, threads=threads)
         if code != 0:
             raise DemoError(f"training {spec.tag} failed (exit {code}):\n" + "\n".join(tail[-8:]))
     return summarize_run(run_dir, reused)
@@ -338,6 +375,23 @@ def summarize_run(run_dir: Path, reused: bool) -> RunResult:
                      reused)
 
 
+def build_sft(base_dir: Path, spec: SftSpec, profile: DemoProfile, progress: Progress | None, threads: int,
+              launches: Launches) -> RunResult:
+    """The chat model: scripts.chat_sft on the play conversations, from the base run's last checkpoint (resumed
+    when an interrupted build left a checkpoint of it)."""
+    run_dir = base_dir / "chatsft_checkpoints" / spec.tag
+    steps = _complete_steps(run_dir)
+    reused = spec.steps in steps
+    if not reused:
+        if not steps:
+            shutil.rmtree(run_dir, ignore_errors=True)  # leftovers of an interrupted build, nothing complete
+        code, tail = _run_training(launches, CHAT_SFT, spec.args(profile, base_dir, bool(steps)), spec.label,
+                                   spec.steps, progress, threads=threads)
+        if code != 0:
+            raise DemoError(f"fine-tuning {spec.tag} failed (exit {code}):\n" + "\n".join(tail[-8:]))
+    return summarize_run(run_dir, reused)
+
+
 def step_flops(spec: RunSpec, p: DemoProfile) -> int:
     """Training FLOPs of one optimizer step of the run (the unit of the build's ETA)."""
     from nanochat import model_config as mc
@@ -346,33 +400,72 @@ def step_flops(spec: RunSpec, p: DemoProfile) -> int:
     return mc.flops_per_token(cfg) * p.total_batch_size
 
 
-def build_runs(base: Path, p: DemoProfile, progress: Progress | None) -> tuple[RunResult, ...]:
-    """Every run of the profile; lanes train side by side (one per core), runs in a lane one after another.
-    Reports each run's steps, and stage "total": training FLOPs done of those planned."""
+@dataclass(frozen=True)
+class Trained:
+    runs: tuple[RunResult, ...]
+    sft: RunResult | None
+    sample: str
+
+
+def lanes_of(p: DemoProfile) -> tuple[list[int], int]:
+    """The lanes that train side by side (one per core; one lane on a 1-core machine) and torch threads per lane."""
     lanes = sorted({spec.lane for spec in p.runs}) if (os.cpu_count() or 1) >= 2 else [0]
-    threads = max(1, (os.cpu_count() or 1) // len(lanes))
+    return lanes, max(1, (os.cpu_count() or 1) // len(lanes))
+
+
+def build_runs(base: Path, p: DemoProfile, progress: Progress | None, launches: Launches) -> Trained:
+    """Every run of the profile, then its SFT run and the sample. Lanes train side by side (one per core), runs in
+    a lane one after another; the SFT run follows its base run in that run's lane, and the sample of the final
+    run is drawn while the SFT trains (the other lane is done by then: its core is free). The first launch of
+    each lane starts importing at once (while the shards and tokenizer are made: see `warm_started`), the SFT
+    launch a few steps before its base run ends. Reports each run's steps, and stage "total": training FLOPs
+    done of those planned."""
+    lanes, threads = lanes_of(p)
     lock = threading.Lock()
     unit = {spec.tag: step_flops(spec, p) for spec in p.runs}
     planned = sum(unit[spec.tag] * spec.steps_to_train(max(_complete_steps(base / "base_checkpoints" / spec.tag), default=0))
                   for spec in p.runs)
+    if p.sft:
+        unit[p.sft.label] = unit[p.sft.tag]  # the same model and tokens per step
+        planned += unit[p.sft.label] * p.sft.steps_to_train(_complete_steps(base / "chatsft_checkpoints" / p.sft.tag))
     work = {"done": 0}
+    sft_fresh = p.sft is not None and not (base / "chatsft_checkpoints" / p.sft.tag).exists()
 
     def report(stage: str, done: int, total: int) -> None:
         with lock:
-            progress(stage, done, total)
-            if stage in unit and planned:  # one call per logged step
+            if sft_fresh and stage == p.sft.tag and done == total - SFT_WARM_STEPS:
+                launches.start(CHAT_SFT, p.sft.args(p, base, resume=False), threads)
+            if progress:
+                progress(stage, done, total)
+            if stage in unit and planned and progress:  # one call per logged step
                 work["done"] = min(planned, work["done"] + unit[stage])
                 progress("total", work["done"], planned)
 
-    def lane(i: int) -> dict[str, RunResult]:
+    def lane(i: int, pool: ThreadPoolExecutor) -> tuple[dict[str, RunResult], RunResult | None, Future | None]:
         mine = [s for s in p.runs if s.lane == i or len(lanes) == 1]
-        return {s.tag: build_run(base, s, p, report if progress else None, threads) for s in mine}
+        done = {s.tag: build_run(base, s, p, report, threads, launches) for s in mine}
+        sample = pool.submit(sample_text, base / "base_checkpoints" / p.final_tag) if p.final_tag in done else None
+        sft = build_sft(base, p.sft, p, report, threads, launches) if p.sft and p.sft.tag in done else None
+        return done, sft, sample
 
-    with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-        done: dict[str, RunResult] = {}
-        for part in pool.map(lane, lanes):
-            done.update(part)
-    return tuple(done[s.tag] for s in p.runs)
+    with ThreadPoolExecutor(max_workers=2 * len(lanes)) as pool:
+        parts = list(pool.map(lambda i: lane(i, pool), lanes))
+        sample = next(f for _, _, f in parts if f is not None).result()
+    runs = {tag: r for done, _, _ in parts for tag, r in done.items()}
+    sft = next((s for _, s, _ in parts if s is not None), None)
+    return Trained(tuple(runs[s.tag] for s in p.runs), sft, sample)
+
+
+def warm_started(base: Path, p: DemoProfile) -> Launches:
+    """Launches: the first of each lane started ahead when it will be a fresh start (nothing of that run yet), as
+    build_run would start it. A wrong guess costs an idle import; the launch that is needed is then started anew."""
+    lanes, threads = lanes_of(p)
+    launches = Launches(base)
+    for i in lanes:
+        first = next(s for s in p.runs if s.lane == i or len(lanes) == 1)
+        if not (base / "base_checkpoints" / first.tag).exists():
+            launches.start(BASE_TRAIN, _train_args(first, p, resume=False), threads)
+    return launches
 
 
 # ---------------------------------------------------------------------- sample and registry
@@ -380,12 +473,23 @@ def build_runs(base: Path, p: DemoProfile, progress: Progress | None) -> tuple[R
 
 def sample_text(run_dir: Path, prompt: str = SAMPLE_PROMPT, max_tokens: int = 160, temperature: float = 0.8,
                 top_k: int = 40, seed: int = 0) -> str:
-    """A seeded sample from the run's last checkpoint (KV-cached decoding, top-k, temperature)."""
+    """A seeded sample from the run's last checkpoint (KV-cached decoding, top-k, temperature), on one torch
+    thread: it is drawn while a training lane runs on the other core."""
     import torch
 
     from nanochat import checkpoint_manager as cm
 
-    loaded = cm.load_model(run_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sample(cm.load_model(run_dir), prompt, max_tokens, temperature, top_k, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample(loaded, prompt: str, max_tokens: int, temperature: float, top_k: int, seed: int) -> str:
+    import torch
+
     model, tok = loaded.model, loaded.tokenizer
     ids = tok.encode(prompt, prepend="<|bos|>")
     gen = torch.Generator().manual_seed(seed)
@@ -422,10 +526,6 @@ def index_registry(base_dir: Path, progress: Progress | None = None):
 
 def build_demo(base_dir: str | os.PathLike = DEFAULT_DEMO_DIR, profile: str = "full",
                progress: Progress | None = None) -> DemoResult:
-    from nanochat.conversation_file import CONVERSATIONS_DIR
-    from nanochat.tokenizer import Tokenizer, TokenizerError
-    from scripts import play_conversations
-
     if profile not in PROFILES:
         raise DemoError(f"unknown demo profile {profile!r} (choose {', '.join(PROFILES)})")
     p = PROFILES[profile]
@@ -447,6 +547,18 @@ def build_demo(base_dir: str | os.PathLike = DEFAULT_DEMO_DIR, profile: str = "f
     else:
         manifest.write_text(json.dumps({"profile": profile, "version": 1}) + "\n", encoding="utf-8")
 
+    launches = warm_started(base, p)  # their imports overlap the data and tokenizer below
+    try:
+        return _build(base, p, progress, launches, t0)
+    finally:
+        launches.cancel_all()
+
+
+def _build(base: Path, p: DemoProfile, progress: Progress | None, launches: Launches, t0: float) -> DemoResult:
+    from nanochat.conversation_file import CONVERSATIONS_DIR
+    from nanochat.tokenizer import Tokenizer, TokenizerError
+    from scripts import play_conversations
+
     data_dir = base / "base_data"
     reused = data_dir.is_dir() and len(list(data_dir.glob("*.parquet"))) >= 2
     if not reused:
@@ -460,7 +572,7 @@ def build_demo(base_dir: str | os.PathLike = DEFAULT_DEMO_DIR, profile: str = "f
     try:
         tok = Tokenizer.from_directory(tok_dir)
         if tok.get_vocab_size() != p.vocab_size:
-            raise DemoError(f"{tok_dir} has a {tok.get_vocab_size()}-token tokenizer, the {profile} demo needs "
+            raise DemoError(f"{tok_dir} has a {tok.get_vocab_size()}-token tokenizer, the {p.name} demo needs "
                             f"{p.vocab_size}; delete {base} to rebuild")
     except TokenizerError:
         reused = False
@@ -484,11 +596,11 @@ def build_demo(base_dir: str | os.PathLike = DEFAULT_DEMO_DIR, profile: str = "f
     if progress:
         progress("chats", 1, 1)
 
-    runs = build_runs(base, p, progress)
-    reused = reused and all(r.reused for r in runs)
+    trained = build_runs(base, p, progress, launches)
+    reused = reused and all(r.reused for r in trained.runs) and (trained.sft is None or trained.sft.reused)
     index_registry(base, progress)
-    sample = sample_text(base / "base_checkpoints" / p.final_tag)
-    return DemoResult(base, profile, runs, sample, base / "registry.sqlite", time.time() - t0, reused)
+    return DemoResult(base, p.name, trained.runs, trained.sample, base / "registry.sqlite", time.time() - t0, reused,
+                      trained.sft)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,9 +646,9 @@ def main(argv: list[str] | None = None) -> int:
         for bar in bars.values():  # the killed run's bar stops short of its total
             bar.close()
     print()
-    for r in result.runs:
+    for kind, r in [*(("run", r) for r in result.runs), *([("sft", result.sft)] if result.sft else [])]:
         bpb = "n/a" if r.val_bpb is None else f"{r.val_bpb:.4f}"
-        print(f"run {r.tag:<10} step {r.step:>4}  val_bpb {bpb}  segments {r.segments}  checkpoints {list(r.checkpoints)}"
+        print(f"{kind} {r.tag:<10} step {r.step:>4}  val_bpb {bpb}  segments {r.segments}  checkpoints {list(r.checkpoints)}"
               + ("  (reused)" if r.reused else ""))
     print(f"registry: {result.registry}")
     print(f"\nsample from {PROFILES[args.profile].final_tag}:\n{result.sample}\n")

@@ -130,9 +130,9 @@ def test_empty_registry_teaches_scan_and_the_scan_fills_it(demo_base, tmp_path, 
     at.text_input(key="empty_scan_path").set_value(str(demo_base))
     at.button(key="empty_scan_go").click().run()
     assert_clean(at)
-    assert any("3 runs (3 new)" in s.value for s in at.success)
-    assert metric(at, "Runs").value == "3"
-    assert len(at.dataframe[0].value) == 3
+    assert any("4 runs (4 new)" in s.value for s in at.success)  # three base runs and the SFT run
+    assert metric(at, "Runs").value == "4"
+    assert len(at.dataframe[0].value) == 4
 
 
 def test_every_cached_registry_read_is_cleared_after_a_write(monkeypatch):
@@ -170,10 +170,10 @@ def test_every_cached_registry_read_is_cleared_after_a_write(monkeypatch):
 
 def test_runs_page_answers_first_and_plots_the_newest_run(registry):
     at = open_app()
-    assert metric(at, "Runs").value == "3"
-    assert metric(at, "Checkpoints").value == "9"
+    assert metric(at, "Runs").value == "4"
+    assert metric(at, "Checkpoints").value == "11"
     table = at.dataframe[0].value
-    assert set(table["run"]) == {"base/d1", "base/d2", "base/d2-crash"}
+    assert set(table["run"]) == {"base/d1", "base/d2", "base/d2-crash", "sft/d2"}
     newest = table.iloc[0]
     assert at.multiselect(key="runs").value == [int(newest["id"])]
     (val_spec, val_data), (loss_spec, loss_data) = charts(at)[:2]
@@ -357,11 +357,11 @@ def test_resume_page_skips_a_broken_newest_checkpoint(own_base):
 
 def test_integrity_page_runs_quick_checks_on_everything(registry):
     at = open_app("integrity")
-    assert metric(at, "Not checked yet").value == "9"
+    assert metric(at, "Not checked yet").value == "11"  # 3 + 3 + 3 base checkpoints and the SFT run's 2
     at.button[0].click().run()
     assert_clean(at)
-    assert any("all 9 checkpoints passed" in s.value for s in at.success)
-    assert metric(at, "Passed").value == "9"
+    assert any("all 11 checkpoints passed" in s.value for s in at.success)
+    assert metric(at, "Passed").value == "11"
     history = next(df.value for df in at.dataframe if "duration_s" in df.value.columns)
     assert list(history["level"]) == ["quick"] and list(history["result"]) == ["✓ ok"]
 

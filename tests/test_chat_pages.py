@@ -247,6 +247,21 @@ def chat_turns(at: AppTest) -> list[dict]:
     return at.session_state["chat_state"]["turns"]
 
 
+def test_on_the_demo_the_chat_page_opens_its_sft_model_and_it_answers(demo_base, tmp_path, monkeypatch):
+    """The demo's chat model (its final run fine-tuned on the plays' dialogue) is the Chat page's default, and a
+    reply comes back through the page."""
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for f in demo_base.glob("registry.sqlite*"):
+        shutil.copy(f, reg / f.name)
+    monkeypatch.setenv("NANOCHAT_REGISTRY_URL", str(reg / "registry.sqlite"))
+    at = open_chat({"n": 8})
+    assert "sft/d2" in at.selectbox(key="run").format_func(at.selectbox(key="run").value)
+    assert not any("base model" in i.value for i in at.info)
+    send(at, "ROMEO: What light through yonder window breaks?")
+    assert [t["role"] for t in chat_turns(at)] == ["user", "assistant"]
+
+
 def test_chat_defaults_to_the_sft_run_streams_a_reply_and_shows_its_tokens(chat_registry, monkeypatch):
     from nanochat.engine import Engine
 

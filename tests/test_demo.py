@@ -29,6 +29,7 @@ def test_layout_is_a_nanochat_base_dir(demo_base):
     assert val and all(len(t) <= 2000 for t in val)
     assert pq.ParquetFile(shards[-1]).num_row_groups >= 2  # two processes can share the validation shard
     assert sorted(p.name for p in (demo_base / "base_checkpoints").iterdir()) == sorted(r.tag for r in PROFILE.runs)
+    assert [p.name for p in (demo_base / "chatsft_checkpoints").iterdir()] == [PROFILE.sft.tag]
     assert (demo_base / "registry.sqlite").is_file()
 
 
@@ -84,8 +85,10 @@ def test_registry_lists_the_demo_runs(demo_base):
     from registry import open_store
 
     with open_store(str(demo_base / "registry.sqlite")) as store:
-        runs = {r.tag: r for r in store.list_runs()}
-    assert set(runs) == {s.tag for s in PROFILE.runs}
+        found = store.list_runs()
+    assert sorted((r.phase, r.tag) for r in found) == sorted([("base", s.tag) for s in PROFILE.runs]
+                                                             + [("sft", PROFILE.sft.tag)])
+    runs = {r.tag: r for r in found if r.phase == "base"}
     for spec in PROFILE.runs:
         assert runs[spec.tag].latest_checkpoint_step == spec.final_step
         assert runs[spec.tag].num_iterations == spec.steps
@@ -99,7 +102,7 @@ def test_second_build_reuses_everything(demo_base, tmp_path):
     before = {str(p.relative_to(copy)): p.stat().st_mtime_ns for p in copy.rglob("*")
               if p.is_file() and p.name != "registry.sqlite" and "registry.sqlite" not in p.name}
     result = build_demo(copy, profile="test")
-    assert result.reused and all(r.reused for r in result.runs)
+    assert result.reused and all(r.reused for r in result.runs) and result.sft.reused
     after = {str(p.relative_to(copy)): p.stat().st_mtime_ns for p in copy.rglob("*")
              if p.is_file() and p.name != "registry.sqlite" and "registry.sqlite" not in p.name}
     assert after == before
@@ -118,6 +121,34 @@ def test_an_interrupted_build_is_completed_by_the_next_one(demo_base, tmp_path):
     assert not final.reused and final.step == last and final.segments == 2
 
 
+def test_the_chat_model_is_the_final_run_fine_tuned_on_the_play_conversations(demo_base):
+    spec = PROFILE.sft
+    run = demo_base / "chatsft_checkpoints" / spec.tag
+    assert spec.tag == PROFILE.final_tag
+    steps = [c.step for c in cm.list_checkpoints(run) if not cm.quick_problems(c)]
+    assert steps == list(range(spec.save_every, spec.steps + 1, spec.save_every))
+    meta = cm.read_meta(cm.find_last_complete(run, resumable=True))
+    assert meta["source"]["phase"] == "base" and meta["source"]["tag"] == spec.tag
+    assert meta["source"]["step"] == next(s for s in PROFILE.runs if s.tag == spec.tag).steps
+    assert meta["sft"]["truncated"] == 0 and meta["sft"]["train_conversations"] > 100  # every conversation fits a row
+    assert meta["user_config"]["conversations"] == [str(demo_base / "conversations" / "plays.jsonl")]
+    assert isinstance(meta["val_bpb"], float) and meta["model_config"]["sequence_len"] == PROFILE.seq_len
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum("train_loss" in r for r in rows) == spec.steps_to_train([]) == spec.steps  # what the ETA planned
+    assert [r["step"] for r in rows if "val_bpb" in r] == list(range(0, spec.steps + 1, spec.eval_every))
+
+
+def test_an_interrupted_fine_tune_is_resumed_by_the_next_build(demo_base, tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_base, copy)
+    run = copy / "chatsft_checkpoints" / PROFILE.sft.tag
+    for f in run.glob(f"*_{PROFILE.sft.steps:06d}*"):
+        f.unlink()  # as if the build was stopped before the SFT run's final checkpoint
+    result = build_demo(copy, profile="test")
+    assert not result.sft.reused and result.sft.step == PROFILE.sft.steps and result.sft.segments == 2
+    assert all(r.reused for r in result.runs)
+
+
 def test_other_profile_in_the_same_directory_is_refused(demo_base, tmp_path):
     copy = tmp_path / "demo"
     shutil.copytree(demo_base, copy)
@@ -133,6 +164,7 @@ def test_cli_prints_runs_and_a_sample(demo_base, tmp_path):
     assert res.returncode == 0, res.stderr
     for spec in PROFILE.runs:
         assert f"run {spec.tag}" in res.stdout
+    assert f"sft {PROFILE.sft.tag}" in res.stdout
     assert "sample from" in res.stdout and "demo ready in" in res.stdout and "(reused)" in res.stdout
 
 

@@ -11,6 +11,7 @@ from registry import open_store
 from scripts.demo import PROFILES
 
 SPECS = {spec.tag: spec for spec in PROFILES["test"].runs}
+SFT = PROFILES["test"].sft
 
 
 @pytest.fixture
@@ -22,9 +23,13 @@ def demo_copy(demo_base, tmp_path):
 
 def test_scan_demo_indexes_runs_and_resume_segments(store, demo_copy):
     report = store.scan(demo_copy)
-    assert report.status == "ok" and report.runs_found == 3 and report.metric_bad_lines == 0, report.problems
-    runs = {r.tag: r for r in store.list_runs()}
-    assert set(runs) == {"d1", "d2", "d2-crash"}
+    assert report.status == "ok" and report.runs_found == 4 and report.metric_bad_lines == 0, report.problems
+    found = store.list_runs()
+    assert {(r.phase, r.tag) for r in found} == {("base", "d1"), ("base", "d2"), ("base", "d2-crash"), ("sft", SFT.tag)}
+    sft = next(r for r in found if r.phase == "sft")  # the demo's chat model, from the final base run
+    assert sft.status == "finished" and sft.latest_checkpoint_step == SFT.steps and sft.best_val_bpb is not None
+    assert all(c.complete and c.resumable and not c.problems for c in store.checkpoints(sft.id))
+    runs = {r.tag: r for r in found if r.phase == "base"}
     for r in runs.values():
         spec = SPECS[r.tag]
         assert r.phase == "base" and r.has_metrics_file and r.num_iterations == spec.steps
@@ -45,5 +50,6 @@ def test_scan_demo_indexes_runs_and_resume_segments(store, demo_copy):
 
 def test_demo_registry_is_a_current_registry(demo_base):
     with open_store(demo_base / "registry.sqlite", create=False) as s:
-        assert {r.tag for r in s.list_runs()} == {"d1", "d2", "d2-crash"}
+        assert {(r.phase, r.tag) for r in s.list_runs()} == {("base", "d1"), ("base", "d2"), ("base", "d2-crash"),
+                                                              ("sft", SFT.tag)}
         assert s.resolve_run("d2-crash").segments == 2
