@@ -11,18 +11,23 @@ Steps, each skipped when its output already exists (a second run finishes in sec
 2. a 2,048-token BPE tokenizer trained on the train shards (`scripts.tok_train`) -> `<base>/tokenizer/`,
    and chat conversations made from the plays' dialogue (`scripts/play_conversations.py`: a speech and its
    reply, with the speakers' names) that fit an SFT row -> `<base>/conversations/plays.jsonl` and
-   `plays_val.jsonl` (the last play), which the Conversation builder opens first;
+   `plays_val.jsonl` (the last play), which the Conversation builder opens first (made while step 3 runs);
 3. three CPU runs of `scripts.base_train`, each a real subprocess, with checkpoints every few steps:
    a finished run; one SIGKILLed between two checkpoints and continued with `--resume` to its end (two
    resume segments in its metrics); and a shallower one SIGKILLed between two checkpoints and left so (a
    crash waiting to be resumed: the Resume page's first case; its files are dated an hour back, so the
    registry calls it stopped, not training);
-4. the registry index `<base>/registry.sqlite` (`registry.scanner.scan_path`).
+4. the chat model: the final run fine-tuned with `scripts.chat_sft` on the play conversations ->
+   `<base>/chatsft_checkpoints/<tag>/`, in the final run's lane right after it;
+5. the registry index `<base>/registry.sqlite` (`registry.scanner.scan_path`).
+The runs are the time: launches start importing ahead of their turn (scripts/warm_launch.py), the conversations
+are made beside the first runs and the sample is drawn while the SFT run trains (README: where the time goes).
 
 `build_demo(base_dir, profile="full"|"test", progress=None)` is the one builder the CLI, the tests and
 the app's fixtures share; progress(stage, done, total) also reports stage "total": the training work
 done and planned, in FLOPs (the CLI turns it into an ETA). It returns a `DemoResult` with each run's
-final step, val_bpb and segments and a text sample from the final model. It does not start the app (`make app` does, after this).
+final step, val_bpb and segments, the SFT run's, and a text sample from the final base model. It does not start the
+app (`make app` does, after this).
 """
 
 from __future__ import annotations
@@ -413,13 +418,15 @@ def lanes_of(p: DemoProfile) -> tuple[list[int], int]:
     return lanes, max(1, (os.cpu_count() or 1) // len(lanes))
 
 
-def build_runs(base: Path, p: DemoProfile, progress: Progress | None, launches: Launches) -> Trained:
+def build_runs(base: Path, p: DemoProfile, progress: Progress | None, launches: Launches,
+               prepare: Callable[[Progress], None] = lambda report: None) -> Trained:
     """Every run of the profile, then its SFT run and the sample. Lanes train side by side (one per core), runs in
     a lane one after another; the SFT run follows its base run in that run's lane, and the sample of the final
     run is drawn while the SFT trains (the other lane is done by then: its core is free). The first launch of
     each lane starts importing at once (while the shards and tokenizer are made: see `warm_started`), the SFT
-    launch a few steps before its base run ends. Reports each run's steps, and stage "total": training FLOPs
-    done of those planned."""
+    launch a few steps before its base run ends. `prepare` (what only the SFT run needs: its conversations) runs
+    beside the first runs, off the lanes' path. Reports each run's steps, and stage "total": training FLOPs done
+    of those planned."""
     lanes, threads = lanes_of(p)
     lock = threading.Lock()
     unit = {spec.tag: step_flops(spec, p) for spec in p.runs}
@@ -441,15 +448,21 @@ def build_runs(base: Path, p: DemoProfile, progress: Progress | None, launches: 
                 work["done"] = min(planned, work["done"] + unit[stage])
                 progress("total", work["done"], planned)
 
-    def lane(i: int, pool: ThreadPoolExecutor) -> tuple[dict[str, RunResult], RunResult | None, Future | None]:
+    def lane(i: int, pool: ThreadPoolExecutor, prepared: Future) -> tuple[dict[str, RunResult], RunResult | None,
+                                                                           Future | None]:
         mine = [s for s in p.runs if s.lane == i or len(lanes) == 1]
         done = {s.tag: build_run(base, s, p, report, threads, launches) for s in mine}
         sample = pool.submit(sample_text, base / "base_checkpoints" / p.final_tag) if p.final_tag in done else None
-        sft = build_sft(base, p.sft, p, report, threads, launches) if p.sft and p.sft.tag in done else None
+        sft = None
+        if p.sft and p.sft.tag in done:
+            prepared.result()
+            sft = build_sft(base, p.sft, p, report, threads, launches)
         return done, sft, sample
 
-    with ThreadPoolExecutor(max_workers=2 * len(lanes)) as pool:
-        parts = list(pool.map(lambda i: lane(i, pool), lanes))
+    with ThreadPoolExecutor(max_workers=2 * len(lanes) + 1) as pool:
+        prepared = pool.submit(prepare, report)
+        parts = list(pool.map(lambda i: lane(i, pool, prepared), lanes))
+        prepared.result()
         sample = next(f for _, _, f in parts if f is not None).result()
     runs = {tag: r for done, _, _ in parts for tag, r in done.items()}
     sft = next((s for _, s, _ in parts if s is not None), None)
@@ -586,17 +599,18 @@ def _build(base: Path, p: DemoProfile, progress: Progress | None, launches: Laun
         progress("tokenizer", 1, 1)
 
     conv_dir = base / CONVERSATIONS_DIR
-    if not (conv_dir / play_conversations.TRAIN_FILE).is_file():  # written last: its presence means both are whole
-        reused = False
-        if progress:
-            progress("chats", 0, 1)
-        # conversations that fit an SFT row of the demo's sequence length, so the SFT loader can pack every one
-        play_conversations.write_play_conversations(conv_dir, corpus_works(p.corpus_chars), tok.chat_template(),
-                                                    p.seq_len + 1)
-    if progress:
-        progress("chats", 1, 1)
+    chats_needed = not (conv_dir / play_conversations.TRAIN_FILE).is_file()  # written last: present means both whole
+    reused = reused and not chats_needed
 
-    trained = build_runs(base, p, progress, launches)
+    def make_conversations(report: Progress) -> None:
+        if chats_needed:
+            report("chats", 0, 1)
+            # conversations that fit an SFT row of the demo's sequence length, so the SFT loader can pack every one
+            play_conversations.write_play_conversations(conv_dir, corpus_works(p.corpus_chars), tok.chat_template(),
+                                                        p.seq_len + 1)
+        report("chats", 1, 1)
+
+    trained = build_runs(base, p, progress, launches, make_conversations)
     reused = reused and all(r.reused for r in trained.runs) and (trained.sft is None or trained.sft.reused)
     index_registry(base, progress)
     return DemoResult(base, p.name, trained.runs, trained.sample, base / "registry.sqlite", time.time() - t0, reused,
