@@ -11,7 +11,7 @@ twenty conversations a system message. Then times, median of ROUNDS, the sides i
       conversation at a time (what the Chat page and the editor do);
   (b) parse + batch render: `ChatTemplate.render_batch` of all N (what a conversation file's summary,
       the builder page's table and tools/conversation_builder.py do): every text encoded first, in
-      chunks on one thread per CPU (`--render-threads`), then assembled; the same ids (checked);
+      chunks on one thread per idle CPU (`--render-threads`), then assembled; the same ids (checked);
   (c) render only, of conversations already parsed, one by one and batched.
 Tokenizer: the upstream fixture's (2,048 tokens), or `--tokenizer DIR`. Target: >= 10,000 conversations
 per second (the better of (a) and (b)). Nearly all of the time is tiktoken's `encode_ordinary` (the same
@@ -190,13 +190,11 @@ def time_to_first_token(args) -> None:
 
 
 def render_rates(args) -> None:
-    import os
-
-    from nanochat.conversation import Conversation
+    from nanochat.conversation import Conversation, idle_cpus
     from nanochat.tokenizer import Tokenizer
 
     template = Tokenizer.from_directory(args.tokenizer).chat_template()
-    threads = args.render_threads or os.cpu_count() or 1
+    threads = args.render_threads or idle_cpus()
     for mix in args.mix:
         raw = make_conversations(args.conversations, mix)
         parsed = [Conversation.parse(c) for c in raw]
@@ -234,7 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mix", nargs="+", choices=sorted(MIXES), default=["short", "long"],
                     help="conversation mixes to time (default: short long)")
     ap.add_argument("--render-threads", type=int, default=0,
-                    help="render: threads of the batched render (default 0 = one per CPU, as the builder uses)")
+                    help="render: threads of the batched render (default 0 = one per idle CPU, as the builder uses)")
     ap.add_argument("--history", type=int, default=200, help="ttft: prompt tokens of the conversation (default 200)")
     ap.add_argument("--checkpoint", help="ttft: a run directory to load (default: a demo-sized random model)")
     ap.add_argument("--threads", type=int, default=1, help="ttft: torch intra-op threads (default 1; 0 = torch's default)")
