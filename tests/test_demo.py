@@ -259,3 +259,23 @@ def test_demo_conversations_are_valid_fit_an_sft_row_and_hold_out_the_last_play(
     assert [c.to_messages() for c in again[1]] == [e.conversation.to_messages() for e in val]
     last_play_speakers = {s for _, text in works[-1:] for s in re.findall(r"\n([A-Z][A-Z ]+)\.\n", text)}
     assert all(e.conversation.messages[0].content.split(":")[0] in last_play_speakers for e in val[:20])
+
+
+def test_warm_launches_run_on_go_and_do_nothing_when_cancelled(tmp_path):
+    """A launch started ahead imports its module, then waits: `take` sends go (the same process runs main with the
+    flags, output and exit code its own); one never taken exits at cancel_all without running main."""
+    from scripts.warm_launch import Launches
+
+    launches = Launches(tmp_path)
+    launches.start("scripts.demo", ["--help"], threads=1)
+    launches.start("scripts.demo", ["--profile", "test", "--base-dir", str(tmp_path / "never")], threads=1)
+    proc = launches.take("scripts.demo", ["--help"], threads=1)
+    out = proc.stdout.read()
+    proc.stdout.close()
+    assert proc.wait() == 0 and "usage: python -m scripts.demo" in out
+    launches.cancel_all()  # the second was never taken: it exits without building anything
+    assert not (tmp_path / "never").exists()
+    fresh = launches.take("scripts.demo", ["--profile", "nope"], threads=1)  # not started ahead: started now
+    err = fresh.stdout.read()
+    fresh.stdout.close()
+    assert fresh.wait() == 2 and "invalid choice: 'nope'" in err
