@@ -21,7 +21,8 @@ Steps, each skipped when its output already exists (a second run finishes in sec
    `<base>/chatsft_checkpoints/<tag>/`, in the final run's lane right after it;
 5. the registry index `<base>/registry.sqlite` (`registry.scanner.scan_path`).
 The runs are the time: launches start importing ahead of their turn (scripts/warm_launch.py), the conversations
-are made beside the first runs and the sample is drawn while the SFT run trains (README: where the time goes).
+are made beside the first runs, and the SFT run and the sample take both cores once the other lane is done
+(README: where the time goes).
 
 `build_demo(base_dir, profile="full"|"test", progress=None)` is the one builder the CLI, the tests and
 the app's fixtures share; progress(stage, done, total) also reports stage "total": the training work
@@ -421,12 +422,13 @@ def lanes_of(p: DemoProfile) -> tuple[list[int], int]:
 def build_runs(base: Path, p: DemoProfile, progress: Progress | None, launches: Launches,
                prepare: Callable[[Progress], None] = lambda report: None) -> Trained:
     """Every run of the profile, then its SFT run and the sample. Lanes train side by side (one per core), runs in
-    a lane one after another; the SFT run follows its base run in that run's lane, and the sample of the final
-    run is drawn while the SFT trains (the other lane is done by then: its core is free). The first launch of
-    each lane starts importing at once (while the shards and tokenizer are made: see `warm_started`), the SFT
-    launch a few steps before its base run ends. `prepare` (what only the SFT run needs: its conversations) runs
-    beside the first runs, off the lanes' path. Reports each run's steps, and stage "total": training FLOPs done
-    of those planned."""
+    a lane one after another; the SFT run follows its base run in that run's lane, then the sample of the final
+    run is drawn. The first launch of each lane starts importing at once (while the shards and tokenizer are made:
+    see `warm_started`), the SFT launch a few steps before its base run ends. The SFT run and the sample come last
+    on the longest path while the other lanes are done: then they take every core's thread (measured: d4's step
+    on two threads alone takes half the time of one thread beside the other lane). `prepare` (what only the SFT
+    run needs: its conversations) runs beside the first runs, off the lanes' path. Reports each run's steps, and
+    stage "total": training FLOPs done of those planned."""
     lanes, threads = lanes_of(p)
     lock = threading.Lock()
     unit = {spec.tag: step_flops(spec, p) for spec in p.runs}
@@ -437,35 +439,48 @@ def build_runs(base: Path, p: DemoProfile, progress: Progress | None, launches: 
         planned += unit[p.sft.label] * p.sft.steps_to_train(_complete_steps(base / "chatsft_checkpoints" / p.sft.tag))
     work = {"done": 0}
     sft_fresh = p.sft is not None and not (base / "chatsft_checkpoints" / p.sft.tag).exists()
+    lanes_done: set[int] = set()
+    sft_threads: list[int] = []  # decided once (when its launch starts ahead, or at its turn)
+
+    def spare_threads(mine: int) -> int:
+        """Threads for the work after lane `mine`'s runs: every core's once the other lanes are done."""
+        return (os.cpu_count() or 1) if lanes_done >= set(lanes) - {mine} else threads
 
     def report(stage: str, done: int, total: int) -> None:
         with lock:
-            if sft_fresh and stage == p.sft.tag and done == total - SFT_WARM_STEPS:
-                launches.start(CHAT_SFT, p.sft.args(p, base, resume=False), threads)
+            if sft_fresh and stage == p.sft.tag and done == total - SFT_WARM_STEPS and not sft_threads:
+                sft_threads.append(spare_threads(lane_of[p.sft.tag]))
+                launches.start(CHAT_SFT, p.sft.args(p, base, resume=False), sft_threads[0])
             if progress:
                 progress(stage, done, total)
             if stage in unit and planned and progress:  # one call per logged step
                 work["done"] = min(planned, work["done"] + unit[stage])
                 progress("total", work["done"], planned)
 
-    def lane(i: int, pool: ThreadPoolExecutor, prepared: Future) -> tuple[dict[str, RunResult], RunResult | None,
-                                                                           Future | None]:
-        mine = [s for s in p.runs if s.lane == i or len(lanes) == 1]
-        done = {s.tag: build_run(base, s, p, report, threads, launches) for s in mine}
-        sample = pool.submit(sample_text, base / "base_checkpoints" / p.final_tag) if p.final_tag in done else None
-        sft = None
+    lane_of = {s.tag: (s.lane if len(lanes) > 1 else lanes[0]) for s in p.runs}
+
+    def lane(i: int, prepared: Future) -> tuple[dict[str, RunResult], RunResult | None, str | None]:
+        done = {s.tag: build_run(base, s, p, report, threads, launches) for s in p.runs if lane_of[s.tag] == i}
+        with lock:
+            lanes_done.add(i)
+        sft = sample = None
         if p.sft and p.sft.tag in done:
             prepared.result()
-            sft = build_sft(base, p.sft, p, report, threads, launches)
+            with lock:
+                if not sft_threads:
+                    sft_threads.append(spare_threads(i))
+            sft = build_sft(base, p.sft, p, report, sft_threads[0], launches)
+        if p.final_tag in done:
+            sample = sample_text(base / "base_checkpoints" / p.final_tag, threads=spare_threads(i))
         return done, sft, sample
 
-    with ThreadPoolExecutor(max_workers=2 * len(lanes) + 1) as pool:
+    with ThreadPoolExecutor(max_workers=len(lanes) + 1) as pool:
         prepared = pool.submit(prepare, report)
-        parts = list(pool.map(lambda i: lane(i, pool, prepared), lanes))
+        parts = list(pool.map(lambda i: lane(i, prepared), lanes))
         prepared.result()
-        sample = next(f for _, _, f in parts if f is not None).result()
     runs = {tag: r for done, _, _ in parts for tag, r in done.items()}
     sft = next((s for _, s, _ in parts if s is not None), None)
+    sample = next(x for _, _, x in parts if x is not None)
     return Trained(tuple(runs[s.tag] for s in p.runs), sft, sample)
 
 
@@ -485,19 +500,19 @@ def warm_started(base: Path, p: DemoProfile) -> Launches:
 
 
 def sample_text(run_dir: Path, prompt: str = SAMPLE_PROMPT, max_tokens: int = 160, temperature: float = 0.8,
-                top_k: int = 40, seed: int = 0) -> str:
-    """A seeded sample from the run's last checkpoint (KV-cached decoding, top-k, temperature), on one torch
-    thread: it is drawn while a training lane runs on the other core."""
+                top_k: int = 40, seed: int = 0, threads: int | None = None) -> str:
+    """A seeded sample from the run's last checkpoint (KV-cached decoding, top-k, temperature), on `threads`
+    torch threads (default: torch's; a training lane may still be running on another core)."""
     import torch
 
     from nanochat import checkpoint_manager as cm
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         return _sample(cm.load_model(run_dir), prompt, max_tokens, temperature, top_k, seed)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _sample(loaded, prompt: str, max_tokens: int, temperature: float, top_k: int, seed: int) -> str:

@@ -1,11 +1,11 @@
 """
 Training subprocesses started ahead of their turn, for the demo builder (scripts/demo.py).
 
-Each `python -m scripts.base_train` (or `scripts.chat_sft`) spends ~2.5 s of a core before its first step,
-nearly all of it importing torch. A warm launch starts the process early with the same command line, lets it
-import its script, and holds it before `main` until `go()`: the import overlaps work that is going on anyway
-(writing the shards and training the tokenizer; the last steps of the run it follows, once the other lane
-is done) instead of adding to the lane's time. A launch that is never given `go()` exits without doing
+Each `python -m scripts.base_train` (or `scripts.chat_sft`) spends ~4 s of a core before its first step,
+nearly all of it importing torch (and, for the exact mode, torch._inductor). A warm launch starts the process
+early with the same command line, lets it import, and holds it before `main` until `go()`: the import overlaps
+work that is going on anyway (writing the shards and training the tokenizer; the last steps of the run it
+follows, once the other lane is done) instead of adding to the lane's time. A launch that is never given `go()` exits without doing
 anything when `cancel()` closes its stdin.
 
 The process is the training process itself (same PID, same signals, same stdout), so a SIGKILL the demo sends
@@ -25,9 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # The child: import the script's module (torch and all), wait for "go", then run its main with the flags.
+# torch._inductor too: the trainers' exact mode calls torch.use_deterministic_algorithms, which imports it (and
+# dynamo, sympy): 1.85 s of the 1.9 s from main to the model line, profiled.
 WARM_START = (
     "import importlib, sys\n"
     "main = importlib.import_module(sys.argv[1]).main\n"
+    "import torch._inductor  # noqa: F401\n"
     "if sys.stdin.readline().strip() != 'go':\n"
     "    sys.exit(0)  # cancelled: the build went another way, nothing was written\n"
     "sys.stdin.close()\n"
