@@ -85,8 +85,7 @@ class SftDataset:
     @classmethod
     def build(cls, conversations: list[Conversation], template: ChatTemplate, row_capacity: int) -> SftDataset:
         ids, mask, offsets, truncated = [], [], [0], 0
-        for c in conversations:
-            r = template.render(c, max_tokens=row_capacity)
+        for r in template.render_batch(conversations, max_tokens=row_capacity):  # render's ids, on the idle cores
             truncated += r.truncated
             ids.extend(r.ids)
             mask.extend(r.mask)
