@@ -11,7 +11,8 @@ What every trainer of ours shares (scripts/base_train.py, scripts/chat_sft.py): 
   (rank 0, last: it marks the step complete), each atomically, then `apply_retention`.
 - The loop: `run_loop` evaluates, saves, honours a stop request (`StopRequest`: SIGTERM/SIGINT save
   and exit 0 with the resume command) and steps, logging each step to metrics.jsonl (`MetricsLog`) and
-  the console with an ETA; what differs per trainer comes in a `LoopHooks`.
+  the console with an ETA; what differs per trainer comes in a `LoopHooks`. `run_trainee` fills the
+  hooks every trainer fills alike (`stop_command`, `save_trainee`), `record_eval` stores an evaluation.
 - Exactness on CPU: `exact_kernels`, `match_cpu_threads`; `keep_freed_memory` for speed.
 - Test hook: NANOCHAT_FAULT_KILL_AFTER="<model|optim|trainstate|meta>:<step>[:<rank>]" makes that rank
   SIGKILL itself right after writing that file (`fault_point`), to prove saves are crash-safe.
@@ -39,6 +40,7 @@ from nanochat import checkpoint_manager as cm
 from nanochat import distributed
 from nanochat.dataloader import DataError
 from nanochat.optim import OptimizerStateError
+from nanochat.train_config import Trainer, launch_env, resume_command
 from nanochat.train_state import TrainStateError, check_train_state, make_train_state, restore_rng
 
 FAULT_ENV = "NANOCHAT_FAULT_KILL_AFTER"
@@ -425,6 +427,54 @@ def run_loop(h: LoopHooks, state: LoopState, stop: StopRequest, metrics: Metrics
     distributed.print0(f"done: {n} steps, val bpb {state.val_bpb if state.val_bpb is None else round(state.val_bpb, 4)}, "
                        f"checkpoints in {h.checkpoint_dir}")
     return 0
+
+
+def run_trainee(t, trainer: Trainer, state: LoopState, stop: StopRequest, metrics: MetricsLog | None,
+                hyper: Callable[[int], tuple[float, float, float]], train_one: Callable[[], torch.Tensor],
+                evaluate: Callable[[LoopState], None], meta: Callable[[LoopState], dict]) -> int:
+    """`run_loop` for a trainer's `t` (its `plan`: args, num_iterations, start_step, resume,
+    total_batch_size, user_config, checkpoint_dir; `dist`, `model`, `optimizer`, `loader`): what differs
+    per trainer is the schedule (`hyper`), the step, the evaluation and the meta."""
+    plan = t.plan
+    threads = torch.get_num_threads() if t.dist.device.type == "cpu" else None
+    hooks = LoopHooks(
+        num_iterations=plan.num_iterations, start_step=plan.start_step, resumed=plan.resume is not None,
+        eval_every=plan.args.eval_every, save_every=plan.args.save_every, tokens_per_step=plan.total_batch_size,
+        dist=t.dist, optimizer=t.optimizer, hyper=hyper, train_step=train_one, evaluate=evaluate,
+        save=lambda s: save_trainee(t, s, meta),
+        resume_command=lambda step: stop_command(trainer, plan.user_config, plan.checkpoint_dir, t.dist.world_size,
+                                                 threads, step),
+        checkpoint_dir=plan.checkpoint_dir)
+    return run_loop(hooks, state, stop, metrics)
+
+
+def stop_command(trainer: Trainer, user_config: dict, checkpoint_dir: Path, world_size: int, cpu_threads: int | None,
+                 step: int) -> str:
+    """The command that resumes a run from `step`, built as the registry's resume planner builds it
+    (same builder, same inputs: the base dir and tag from the checkpoint directory), so both say the same."""
+    return resume_command(trainer, user_config, world_size=world_size, resume_step=step,
+                          env=launch_env(checkpoint_dir.parent.parent, cpu_threads),
+                          overrides={"model_tag": checkpoint_dir.name}).line
+
+
+def save_trainee(t, state: LoopState, meta: Callable[[LoopState], dict]) -> None:
+    """`save_step` for the loop's step; retention spares it and this launch's resume point."""
+    plan = t.plan
+    protected = {state.step} | ({plan.start_step} if plan.resume is not None else set())
+    save_step(plan.checkpoint_dir, state.step, t.dist, t.model, t.optimizer, t.loader, state.last_eval_step,
+              lambda: meta(state), plan.args.keep_last, protected)
+
+
+def record_eval(state: LoopState, val_bpb: float, line: str, metrics: MetricsLog | None) -> None:
+    """An evaluation at the loop's step: into the loop state (a non-finite val bpb is never the best),
+    then `line` (formatted with step and val_bpb) on the console and the value in metrics.jsonl."""
+    state.val_bpb = val_bpb
+    if math.isfinite(val_bpb):
+        state.min_val_bpb = min(state.min_val_bpb, val_bpb)
+    state.last_eval_step = state.step
+    distributed.print0(line.format(step=state.step, val_bpb=val_bpb))
+    if metrics:
+        metrics.write(state.step, val_bpb=val_bpb)
 
 
 def shared_loss(dist_info: distributed.DistInfo, loss: torch.Tensor, stop: StopRequest) -> float:

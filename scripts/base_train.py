@@ -33,6 +33,7 @@ NANOCHAT_FAULT_KILL_AFTER) live in `nanochat/training.py`, shared with scripts/c
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat import distributed
+from nanochat import distributed, training
 from nanochat.common import get_base_dir
 from nanochat.dataloader import BosBestFitLoader, DataError, find_data_dir, list_parquet_files, split_files
 from nanochat.gpt import GPT
@@ -54,14 +55,11 @@ from nanochat.train_config import (
     CompileDecision,
     RunShape,
     compile_decision,
-    launch_env,
     memory_problem,
-    resume_command,
     run_shape,
     scaled_learning_rates,
 )
 from nanochat.training import (  # the machinery every trainer of ours shares (also imported from here)
-    LoopHooks,
     LoopState,
     MetricsLog,
     StopRequest,
@@ -72,10 +70,10 @@ from nanochat.training import (  # the machinery every trainer of ours shares (a
     find_resume_point,
     keep_freed_memory,  # noqa: F401
     next_segment,
+    record_eval,
     restore_checkpoint,
-    run_loop,
     run_main,
-    save_step,
+    run_trainee,
 )
 
 build_parser = BASE_TRAIN.build_parser  # the flags, their defaults and help: nanochat/train_config.py
@@ -306,29 +304,19 @@ def approximate_reason(label: str, meta: dict) -> str:
     return f"{label} was written by upstream nanochat, which saves no RNG state and no exact data position, {saved}"
 
 
-def stop_command(user_config: dict, checkpoint_dir: Path, world_size: int, cpu_threads: int | None, step: int) -> str:
-    """The command that resumes this run from `step`, built as the registry's resume planner builds it
-    (same builder, same inputs: the base dir and tag from the checkpoint directory), so both say the same."""
-    return resume_command(BASE_TRAIN, user_config, world_size=world_size, resume_step=step,
-                          env=launch_env(checkpoint_dir.parent.parent, cpu_threads),
-                          overrides={"model_tag": checkpoint_dir.name}).line
+stop_command = functools.partial(training.stop_command, BASE_TRAIN)
 
 
 def training_loop(t: Trainee, state: LoopState, stop: StopRequest, metrics: MetricsLog | None) -> int:
-    """Evaluate, save and step until the last step or a stop request (nanochat.training.run_loop)."""
-    plan, args, n = t.plan, t.plan.args, t.plan.num_iterations
+    """Evaluate, save and step until the last step or a stop request (nanochat.training.run_trainee)."""
+    plan, n = t.plan, t.plan.num_iterations
     schedule = schedule_from_user_config(plan.user_config, n)
-    threads = torch.get_num_threads() if t.dist.device.type == "cpu" else None
-    hooks = LoopHooks(
-        num_iterations=n, start_step=plan.start_step, resumed=plan.resume is not None, eval_every=args.eval_every,
-        save_every=args.save_every, tokens_per_step=plan.total_batch_size, dist=t.dist, optimizer=t.optimizer,
+    return run_trainee(
+        t, BASE_TRAIN, state, stop, metrics,
         hyper=lambda step: (schedule.lr_multiplier(step), muon_momentum(step, n, schedule.warmdown_ratio),
                             muon_weight_decay(step, n, t.weight_decay)),
-        train_step=lambda: train_step(t.fwd, t.optimizer, t.loader, plan.grad_accum),
-        evaluate=lambda s: evaluate(t, s, metrics), save=lambda s: save_checkpoint(t, s),
-        resume_command=lambda step: stop_command(plan.user_config, plan.checkpoint_dir, t.dist.world_size, threads, step),
-        checkpoint_dir=plan.checkpoint_dir)
-    return run_loop(hooks, state, stop, metrics)
+        train_one=lambda: train_step(t.fwd, t.optimizer, t.loader, plan.grad_accum),
+        evaluate=lambda s: evaluate(t, s, metrics), meta=lambda s: checkpoint_meta(t, s))
 
 
 def evaluate(t: Trainee, state: LoopState, metrics: MetricsLog | None) -> None:
@@ -337,21 +325,9 @@ def evaluate(t: Trainee, state: LoopState, metrics: MetricsLog | None) -> None:
     t.model.eval()
     val_loader = BosBestFitLoader(t.inputs.val_files, t.inputs.tokenizer, args.device_batch_size, args.max_seq_len,
                                   rank, world, t.dist.device)
-    state.val_bpb = evaluate_bpb(t.model, iter(val_loader), eval_steps, t.inputs.token_bytes)  # eager: no recompile
+    val_bpb = evaluate_bpb(t.model, iter(val_loader), eval_steps, t.inputs.token_bytes)  # eager: no recompile
     t.model.train()
-    state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
-    state.last_eval_step = state.step
-    distributed.print0(f"step {state.step:05d} | val bpb {state.val_bpb:.4f}")
-    if metrics:
-        metrics.write(state.step, val_bpb=state.val_bpb)
-
-
-def save_checkpoint(t: Trainee, state: LoopState) -> None:
-    """The step's files in the safe order, then retention (nanochat.training.save_step)."""
-    plan = t.plan
-    protected = {state.step} | ({plan.start_step} if plan.resume is not None else set())
-    save_step(plan.checkpoint_dir, state.step, t.dist, t.model, t.optimizer, t.loader, state.last_eval_step,
-              lambda: checkpoint_meta(t, state), plan.args.keep_last, protected)
+    record_eval(state, val_bpb, "step {step:05d} | val bpb {val_bpb:.4f}", metrics)
 
 
 def checkpoint_meta(t: Trainee, state: LoopState) -> dict:

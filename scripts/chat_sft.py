@@ -29,6 +29,7 @@ and thread count; the conversation files must render as before), retention, refu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat import distributed
+from nanochat import distributed, training
 from nanochat.common import get_base_dir
 from nanochat.conversation import ChatTemplate, ConversationError
 from nanochat.gpt import GPT
@@ -52,12 +53,9 @@ from nanochat.train_config import (
     CompileDecision,
     RunShape,
     compile_decision,
-    launch_env,
     memory_problem,
-    resume_command,
 )
 from nanochat.training import (
-    LoopHooks,
     LoopState,
     MetricsLog,
     StopRequest,
@@ -66,10 +64,10 @@ from nanochat.training import (
     exact_kernels,
     find_resume_point,
     next_segment,
+    record_eval,
     restore_checkpoint,
-    run_loop,
     run_main,
-    save_step,
+    run_trainee,
 )
 
 build_parser = OUR_CHAT_SFT.build_parser  # the flags, their defaults and help: nanochat/train_config.py
@@ -412,26 +410,17 @@ def announce(t: Trainee) -> None:
         distributed.print0(f"resuming {plan.resume.label} (segment {plan.segment})")
 
 
-def stop_command(user_config: dict, checkpoint_dir: Path, world_size: int, cpu_threads: int | None, step: int) -> str:
-    """The command that resumes this run from `step`, built as the registry's resume planner builds it."""
-    return resume_command(OUR_CHAT_SFT, user_config, world_size=world_size, resume_step=step,
-                          env=launch_env(checkpoint_dir.parent.parent, cpu_threads),
-                          overrides={"model_tag": checkpoint_dir.name}).line
+stop_command = functools.partial(training.stop_command, OUR_CHAT_SFT)
 
 
 def training_loop(t: Trainee, state: LoopState, stop: StopRequest, metrics: MetricsLog | None) -> int:
-    plan, args, n = t.plan, t.plan.args, t.plan.num_iterations
+    plan, n = t.plan, t.plan.num_iterations
     schedule = schedule_from_user_config(plan.user_config, n)  # warmup_ratio: the ratio rule, as the planner reads it
-    threads = torch.get_num_threads() if t.dist.device.type == "cpu" else None
-    hooks = LoopHooks(
-        num_iterations=n, start_step=plan.start_step, resumed=plan.resume is not None, eval_every=args.eval_every,
-        save_every=args.save_every, tokens_per_step=plan.total_batch_size, dist=t.dist, optimizer=t.optimizer,
+    return run_trainee(
+        t, OUR_CHAT_SFT, state, stop, metrics,
         hyper=lambda step: (schedule.lr_multiplier(step), sft_muon_momentum(step), t.muon_weight_decay),
-        train_step=lambda: train_step(t.fwd, t.optimizer, t.loader, plan.grad_accum),
-        evaluate=lambda s: evaluate(t, s, metrics), save=lambda s: save_checkpoint(t, s),
-        resume_command=lambda step: stop_command(plan.user_config, plan.checkpoint_dir, t.dist.world_size, threads, step),
-        checkpoint_dir=plan.checkpoint_dir)
-    return run_loop(hooks, state, stop, metrics)
+        train_one=lambda: train_step(t.fwd, t.optimizer, t.loader, plan.grad_accum),
+        evaluate=lambda s: evaluate(t, s, metrics), meta=lambda s: checkpoint_meta(t, s))
 
 
 def train_step(fwd, optimizer, loader: SftLoader, grad_accum: int) -> torch.Tensor:
@@ -459,21 +448,9 @@ def evaluate(t: Trainee, state: LoopState, metrics: MetricsLog | None) -> None:
     t.model.eval()
     val_loader = SftLoader(t.plan.val, t.tokenizer.get_bos_token_id(), args.device_batch_size, args.max_seq_len,
                            rank, world, t.dist.device)
-    state.val_bpb = evaluate_bpb(t.model, iter(val_loader), eval_steps, t.token_bytes)  # eager: no recompile
+    val_bpb = evaluate_bpb(t.model, iter(val_loader), eval_steps, t.token_bytes)  # eager: no recompile
     t.model.train()
-    if math.isfinite(state.val_bpb):
-        state.min_val_bpb = min(state.min_val_bpb, state.val_bpb)
-    state.last_eval_step = state.step
-    distributed.print0(f"Step {state.step:05d} | Validation bpb: {state.val_bpb:.4f}")
-    if metrics:
-        metrics.write(state.step, val_bpb=state.val_bpb)
-
-
-def save_checkpoint(t: Trainee, state: LoopState) -> None:
-    plan = t.plan
-    protected = {state.step} | ({plan.start_step} if plan.resume is not None else set())
-    save_step(plan.checkpoint_dir, state.step, t.dist, t.model, t.optimizer, t.loader, state.last_eval_step,
-              lambda: checkpoint_meta(t, state), plan.args.keep_last, protected)
+    record_eval(state, val_bpb, "Step {step:05d} | Validation bpb: {val_bpb:.4f}", metrics)  # upstream's line
 
 
 def checkpoint_meta(t: Trainee, state: LoopState) -> dict:
