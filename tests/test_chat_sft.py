@@ -10,7 +10,6 @@ vocab 2048, upstream's tokenizer with the chat tokens). The base tag is also the
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -28,6 +27,7 @@ from nanochat.tokenizer import Tokenizer
 from registry import open_store, verify
 from registry.cli import main as registry_cli
 from registry.resume import plan_resume
+from tests.trainkit import assert_bit_identical, run_trainer, trainer_argv, trainer_env
 
 ROOT = Path(__file__).resolve().parent.parent
 CURRENT = ROOT / "tests" / "fixtures" / "upstream" / "current"
@@ -80,22 +80,12 @@ def base_tag(base: Path, tag: str) -> str:
     return tag
 
 
-def env_for(base: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_FAULT_KILL_AFTER", "RANK", "WORLD_SIZE")}
-    return {**env, "NANOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+env_for, run = trainer_env, run_trainer
 
 
 def command(base: Path, tag: str, *extra: str, nproc: int = 1, flags=FLAGS) -> list[str]:
     data = [] if "--conversations" in extra else ["--conversations", str(base / "chats.jsonl")]
-    args = ["--model-tag", base_tag(base, tag), *data, *flags, *extra]
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "scripts.chat_sft", "--", *args]
-    return [sys.executable, "-m", "scripts.chat_sft", *args]
-
-
-def run(cmd: list[str], base: Path, **extra_env) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=env_for(base, **extra_env), capture_output=True, text=True, timeout=300)
+    return trainer_argv("scripts.chat_sft", ["--model-tag", base_tag(base, tag), *data, *flags, *extra], nproc)
 
 
 def run_dir(base: Path, tag: str) -> Path:
@@ -104,12 +94,6 @@ def run_dir(base: Path, tag: str) -> Path:
 
 def weights(base: Path, tag: str, step: int = STEPS) -> dict:
     return torch.load(run_dir(base, tag) / f"model_{step:06d}.pt", weights_only=True)
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 def losses(base: Path, tag: str) -> dict:

@@ -27,6 +27,7 @@ from nanochat.gpt import GPT
 from nanochat.optim import LearningRates, MuonAdamW, param_groups_for
 from registry.resume import plan_resume
 from tests.modelkit import v1_optimizer_files, write_training_base
+from tests.trainkit import assert_bit_identical, run_trainer, trainer_argv, trainer_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_META = ROOT / "tests" / "fixtures" / "upstream" / "current" / "base_checkpoints" / "d2" / "meta_000300.json"
@@ -45,21 +46,11 @@ def base(tmp_path_factory):
     return write_training_base(tmp_path_factory.mktemp("resume_base"))
 
 
-def env_for(base: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_FAULT_KILL_AFTER", "RANK", "WORLD_SIZE")}
-    return {**env, "NANOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+env_for, run = trainer_env, run_trainer
 
 
 def command(tag: str, *extra: str, nproc: int = 1) -> list[str]:
-    flags = [*FLAGS, "--model-tag", tag, *extra]
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "scripts.base_train", "--", *flags]
-    return [sys.executable, "-m", "scripts.base_train", *flags]
-
-
-def run(cmd: list[str], base: Path, **extra_env) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=env_for(base, **extra_env), capture_output=True, text=True, timeout=300)
+    return trainer_argv("scripts.base_train", [*FLAGS, "--model-tag", tag, *extra], nproc)
 
 
 def run_dir(base: Path, tag: str) -> Path:
@@ -68,13 +59,6 @@ def run_dir(base: Path, tag: str) -> Path:
 
 def weights(base: Path, tag: str, step: int = STEPS) -> dict:
     return torch.load(run_dir(base, tag) / f"model_{step:06d}.pt", weights_only=True)
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        same = torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
-        assert same, f"{k} differs"
 
 
 def assert_same_optimizer_shard(a: Path, b: Path) -> None:
